@@ -1,0 +1,96 @@
+"""`bgmask make-binary-seg`: the `cub_binary_segmentation` dataset the MMSeg configs read.
+
+    OUT/images/{train,val,test,waterbird_test}/<CUB relpath>.jpg
+    OUT/annotations/{train,val,test}/<CUB relpath>.png      0 = background, 1 = bird (mask > 0)
+
+`waterbird_test` holds the Waterbirds copies of the test images; they are scored against
+`annotations/test` (the pasted bird keeps its CUB mask).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath, read_cub_metadata, split_ids
+from bgmask.errors import UserError
+from bgmask.io import atomic_path, atomic_save_image, atomic_write_text
+
+
+@dataclass
+class BinarySegSummary:
+    out_dir: Path
+    counts: dict
+
+    def to_text(self) -> str:
+        parts = ", ".join(f"{k}: {v}" for k, v in self.counts.items())
+        return f"binary segmentation dataset in {self.out_dir} ({parts})"
+
+
+def prepare_output_dir(out_dir: Path, overwrite: bool, marker: str | None = None) -> None:
+    """Refuse a non-empty output folder unless `overwrite`, or unless it holds `marker` (a rerun of the
+    same job, which then resumes)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(out_dir)
+        elif marker is None or not (out_dir / marker).is_file():
+            raise UserError(f"output folder {out_dir} exists and is not empty (pass --overwrite to replace it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: float = 0.1, seed: int = 0,
+                    overwrite: bool = False, progress: bool = True) -> BinarySegSummary:
+    cub_root, out_dir = Path(cub_root), Path(out_dir)
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    meta = read_cub_metadata(cub_root)
+    if not (cub_root / "segmentations").is_dir():
+        raise UserError(f"ground-truth mask folder not found: {cub_root / 'segmentations'}")
+    splits = {
+        "train": split_ids(meta, "train", 1.0 - val_fraction, seed),
+        "test": split_ids(meta, "test"),
+    }
+    if val_fraction > 0:
+        splits["val"] = split_ids(meta, "val", 1.0 - val_fraction, seed)
+    config = {"cub_root": str(cub_root.resolve()), "val_fraction": val_fraction, "seed": seed}
+    prepare_output_dir(out_dir, overwrite, marker="split_info.json")
+    if (out_dir / "split_info.json").is_file():
+        if json.loads((out_dir / "split_info.json").read_text()).get("config") != config:
+            raise UserError(f"output folder {out_dir} holds a dataset made with other arguments "
+                            "(pass --overwrite to replace it)")
+    jobs = []  # (source image, source mask or None, out image, out annotation or None)
+    for split, ids in splits.items():
+        for i in ids:
+            rel = meta.relpaths[i]
+            jobs.append((cub_root / "images" / rel, cub_root / "segmentations" / mask_relpath(rel),
+                         out_dir / "images" / split / rel, out_dir / "annotations" / split / mask_relpath(rel)))
+    wb_dir = cub_root / WATERBIRDS_SUBDIR
+    if wb_dir.is_dir():
+        for i in splits["test"]:
+            rel = meta.relpaths[i]
+            jobs.append((wb_dir / rel, None, out_dir / "images" / "waterbird_test" / rel, None))
+    atomic_write_text(out_dir / "split_info.json", json.dumps({
+        "config": config, "counts": {k: len(v) for k, v in splits.items()}
+        | ({"waterbird_test": len(splits["test"])} if wb_dir.is_dir() else {}),
+    }, indent=2))
+    for src, src_mask, dst, dst_ann in tqdm(jobs, desc="make-binary-seg", disable=not progress):
+        if dst.is_file() and (dst_ann is None or dst_ann.is_file()):
+            continue  # finished by an earlier, interrupted run (writes are atomic)
+        if not src.is_file():
+            raise UserError(f"image listed in {cub_root / 'images.txt'} not found: {src}")
+        if dst_ann is not None:
+            image = load_rgb(src)  # also validates the image
+            mask = load_mask(src_mask, image.size, threshold=0)
+            atomic_save_image(dst_ann, Image.fromarray(mask.astype(np.uint8)))
+        else:
+            load_rgb(src)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    counts = json.loads((out_dir / "split_info.json").read_text())["counts"]
+    return BinarySegSummary(out_dir, counts)

@@ -1,0 +1,277 @@
+"""CUB-200-2011 metadata and the dataset every strategy trains and evaluates on.
+
+Works alike on the real CUB_200_2011 (+ Waterbirds) download and on the synthetic benchmark, which
+uses the same layout:
+
+    ROOT/images.txt                  <id> <relpath>
+    ROOT/classes.txt                 <class_id> <NNN.Name>
+    ROOT/image_class_labels.txt      <id> <class_id>
+    ROOT/train_test_split.txt        <id> <1 = train, 0 = test>
+    ROOT/images/<relpath>            RGB image
+    ROOT/segmentations/<relpath with .png>    bird mask (0 = background, > 0 = bird)
+    ROOT/waterbird_complete95_forest2water2/<relpath> + metadata.csv   (optional)
+
+A record is a dict: image (3, H, W) float, label int, index int (position in the dataset, used for
+exact distributed evaluation), img_id int, place int and group int (-1 when unknown), and, when masks
+are asked for, mask (1, H, W) float in {0, 1} with 1 = bird.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from bgmask.errors import UserError, require_dir
+
+WATERBIRDS_SUBDIR = "waterbird_complete95_forest2water2"
+METADATA_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
+SPLITS = ("train", "val", "test")
+
+
+def _read_pairs(path: Path) -> list[tuple[int, str]]:
+    if not path.is_file():
+        raise UserError(f"CUB metadata file not found: {path} (expected the CUB_200_2011 layout)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split(" ", 1)
+            if len(parts) != 2 or not parts[0].isdigit():
+                raise UserError(f"{path}:{lineno}: expected '<integer id> <value>', got {line!r}")
+            rows.append((int(parts[0]), parts[1].strip()))
+    if not rows:
+        raise UserError(f"CUB metadata file is empty: {path}")
+    return rows
+
+
+@dataclass
+class CUBMetadata:
+    """The parsed metadata files. Labels are 0-based class indices."""
+
+    root: Path
+    ids: list[int]
+    relpaths: dict[int, str]
+    labels: dict[int, int]
+    is_train: dict[int, bool]
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def read_cub_metadata(root: str | Path) -> CUBMetadata:
+    root = require_dir(root, "CUB root folder")
+    images = _read_pairs(root / "images.txt")
+    classes = _read_pairs(root / "classes.txt")
+    class_ids = [cid for cid, _ in classes]
+    if sorted(class_ids) != list(range(1, len(classes) + 1)):
+        raise UserError(f"{root / 'classes.txt'}: class ids must be 1..{len(classes)}")
+    class_names = [name for _, name in sorted(classes)]
+    relpaths = dict(images)
+    labels: dict[int, int] = {}
+    for img_id, value in _read_pairs(root / "image_class_labels.txt"):
+        if not value.isdigit() or not 1 <= int(value) <= len(classes):
+            raise UserError(
+                f"{root / 'image_class_labels.txt'}: class id {value!r} of image {img_id} out of range "
+                f"(expected 1..{len(classes)})"
+            )
+        labels[img_id] = int(value) - 1
+    is_train: dict[int, bool] = {}
+    for img_id, value in _read_pairs(root / "train_test_split.txt"):
+        if value not in ("0", "1"):
+            raise UserError(f"{root / 'train_test_split.txt'}: expected 0 or 1 for image {img_id}, got {value!r}")
+        is_train[img_id] = value == "1"
+    ids = sorted(relpaths)
+    for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)):
+        missing = [i for i in ids if i not in table]
+        if missing:
+            raise UserError(f"{root / name}: no entry for image id {missing[0]} ({len(missing)} ids missing)")
+    return CUBMetadata(root, ids, relpaths, labels, is_train, class_names)
+
+
+def split_ids(meta: CUBMetadata, split: str, train_split: float = 1.0, split_seed: int = 0) -> list[int]:
+    """Image ids of a split. `train_split` is the fraction of CUB's train images used for training;
+    the rest, drawn with `split_seed` (stratified by class), is the validation split."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    if not 0.0 < train_split <= 1.0:
+        raise UserError(f"--train_split must be in (0, 1], got {train_split}")
+    if split == "test":
+        ids = [i for i in meta.ids if not meta.is_train[i]]
+    else:
+        train_ids = [i for i in meta.ids if meta.is_train[i]]
+        rng = np.random.default_rng(split_seed)
+        val: set[int] = set()
+        if train_split < 1.0:
+            by_class: dict[int, list[int]] = {}
+            for i in train_ids:
+                by_class.setdefault(meta.labels[i], []).append(i)
+            for cls in sorted(by_class):
+                members = by_class[cls]
+                n_val = int(round(len(members) * (1.0 - train_split)))
+                picked = rng.choice(len(members), size=n_val, replace=False) if n_val else []
+                val.update(members[j] for j in picked)
+        ids = [i for i in train_ids if (i in val) == (split == "val")]
+    if not ids:
+        hint = " (pass --train_split < 1 to get a validation split)" if split == "val" else ""
+        raise UserError(f"the {split} split of {meta.root} is empty{hint}")
+    return ids
+
+
+def read_waterbirds_metadata(path: Path) -> dict[str, tuple[int, int]]:
+    """Map img_filename -> (y, place) from a Waterbirds metadata.csv."""
+    out = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = {"img_filename", "y", "place"}
+        if reader.fieldnames is None or not need <= set(reader.fieldnames):
+            raise UserError(f"{path}: expected columns img_id,img_filename,y,split,place,place_filename")
+        for row in reader:
+            out[row["img_filename"]] = (int(row["y"]), int(row["place"]))
+    return out
+
+
+def mask_relpath(relpath: str) -> str:
+    return str(Path(relpath).with_suffix(".png"))
+
+
+def load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: corrupt or not an image ({e.__class__.__name__})") from None
+
+
+def load_mask(path: Path, size: tuple[int, int], threshold: int = 0) -> np.ndarray:
+    """Binary mask (H, W) uint8 in {0, 1}: 1 where the stored value > threshold."""
+    try:
+        with Image.open(path) as img:
+            if img.size != size:
+                raise UserError(
+                    f"mask {path} is {img.size[0]}x{img.size[1]} but its image is {size[0]}x{size[1]} "
+                    "(expected the same size)"
+                )
+            arr = np.asarray(img.convert("L"))
+    except FileNotFoundError:
+        raise UserError(f"mask not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserError(f"cannot read mask {path}: corrupt or not an image ({e.__class__.__name__})") from None
+    return (arr > threshold).astype(np.uint8)
+
+
+@dataclass
+class MaskSource:
+    """Where masks come from: 'gt' = ROOT/segmentations/<rel>.png (the same bird for the Waterbirds
+    copy); any other value is a folder of predicted masks laid out as DIR/<image_subdir>/<rel>.png."""
+
+    source: str = "gt"
+    threshold: int = 0
+
+    def path(self, root: Path, image_subdir: str, relpath: str) -> Path:
+        if self.source == "gt":
+            return root / "segmentations" / mask_relpath(relpath)
+        return Path(self.source) / image_subdir / mask_relpath(relpath)
+
+    def check(self, root: Path, image_subdir: str) -> None:
+        if self.source == "gt":
+            require_dir(root / "segmentations", "ground-truth mask folder")
+        else:
+            base = require_dir(self.source, "mask folder")
+            require_dir(base / image_subdir, f"mask folder for '{image_subdir}' (DIR/<image_subdir>/<rel>.png)")
+
+
+@dataclass
+class CUBDataset(Dataset):
+    """One split of CUB (or of a copy with the same ids, e.g. Waterbirds or masked images).
+
+    transform: callable(image: PIL.Image, mask: np.ndarray | None) -> (image tensor, mask tensor | None),
+    see `bgmask.data.transforms`.
+    """
+
+    root: str | Path
+    split: str = "train"
+    image_subdir: str = "images"
+    train_split: float = 1.0
+    split_seed: int = 0
+    masks: MaskSource | None = None
+    transform: Callable | None = None
+    check_files: bool = True
+    meta: CUBMetadata = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.meta = read_cub_metadata(self.root)
+        self.ids = split_ids(self.meta, self.split, self.train_split, self.split_seed)
+        self.image_dir = require_dir(self.root / self.image_subdir, f"image folder '{self.image_subdir}'")
+        if self.masks is not None:
+            self.masks.check(self.root, self.image_subdir)
+        self.groups: dict[str, tuple[int, int]] = {}
+        meta_csv = self.image_dir / "metadata.csv"
+        if meta_csv.is_file():
+            self.groups = read_waterbirds_metadata(meta_csv)
+        if self.check_files:
+            self._check_files()
+
+    def _check_files(self) -> None:
+        for what, path_of in (("image", self.image_path), ("mask", self.mask_path)):
+            if what == "mask" and self.masks is None:
+                continue
+            missing = [path_of(i) for i in self.ids if not path_of(i).is_file()]
+            if missing:
+                raise UserError(
+                    f"{what} listed in {self.root / 'images.txt'} not found: {missing[0]} "
+                    f"({len(missing)} of {len(self.ids)} {self.split} {what}s missing)"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta.class_names
+
+    def image_path(self, img_id: int) -> Path:
+        return self.image_dir / self.meta.relpaths[img_id]
+
+    def mask_path(self, img_id: int) -> Path:
+        return self.masks.path(self.root, self.image_subdir, self.meta.relpaths[img_id])
+
+    def labels(self) -> list[int]:
+        return [self.meta.labels[i] for i in self.ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        img_id = self.ids[index]
+        image = load_rgb(self.image_path(img_id))
+        mask = None
+        if self.masks is not None:
+            mask = load_mask(self.mask_path(img_id), image.size, self.masks.threshold)
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        y, place = self.groups.get(self.meta.relpaths[img_id], (-1, -1))
+        record = {
+            "image": image,
+            "label": self.meta.labels[img_id],
+            "index": index,
+            "img_id": img_id,
+            "place": place,
+            "group": y * 2 + place if place >= 0 else -1,
+        }
+        if mask is not None:
+            record["mask"] = mask
+        return record

@@ -1,0 +1,60 @@
+"""Atomic file writes: a file is either absent or complete, never half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def encode_image(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def atomic_save_image(path: str | Path, img: Image.Image, **kwargs) -> None:
+    """Save a PIL image atomically; format from the suffix (JPEG quality 95 unless given)."""
+    path = Path(path)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"unsupported image suffix: {path}")
+    if fmt == "JPEG":
+        kwargs.setdefault("quality", 95)
+    # No fsync per image: thousands of small files; the rename alone keeps them whole on a crash
+    # of the process (not of the machine), which is the failure we guard against.
+    data = encode_image(img, fmt, **kwargs)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
