@@ -38,3 +38,167 @@ def make_binary_seg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     add(parser, "--seed", type=int, default=0)
     add(parser, "--overwrite", action="store_true")
     return parser
+
+
+# ---------------------------------------------------------------- training / evaluation flag groups
+
+SCHEDULERS = ("cosine", "cosine_with_warmup", "cosine_warmup_restart", "linearlr", "steplr", "none")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def data_args(add_help: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=add_help)
+    g = p.add_argument_group("data")
+    add(g, "--data_path", required=False, help="CUB_200_2011 root (real or `bgmask make-synthetic`)")
+    add(g, "--image_sub_path_train", default="images",
+        help="image folder for train/val and the in-distribution test (e.g. a masked copy)")
+    add(g, "--image_sub_path_test", default="waterbird_complete95_forest2water2",
+        help="image folder with the same test ids out of distribution (Waterbirds)")
+    add(g, "--train_split", type=float, default=1.0,
+        help="fraction of CUB's train images used for training; the rest is the val split")
+    add(g, "--split_seed", type=int, default=0, help="seed of the train/val split")
+    add(g, "--image_size", type=int, default=224)
+    add(g, "--crop_pct", type=float, default=0.875, help="test-time resize = image_size / crop_pct, then centre crop")
+    add(g, "--augmentations_to_use", default="timm", choices=["timm", "cub_original", "flip", "none"])
+    add(g, "--color_jitter", type=float, default=0.0)
+    add(g, "--reprob", type=float, default=0.25, help="random-erasing probability (timm augmentations)")
+    add(g, "--batch_size", type=int, default=32, help="per process")
+    add(g, "--eval_batch_size", type=int, default=None, help="default: 2 x batch_size")
+    add(g, "--num_workers", type=int, default=2)
+    return p
+
+
+def model_args(add_help: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=add_help)
+    g = p.add_argument_group("model")
+    add(g, "--model_arch", default="bgmask_resnet_tiny", help="any timm model name")
+    add(g, "--pretrained", action="store_true", help="timm hub weights (needs network or a local cache)")
+    add(g, "--pretrained_file", default=None, help="local .pth/.safetensors weights")
+    add(g, "--freeze_backbone", action="store_true", help="linear probe: only the head trains")
+    add(g, "--drop_path", type=float, default=0.0)
+    heads = g.add_mutually_exclusive_group()
+    add(heads, "--class_token_only", action="store_true", help="ViT head on the CLS token")
+    add(heads, "--patch_tokens_only", action="store_true", help="ViT head on the mean of patch tokens (GAP)")
+    return p
+
+
+def masking_args(add_help: bool = False, strategies=("baseline", "early", "late")) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=add_help)
+    g = p.add_argument_group("masking")
+    add(g, "--strategy", default=strategies[0], choices=list(strategies))
+    add(g, "--mask_source", default="gt",
+        help="'gt' (ROOT/segmentations) or a predicted-mask folder laid out as DIR/<image folder>/<rel>.png")
+    add(g, "--mask_dir", default=None, help="alias of --mask_source DIR (late-masking spelling)")
+    add(g, "--mask_threshold", type=int, default=0, help="mask pixel > threshold = bird")
+    add(g, "--mask_fill", default="black", choices=["black", "mean", "blur"], help="early masking background fill")
+    if "late" in strategies:
+        add(g, "--late_mask_stage", "--late_mask_block", default="last", choices=["last", "second_last"],
+            help="mask the last stage/block output, or the second-last and run the last on it")
+        add(g, "--late_pool", default="mean", choices=["mean", "masked_mean"],
+            help="mean over the whole grid (the paper) or over bird cells only")
+        add(g, "--late_drop_cls", action="store_true", help="ViT: head on masked patch tokens only")
+    return p
+
+
+def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=add_help)
+    g = p.add_argument_group("optimisation")
+    add(g, "--epochs", type=int, default=10)
+    add(g, "--optimizer_type", default="adamw", choices=list(OPTIMIZERS))
+    add(g, "--lr", type=float, default=1e-3)
+    add(g, "--weight_decay", type=float, default=1e-2)
+    add(g, "--momentum", type=float, default=0.9)
+    add(g, "--betas1", type=float, default=0.9)
+    add(g, "--betas2", type=float, default=0.999)
+    add(g, "--scratch_lr_factor", type=float, default=1.0, help="head learning rate = lr x this")
+    add(g, "--scheduler_type", default="cosine", choices=list(SCHEDULERS))
+    add(g, "--scheduler_warmup_epochs", type=int, default=0)
+    add(g, "--warmup_lr", type=float, default=1e-6, help="learning rate at the start of warm-up")
+    add(g, "--min_lr", type=float, default=1e-6)
+    add(g, "--scheduler_restart_factor", type=int, default=1,
+        help="cosine_warmup_restart: cycle length multiplier after each restart")
+    add(g, "--scheduler_restart_epochs", type=int, default=None,
+        help="cosine_warmup_restart: length of the first cycle (default: epochs / 3)")
+    add(g, "--scheduler_step_size", type=int, default=30, help="steplr: epochs between decays")
+    add(g, "--scheduler_gamma", type=float, default=0.1, help="steplr: decay factor")
+    add(g, "--linearlr_start_factor", type=float, default=1.0 / 3, help="linearlr: start factor")
+    add(g, "--smoothing", type=float, default=0.0, help="label smoothing")
+    add(g, "--grad_norm_clip", type=float, default=None)
+    add(g, "--use_amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + grad scaler with --amp_dtype fp16 on CUDA)")
+    add(g, "--amp_dtype", default="bf16", choices=["bf16", "fp16"])
+    add(g, "--channels_last", action="store_true", help="channels_last memory format (faster CNNs)")
+    m = p.add_argument_group("mixup / cutmix")
+    add(m, "--turn_on_mixup_or_cutmix", action="store_true")
+    add(m, "--mixup", type=float, default=0.8, help="mixup alpha")
+    add(m, "--cutmix", type=float, default=1.0, help="cutmix alpha")
+    add(m, "--mixup_prob", type=float, default=1.0)
+    add(m, "--mixup_switch_prob", type=float, default=0.5)
+    add(m, "--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+    return p
+
+
+def run_args(add_help: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=add_help)
+    g = p.add_argument_group("run")
+    add(g, "--config", default=None, help="YAML file of defaults; flags given on the command line win")
+    add(g, "--snapshot_dir", default="runs/run", help="run folder: config, checkpoints, results.jsonl")
+    add(g, "--save_every_n_epochs", type=int, default=0, help="also keep epoch_<k>.pt every n epochs")
+    add(g, "--eval_mode", default="val", choices=["val", "test"],
+        help="split evaluated after each epoch; 'best' is picked on val only")
+    add(g, "--eval_only", action="store_true", help="evaluate the checkpoint in --snapshot_dir (or --checkpoint)")
+    add(g, "--checkpoint", default=None, help="checkpoint for --eval_only (default SNAPSHOT_DIR/best.pt or last.pt)")
+    add(g, "--resume_training", action="store_true", help="continue from SNAPSHOT_DIR/last.pt")
+    add(g, "--trust_checkpoint", action="store_true",
+        help="allow loading a checkpoint that needs arbitrary unpickling (only for files you trust)")
+    add(g, "--seed", type=int, default=0)
+    add(g, "--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add(g, "--threads", type=int, default=None, help="torch CPU threads per process")
+    add(g, "--max_steps_per_epoch", type=int, default=None, help="cap on training steps per epoch (smoke tests)")
+    add(g, "--no_progress", action="store_true", help="no tqdm bars")
+    w = p.add_argument_group("wandb (optional; WANDB_MODE=offline works without network)")
+    add(w, "--wandb", action="store_true")
+    add(w, "--wandb_project", default="bgmask")
+    add(w, "--group", default=None)
+    add(w, "--job_type", default=None)
+    return p
+
+
+def train_parser(description: str, strategies=("baseline", "early", "late")) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[data_args(), model_args(), masking_args(strategies=strategies), optim_args(), run_args()],
+    )
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse flags; `--config FILE.yaml` supplies defaults (unknown keys are an error)."""
+    import yaml
+
+    from bgmask.errors import UserError, require_file
+
+    pre = argparse.ArgumentParser(add_help=False)
+    add(pre, "--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        path = require_file(known.config, "--config file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--config {path}: expected a mapping of flag names to values")
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - dests)
+        if unknown:
+            raise UserError(f"--config {path}: unknown keys {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add(parser, "--cub_root", required=True)
+    add(parser, "--masks", default="gt", help="'gt' or a predicted-mask folder (DIR/<image folder>/<rel>.png)")
+    add(parser, "--out_subdir", required=True, help="NAME: writes ROOT/NAME and ROOT/NAME_waterbirds")
+    add(parser, "--mask_fill", default="black", choices=["black", "mean", "blur"])
+    add(parser, "--mask_threshold", type=int, default=0)
+    return parser

@@ -26,6 +26,15 @@ def cmd_make_binary_seg(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_masked(ns: argparse.Namespace) -> int:
+    from bgmask.masking.make_masked import make_masked
+
+    counts = make_masked(ns.cub_root, ns.masks, ns.out_subdir, ns.mask_fill, ns.mask_threshold)
+    for sub, n in counts.items():
+        print(f"{n} masked images in {ns.cub_root}/{sub}")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from bgmask.data.synthetic import generate_synthetic
 
@@ -45,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     A.make_synthetic_args(p).set_defaults(func=cmd_make_synthetic)
     p = sub.add_parser("make-binary-seg", help="write the cub_binary_segmentation dataset for MMSeg")
     A.make_binary_seg_args(p).set_defaults(func=cmd_make_binary_seg)
+    p = sub.add_parser("make-masked", help="write early-masked copies of the images and the Waterbirds folder")
+    A.make_masked_args(p).set_defaults(func=cmd_make_masked)
     p = sub.add_parser("demo", help="run the main job on the synthetic benchmark")
     A.add(p, "--out", default="demo_output")
     A.add(p, "--num_classes", type=int, default=10)

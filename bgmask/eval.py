@@ -1,0 +1,122 @@
+"""Evaluation: exact predictions over a split (distributed or not), the Waterbirds report and the
+background-reliance diagnostics of the Backgrounds Challenge (Xiao et al., 2020).
+
+Diagnostics are built from the in-distribution test images and their ground-truth masks:
+- fg_only:    the bird on black (background removed);
+- bg_only:    the background with the bird region filled black (an unbiased model is near chance);
+- mixed_same: the bird pasted on the background of another test image of the same class;
+- mixed_rand: the bird pasted on the background of a test image of a random other class;
+- bg_gap = mixed_same - mixed_rand (how much the background's class moves predictions).
+In mixed images the partner's own bird is removed and its hole filled with the partner's mean
+background colour. The strategy sees the pasted bird's mask as its mask.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from bgmask.distributed import ShardSampler, all_gather_objects
+from bgmask.metrics import accuracy, group_summary
+
+DIAGNOSTICS = ("fg_only", "bg_only", "mixed_same", "mixed_rand")
+
+
+def autocast_context(device: torch.device, enabled: bool, dtype: str = "bf16"):
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def predict(model, dataset: Dataset, strategy, dist, batch_size: int = 64, num_workers: int = 0,
+            mask_fn=None, amp: bool = False, amp_dtype: str = "bf16", channels_last: bool = False,
+            progress: bool = True, desc: str = "eval") -> dict[str, np.ndarray]:
+    """Per-sample predictions over the whole dataset, gathered from every rank and ordered by index.
+    Each rank takes a disjoint stride of the indices (no padding), so every sample counts once."""
+    model.eval()
+    sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    rows = {"index": [], "pred": [], "label": [], "group": [], "place": []}
+    for batch in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), leave=False):
+        images = batch["image"].to(dist.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        masks = batch.get("mask")
+        masks = masks.to(dist.device, non_blocking=True) if masks is not None else None
+        if mask_fn is not None:
+            masks = mask_fn(images)
+        images = strategy.preprocess(images, masks)
+        with autocast_context(dist.device, amp, amp_dtype):
+            logits = strategy.forward(model, images, masks)
+        rows["pred"].append(logits.argmax(1).cpu().numpy())
+        for key in ("index", "label", "group", "place"):
+            rows[key].append(np.asarray(batch[key]))
+    local = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in rows.items()}
+    parts = all_gather_objects(local)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in local}
+    order = np.argsort(out["index"], kind="stable")
+    out = {k: v[order] for k, v in out.items()}
+    if not np.array_equal(out["index"], np.arange(len(dataset))):
+        raise RuntimeError(f"evaluation saw {len(out['index'])} predictions for {len(dataset)} samples")
+    return out
+
+
+def split_metrics(pred: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    m = {f"{prefix}/acc": accuracy(pred["pred"], pred["label"]), f"{prefix}/num_samples": int(len(pred["label"]))}
+    m.update(group_summary(pred["pred"], pred["label"], pred["group"], prefix))
+    return m
+
+
+class BackgroundDiagnostic(Dataset):
+    """A diagnostic variant of a test split that has GT masks and a deterministic transform."""
+
+    def __init__(self, base: Dataset, variant: str, mean, std, seed: int = 0):
+        if variant not in DIAGNOSTICS:
+            raise ValueError(f"unknown diagnostic {variant!r}")
+        self.base, self.variant = base, variant
+        self.black = (-torch.as_tensor(mean) / torch.as_tensor(std)).view(3, 1, 1)
+        labels = np.asarray(base.labels())
+        rng = np.random.default_rng(seed)
+        self.partner = np.arange(len(labels))
+        for i, y in enumerate(labels):
+            if variant == "mixed_same":
+                pool = np.flatnonzero((labels == y) & (np.arange(len(labels)) != i))
+            elif variant == "mixed_rand":
+                pool = np.flatnonzero(labels != y)
+            else:
+                continue
+            if len(pool):
+                self.partner[i] = rng.choice(pool)
+
+    def __len__(self):
+        return len(self.base)
+
+    def _background(self, rec):
+        img, m = rec["image"], rec["mask"]
+        bg = 1 - m
+        mean_bg = (img * bg).sum((1, 2), keepdim=True) / bg.sum().clamp_min(1)
+        return img * bg + mean_bg * m
+
+    def __getitem__(self, i):
+        rec = dict(self.base[i])
+        img, m = rec["image"], rec["mask"]
+        if self.variant == "fg_only":
+            rec["image"] = img * m + self.black * (1 - m)
+        elif self.variant == "bg_only":
+            rec["image"] = img * (1 - m) + self.black * m
+        else:
+            bg = self._background(self.base[int(self.partner[i])])
+            rec["image"] = img * m + bg * (1 - m)
+        return rec
+
+
+def diagnostic_metrics(preds: dict[str, dict]) -> dict[str, float]:
+    out = {f"diag/{name}_acc": accuracy(p["pred"], p["label"]) for name, p in preds.items()}
+    if "mixed_same" in preds and "mixed_rand" in preds:
+        out["diag/bg_gap"] = out["diag/mixed_same_acc"] - out["diag/mixed_rand_acc"]
+    return out

@@ -1,0 +1,88 @@
+"""Bodies of the entry scripts in early_masking_and_baseline/ and late_masking/ (kept here once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bgmask import args as A
+from bgmask.errors import UserError, run_cli
+from bgmask.io import atomic_write_text
+
+METRIC_ROWS = [
+    ("test/acc", "CUB test accuracy (in distribution)"),
+    ("waterbirds/acc", "Waterbirds accuracy (out of distribution)"),
+    ("waterbirds/drop", "drop (test - Waterbirds)"),
+    ("waterbirds/mean_group_acc", "Waterbirds mean group accuracy"),
+    ("waterbirds/worst_group_acc", "Waterbirds worst-group accuracy"),
+    ("diag/fg_only_acc", "FG-only (background removed)"),
+    ("diag/bg_only_acc", "BG-only (bird removed)"),
+    ("diag/mixed_same_acc", "mixed-same"),
+    ("diag/mixed_rand_acc", "mixed-rand"),
+    ("diag/bg_gap", "BG-gap (mixed-same - mixed-rand)"),
+]
+
+
+def metrics_markdown(record: dict, title: str) -> str:
+    lines = [f"### {title}", "", "| metric | value |", "|---|---|"]
+    for key, name in METRIC_ROWS:
+        if key in record:
+            lines.append(f"| {name} | {record[key]:.4f} |")
+    groups = sorted(k for k in record if k.startswith("waterbirds/group_"))
+    for k in groups:
+        g = int(k.split("_")[1])
+        lines.append(f"| Waterbirds group {g} (y={g // 2}, place={g % 2}) | {record[k]:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def train_main(argv, strategies, description: str) -> int:
+    from bgmask.engine import run
+
+    parser = A.train_parser(description, strategies)
+    cfg = A.parse_with_config(parser, argv)
+    record = run(cfg)
+    from bgmask.distributed import is_main_process
+
+    if is_main_process():
+        print(metrics_markdown(record, f"{cfg.model_arch} / {cfg.strategy} ({cfg.snapshot_dir})"))
+    return 0
+
+
+def eval_main(argv, strategies, description: str) -> int:
+    from bgmask.distributed import cleanup, init_distributed, is_main_process
+    from bgmask.engine import evaluate_checkpoint, validate_config
+
+    parser = A.train_parser(description, strategies)
+    A.add(parser, "--out", default=None, help="output prefix (default: beside the checkpoint, waterbirds_eval)")
+    cfg = A.parse_with_config(parser, argv)
+    if not cfg.checkpoint:
+        raise UserError("--checkpoint is required (a best.pt / last.pt written by train.py)")
+    cfg.eval_only = True
+    validate_config(cfg)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    dist = init_distributed(cfg.device)
+    try:
+        record = evaluate_checkpoint(cfg, dist)
+    finally:
+        cleanup()
+    if is_main_process():
+        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / "waterbirds_eval"
+        md = metrics_markdown(record, f"{cfg.model_arch} / {cfg.strategy} ({cfg.checkpoint})")
+        atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2, sort_keys=True))
+        atomic_write_text(out.with_suffix(".md"), md)
+        print(md)
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+train_early = run_cli(lambda argv=None: train_main(argv, ("baseline", "early"),
+                                                   "Train a classifier: baseline or early masking."))
+eval_early = run_cli(lambda argv=None: eval_main(argv, ("baseline", "early"),
+                                                 "Evaluate a baseline / early-masking classifier on CUB and Waterbirds."))
+train_late = run_cli(lambda argv=None: train_main(argv, ("late", "baseline", "early"),
+                                                  "Train a classifier with late (feature-map) masking."))
+eval_late = run_cli(lambda argv=None: eval_main(argv, ("late", "baseline", "early"),
+                                                "Evaluate a late-masking classifier on CUB and Waterbirds."))
