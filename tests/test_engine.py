@@ -1,0 +1,291 @@
+"""Engine, strategies, metrics, schedulers and the entry scripts, end to end on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bgmask import args as A
+from bgmask.checkpoint import load_checkpoint
+from bgmask.distributed import ShardSampler
+from bgmask.engine import EpochScheduler, build_optimizer, mix_batch
+from bgmask.errors import UserError
+from bgmask.eval import diagnostic_metrics
+from bgmask.masking import apply_early_mask, create_strategy
+from bgmask.metrics import group_summary
+from bgmask.scripts import eval_early, train_early, train_late
+
+from conftest import write_tiny_cub
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cfg_from(argv):
+    return A.parse_with_config(A.train_parser("t"), argv)
+
+
+# ------------------------------------------------------------------------------------ unit tests
+
+def test_group_metrics_by_hand():
+    preds = np.array([0, 1, 1, 0, 1, 1])
+    labels = np.array([0, 1, 0, 0, 1, 0])
+    groups = np.array([0, 0, 1, 1, 3, 3])
+    m = group_summary(preds, labels, groups, "wb")
+    assert m["wb/group_0_acc"] == 1.0 and m["wb/group_1_acc"] == 0.5 and m["wb/group_3_acc"] == 0.5
+    assert m["wb/worst_group_acc"] == 0.5 and m["wb/mean_group_acc"] == pytest.approx(2 / 3)
+    d = diagnostic_metrics({"mixed_same": {"pred": np.array([1, 1]), "label": np.array([1, 0])},
+                            "mixed_rand": {"pred": np.array([0, 0]), "label": np.array([1, 1])}})
+    assert d["diag/bg_gap"] == 0.5
+
+
+def test_early_mask_zeroes_exactly_the_background():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    pixels = torch.rand(2, 3, 4, 5)
+    images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    masks = (torch.rand(2, 1, 4, 5) > 0.5).float()
+    out = apply_early_mask(images, masks, "black", mean, std)
+    back = out * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    bg = masks.expand_as(back) == 0
+    assert torch.allclose(back[bg], torch.zeros_like(back[bg]), atol=1e-6)
+    assert torch.equal(out[~bg], images[~bg])
+    assert torch.equal(apply_early_mask(images, masks, "mean", mean, std)[bg], torch.zeros_like(back[bg]))
+    with pytest.raises(UserError, match="does not match"):
+        apply_early_mask(images, masks[:, :, :2], "black", mean, std)
+    strat = create_strategy("early", mean=mean, std=std)
+    with pytest.raises(UserError, match="needs masks"):
+        strat.preprocess(images, None)
+    with pytest.raises(UserError, match="unknown --strategy 'nope'"):
+        create_strategy("nope")
+
+
+def test_shard_sampler_counts_every_sample_once():
+    for n in (0, 1, 7, 10):
+        for w in (1, 2, 3):
+            seen = sorted(i for r in range(w) for i in ShardSampler(n, r, w))
+            assert seen == list(range(n))
+
+
+def test_mixup_mixes_masks_like_images():
+    from timm.data import Mixup
+
+    torch.manual_seed(0)
+    masks = (torch.rand(4, 1, 8, 8) > 0.5).float()
+    images = masks.repeat(1, 3, 1, 1).clone()
+    for cut in (True, False):
+        mixup = Mixup(mixup_alpha=0.0 if cut else 1.0, cutmix_alpha=1.0 if cut else 0.0, num_classes=3)
+        im, mk, targets = mix_batch(mixup, images.clone(), masks.clone(), torch.tensor([0, 1, 2, 0]))
+        assert torch.equal(im[:, :1], mk) and targets.shape == (4, 3)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def backbone_parameters(self):
+        return list(self.body.parameters())
+
+    def head_parameters(self):
+        return list(self.head.parameters())
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+def test_optimizers_and_head_lr(name, cls):
+    cfg = cfg_from(["--optimizer_type", name, "--lr", "0.01", "--scratch_lr_factor", "10", "--weight_decay", "0.05"])
+    opt = build_optimizer(_Tiny(), cfg)
+    assert type(opt) is cls
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == [0.01, pytest.approx(0.1)]
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.05}  # no decay on biases
+
+
+def _lrs(argv, epochs):
+    cfg = cfg_from(argv + ["--epochs", str(epochs), "--lr", "1.0", "--min_lr", "0.01", "--warmup_lr", "0.1"])
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    sched = EpochScheduler(opt, cfg)
+    out = []
+    for e in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        sched.step(e + 1)
+    return out
+
+
+def test_schedulers_build_what_they_name():
+    cos = _lrs(["--scheduler_type", "cosine"], 10)
+    assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] > 0.01
+    warm = _lrs(["--scheduler_type", "cosine_with_warmup", "--scheduler_warmup_epochs", "3"], 10)
+    assert warm[0] == pytest.approx(0.1) and warm[1] < warm[2] < warm[3] == pytest.approx(1.0)
+    restart = _lrs(["--scheduler_type", "cosine_warmup_restart", "--scheduler_warmup_epochs", "1",
+                    "--scheduler_restart_epochs", "3"], 10)
+    assert any(b > a for a, b in zip(restart[2:], restart[3:]))  # lr jumps back up at a restart
+    step = _lrs(["--scheduler_type", "steplr", "--scheduler_step_size", "2", "--scheduler_gamma", "0.5"], 6)
+    assert step == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+    lin = _lrs(["--scheduler_type", "linearlr", "--linearlr_start_factor", "0.25"], 4)
+    assert lin == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert _lrs(["--scheduler_type", "none"], 3) == [1.0, 1.0, 1.0]
+
+
+def test_yaml_config_defaults_and_override(tmp_path):
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("lr: 0.5\nepochs: 7\n")
+    cfg = cfg_from(["--config", str(cfgfile), "--epochs", "3"])
+    assert cfg.lr == 0.5 and cfg.epochs == 3
+    cfgfile.write_text("learning_rate: 0.5\n")
+    with pytest.raises(UserError, match="unknown keys learning_rate"):
+        cfg_from(["--config", str(cfgfile)])
+
+
+# ------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def cub(tmp_path_factory):
+    # 3 classes x (8 train, 5 test): 15 test images, odd, for the distributed test
+    return write_tiny_cub(tmp_path_factory.mktemp("e2e") / "CUB", num_classes=3, per_class=(8, 5), size=(40, 32))
+
+
+def base_argv(cub, run, *more):
+    return ["--data_path", str(cub), "--image_size", "32", "--batch_size", "8", "--num_workers", "0",
+            "--snapshot_dir", str(run), "--no_progress", "--augmentations_to_use", "flip", "--threads", "1", *more]
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch, script, extra", [
+    ("bgmask_resnet_tiny", train_early, ["--strategy", "baseline"]),
+    ("bgmask_resnet_tiny", train_early, ["--strategy", "early", "--mask_fill", "blur", "--use_amp"]),
+    ("bgmask_vit_tiny", train_early, ["--strategy", "early", "--class_token_only"]),
+    ("bgmask_vit_tiny", train_late, ["--patch_tokens_only", "--turn_on_mixup_or_cutmix", "--smoothing", "0.1"]),
+    ("bgmask_resnet_tiny", train_late, ["--late_pool", "masked_mean", "--train_split", "0.75"]),
+])
+def test_train_writes_results(cub, tmp_path, arch, script, extra):
+    run = tmp_path / "run"
+    assert script(base_argv(cub, run, "--model_arch", arch, "--epochs", "2", *extra)) == 0
+    rows = read_jsonl(run / "results.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 2] and rows[-1]["split"] == "final"
+    final = rows[-1]
+    for key in ("test/acc", "waterbirds/acc", "waterbirds/drop", "waterbirds/worst_group_acc",
+                "diag/bg_only_acc", "diag/bg_gap"):
+        assert key in final
+    assert final["test/num_samples"] == 15 and final["waterbirds/num_samples"] == 15
+    for f in ("config.yaml", "command.txt", "git_revision.txt", "last.pt", "final_metrics.json", "done"):
+        assert (run / f).is_file(), f
+    if "--train_split" in extra:
+        assert (run / "best.pt").is_file() and rows[0]["split"] == "val" and final["checkpoint"] == "best"
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and state["config"]["model_arch"] == arch
+
+
+def test_freeze_backbone_trains_head_only(cub, tmp_path):
+    from bgmask.models import create_classifier
+
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    init = create_classifier("bgmask_resnet_tiny", 3)
+    init_file = tmp_path / "init.pth"
+    torch.save(init.state_dict(), init_file)
+    assert train_early(base_argv(cub, run, "--epochs", "1", "--freeze_backbone", "--pretrained_file",
+                                 str(init_file), "--lr", "0.05")) == 0
+    trained = load_checkpoint(run / "last.pt")["model"]
+    head_keys = set(init.head_state_keys())
+    changed = {k for k, v in init.state_dict().items() if not torch.equal(v, trained[k])}
+    assert changed and changed <= head_keys
+
+
+def test_resume_is_exact(cub, tmp_path):
+    """Stop after epoch 2 of 3 (the epoch_2 checkpoint), resume: same weights and metrics as straight."""
+    straight = tmp_path / "straight"
+    argv = ["--epochs", "3", "--save_every_n_epochs", "1", "--augmentations_to_use", "timm", "--num_workers", "1",
+            "--drop_path", "0.1", "--scheduler_type", "cosine_with_warmup", "--scheduler_warmup_epochs", "1"]
+    assert train_early(base_argv(cub, straight, *argv)) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(straight / "epoch_2.pt", resumed / "last.pt")
+    assert train_early(base_argv(cub, resumed, *argv, "--resume_training")) == 0
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    fa, fb = read_jsonl(straight / "results.jsonl")[-1], read_jsonl(resumed / "results.jsonl")[-1]
+    for k in fa:
+        if not k.startswith("train/") and "seconds" not in k:
+            assert fa[k] == fb[k], k
+
+
+def test_eval_only_script_writes_json_and_table(cub, tmp_path):
+    run = tmp_path / "run"
+    assert train_early(base_argv(cub, run, "--epochs", "1", "--strategy", "early")) == 0
+    assert eval_early(["--checkpoint", str(run / "last.pt"), "--data_path", str(cub), "--num_workers", "0",
+                       "--no_progress", "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    final = read_jsonl(run / "results.jsonl")[-1]
+    assert ev["test/acc"] == final["test/acc"] and ev["waterbirds/acc"] == final["waterbirds/acc"]
+    assert "| CUB test accuracy" in (tmp_path / "ev.md").read_text()
+
+
+def test_torchrun_two_processes_counts_every_sample_once(cub, tmp_path):
+    """2-process gloo: a DDP training epoch, then evaluation of 15 (odd) test images equal to one process."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(REPO / "early_masking_and_baseline" / "train.py"), *base_argv(cub, run, "--epochs", "1")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp = read_jsonl(run / "results.jsonl")[-1]
+    assert ddp["test/num_samples"] == 15 and ddp["waterbirds/num_samples"] == 15
+    assert eval_early(["--checkpoint", str(run / "last.pt"), "--data_path", str(cub), "--num_workers", "0",
+                       "--no_progress", "--out", str(tmp_path / "single")]) == 0
+    single = json.loads((tmp_path / "single.json").read_text())
+    for k in ("test/acc", "waterbirds/acc", "waterbirds/worst_group_acc", "diag/bg_gap"):
+        assert single[k] == ddp[k], k
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--model_arch", "bgmask_resnet_tiny", "--patch_tokens_only"], "apply to ViT models only"),
+    (["--model_arch", "resnet_does_not_exist"], "resnet_does_not_exist"),
+    (["--scheduler_type", "cosine_with_warmup"], "needs --scheduler_warmup_epochs"),
+    (["--freeze_backbone", "--drop_path", "0.1"], "--drop_path has no effect"),
+    (["--resume_training"], "no checkpoint at"),
+    (["--mask_source", "/nonexistent_masks", "--strategy", "early"], "mask folder not found: /nonexistent_masks"),
+    (["--pretrained_file", "/nonexistent.pth"], "/nonexistent.pth"),
+])
+def test_bad_flags_one_clear_line(cub, tmp_path, capsys, extra, pattern):
+    rc = train_early(base_argv(cub, tmp_path / "run", "--epochs", "1", *extra))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    import re
+    assert re.search(pattern, err), err
+
+
+def test_bad_paths_and_checkpoints(cub, tmp_path, capsys):
+    assert train_early(["--data_path", str(tmp_path / "nowhere"), "--snapshot_dir", str(tmp_path / "r")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert train_early(["--snapshot_dir", str(tmp_path / "r")]) == 2
+    assert "--data_path is required" in capsys.readouterr().err
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(2)}, bogus)
+    assert eval_early(["--checkpoint", str(bogus), "--data_path", str(cub)]) == 2
+    assert "not a bgmask classifier checkpoint" in capsys.readouterr().err
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(b"PK\x03\x04garbage")
+    assert eval_early(["--checkpoint", str(truncated), "--data_path", str(cub)]) == 2
+    assert "truncated or not a torch file" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert train_early(base_argv(cub, run, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert train_early(base_argv(cub, run, "--epochs", "1")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    other = write_tiny_cub(tmp_path / "CUB4", num_classes=4, per_class=(2, 1), size=(40, 32))
+    assert eval_early(["--checkpoint", str(run / "last.pt"), "--data_path", str(other), "--no_progress",
+                       "--num_workers", "0"]) == 2
+    assert "has 3 classes but" in capsys.readouterr().err
