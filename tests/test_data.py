@@ -187,7 +187,7 @@ def test_cli_bad_input_exit_2(tiny_cub, tmp_path, capsys):
     rc = cli_main(["make-binary-seg", "--cub_root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "missing" in err and err.startswith("error:")
-    rc = cli_main(["make-binary-seg", "--cub-root", str(tiny_cub), "--out", str(tmp_path / "o2")])
+    rc = cli_main(["make-binary-seg", "--cub-root", str(tiny_cub), "--out", str(tmp_path / "o2"), "--val-fraction", "0.25"])
     assert rc == 0
 
 
