@@ -35,6 +35,15 @@ def cmd_make_masked(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    from bgmask.report import write_report
+
+    paths = write_report(ns.run_dirs, ns.out, ns.title)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from bgmask.data.synthetic import generate_synthetic
 
@@ -56,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     A.make_binary_seg_args(p).set_defaults(func=cmd_make_binary_seg)
     p = sub.add_parser("make-masked", help="write early-masked copies of the images and the Waterbirds folder")
     A.make_masked_args(p).set_defaults(func=cmd_make_masked)
+    p = sub.add_parser("report", help="aggregate run folders into results.md/csv/json and plots")
+    p.add_argument("run_dirs", nargs="+", help="run folders written by train.py or the demo")
+    A.add(p, "--out", default="report")
+    A.add(p, "--title", default="Results")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the main job on the synthetic benchmark")
     A.add(p, "--out", default="demo_output")
     A.add(p, "--num_classes", type=int, default=10)

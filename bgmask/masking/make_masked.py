@@ -7,6 +7,7 @@ folder (with its metadata.csv), each file atomically; a rerun skips finished fil
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, load_mask, load_rgb, read_cub_metadata
 from bgmask.data.transforms import IMAGENET_MEAN
 from bgmask.errors import UserError, require_dir
-from bgmask.io import atomic_path, atomic_save_image
+from bgmask.io import atomic_path, atomic_save_image, atomic_write_text
 
 
 def masked_pixels(image: Image.Image, mask: np.ndarray, fill: str = "black") -> Image.Image:
@@ -60,6 +61,8 @@ def make_masked(cub_root: str | Path, masks: str = "gt", out_subdir: str = "imag
                 mask = load_mask(source.path(root, src_sub, rel), image.size, threshold)
                 atomic_save_image(dst, masked_pixels(image, mask, fill))
             done += 1
+        atomic_write_text(root / dst_sub / "masked_copy.json", json.dumps(
+            {"source_images": src_sub, "masks": masks, "fill": fill, "threshold": threshold}, indent=2))
         if (root / src_sub / "metadata.csv").is_file():
             with atomic_path(root / dst_sub / "metadata.csv") as tmp:
                 shutil.copyfile(root / src_sub / "metadata.csv", tmp)

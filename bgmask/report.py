@@ -1,0 +1,167 @@
+"""`bgmask report RUN_DIR...`: aggregate run folders into one table (mean ± std over seeds) and plots.
+
+A run folder is what `train.py` writes: config.yaml + final_metrics.json. Rows are keyed by
+(model, strategy, mask source, initialisation); several seeds of the same key are averaged.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from bgmask.errors import UserError
+from bgmask.io import atomic_write_text
+
+COLUMNS = [
+    ("test/acc", "in-dist. acc"),
+    ("waterbirds/acc", "Waterbirds acc"),
+    ("waterbirds/drop", "drop"),
+    ("waterbirds/worst_group_acc", "worst-group acc"),
+    ("diag/bg_only_acc", "BG-only acc"),
+    ("diag/bg_gap", "BG-gap"),
+]
+KEY_FIELDS = ("model", "strategy", "masks", "init")
+
+
+def describe_run(cfg: dict) -> dict[str, str]:
+    """The row key of a run, from its resolved config."""
+    strategy = cfg.get("strategy", "baseline")
+    masks = "-"
+    root = Path(cfg.get("data_path") or ".")
+    sub = cfg.get("image_sub_path_train", "images")
+    provenance = root / sub / "masked_copy.json"
+    if sub != "images" and provenance.is_file():
+        info = json.loads(provenance.read_text())
+        strategy = "early (copies)" if strategy == "baseline" else strategy
+        masks = "GT" if info.get("masks") == "gt" else "predicted"
+    elif strategy != "baseline":
+        masks = "GT" if cfg.get("mask_source", "gt") == "gt" else "predicted"
+    if cfg.get("pretrained_file") or cfg.get("pretrained"):
+        init = "pretrained, frozen" if cfg.get("freeze_backbone") else "pretrained, fine-tuned"
+    else:
+        init = "scratch"
+    model = cfg.get("model_arch", "?")
+    if cfg.get("class_token_only"):
+        model += " (CLS)"
+    elif cfg.get("patch_tokens_only"):
+        model += " (GAP)"
+    return {"model": model, "strategy": strategy, "masks": masks, "init": init}
+
+
+@dataclass
+class Row:
+    key: dict
+    runs: list[str] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def stat(self, metric: str) -> tuple[float, float] | None:
+        vals = self.values.get(metric)
+        if not vals:
+            return None
+        return float(np.mean(vals)), float(np.std(vals)) if len(vals) > 1 else 0.0
+
+
+def load_runs(run_dirs) -> list[Row]:
+    rows: dict[tuple, Row] = {}
+    for d in run_dirs:
+        d = Path(d)
+        cfg_file, metrics_file = d / "config.yaml", d / "final_metrics.json"
+        if not cfg_file.is_file() or not metrics_file.is_file():
+            raise UserError(f"{d} is not a finished run folder (expected config.yaml and final_metrics.json)")
+        cfg = yaml.safe_load(cfg_file.read_text())
+        metrics = json.loads(metrics_file.read_text())
+        key = describe_run(cfg)
+        row = rows.setdefault(tuple(key.values()), Row(key))
+        row.runs.append(str(d))
+        for metric, _ in COLUMNS:
+            if metric in metrics:
+                row.values.setdefault(metric, []).append(float(metrics[metric]))
+    if not rows:
+        raise UserError("no run folders given")
+    return list(rows.values())
+
+
+def _fmt(stat, n) -> str:
+    if stat is None:
+        return "–"
+    mean, std = stat
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    head = ["model", "strategy", "masks", "init", "seeds"] + [name for _, name in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = len(r.runs)
+        cells = [r.key[k] for k in KEY_FIELDS] + [str(n)] + [_fmt(r.stat(m), n) for m, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nAccuracies in %; BG-gap = mixed-same − mixed-rand accuracy (points).\n"
+
+
+def rows_as_records(rows: list[Row]) -> list[dict]:
+    out = []
+    for r in rows:
+        rec = dict(r.key)
+        rec["seeds"] = len(r.runs)
+        rec["runs"] = r.runs
+        for m, _ in COLUMNS:
+            s = r.stat(m)
+            rec[m] = None if s is None else s[0]
+            rec[m + "_std"] = None if s is None else s[1]
+        out.append(rec)
+    return out
+
+
+def bar_chart(rows: list[Row], path: Path) -> None:
+    """In-distribution vs Waterbirds accuracy per row (error bars = std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.key['model']}\n{r.key['strategy']} [{r.key['masks']}]\n{r.key['init']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.8))
+    for off, (metric, name, color) in zip((-0.2, 0.2), (("test/acc", "in distribution (CUB test)", "#4C72B0"),
+                                                         ("waterbirds/acc", "out of distribution (Waterbirds)", "#DD8452"))):
+        stats = [r.stat(metric) or (np.nan, 0.0) for r in rows]
+        ax.bar(x + off, [100 * s[0] for s in stats], 0.4, yerr=[100 * s[1] for s in stats], label=name, color=color,
+               capsize=3)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.axhline(100 / max(1, 10), color="grey", lw=0.5, ls=":")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("Background bias: accuracy in and out of distribution")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dirs, out_dir: str | Path, title: str = "Results") -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_runs(run_dirs)
+    rows.sort(key=lambda r: tuple(r.key[k] for k in KEY_FIELDS))
+    md = f"# {title}\n\n" + markdown_table(rows) + "\n![accuracy](accuracy_bars.png)\n"
+    records = rows_as_records(rows)
+    buf = io.StringIO()
+    fields = list(records[0].keys())
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for rec in records:
+        writer.writerow({**rec, "runs": ";".join(rec["runs"])})
+    paths = {"md": out_dir / "results.md", "csv": out_dir / "results.csv", "json": out_dir / "results.json",
+             "bars": out_dir / "accuracy_bars.png"}
+    atomic_write_text(paths["md"], md)
+    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["json"], json.dumps(records, indent=2))
+    bar_chart(rows, paths["bars"])
+    return paths

@@ -1,0 +1,48 @@
+"""`bgmask report` against a table computed by hand from known run folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from bgmask.cli import main as cli_main
+
+
+def fake_run(path, cfg, metrics):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (path / "final_metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+def test_report_by_hand(tmp_path, capsys):
+    base = {"model_arch": "bgmask_resnet_tiny", "data_path": str(tmp_path), "image_sub_path_train": "images"}
+    runs = [
+        fake_run(tmp_path / "b0", {**base, "strategy": "baseline", "seed": 0},
+                 {"test/acc": 0.9, "waterbirds/acc": 0.1, "waterbirds/drop": 0.8, "diag/bg_gap": 0.5}),
+        fake_run(tmp_path / "b1", {**base, "strategy": "baseline", "seed": 1},
+                 {"test/acc": 0.8, "waterbirds/acc": 0.3, "waterbirds/drop": 0.5, "diag/bg_gap": 0.3}),
+        fake_run(tmp_path / "e0", {**base, "strategy": "early", "mask_source": "/some/pred", "seed": 0,
+                                   "pretrained_file": "x.pth", "freeze_backbone": True},
+                 {"test/acc": 0.95, "waterbirds/acc": 0.9, "waterbirds/drop": 0.05}),
+    ]
+    assert cli_main(["report", *map(str, runs), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "results.md").read_text()
+    # baseline: mean 85.0 ± std 5.0 (population std of 0.9, 0.8), Waterbirds 20.0 ± 10.0
+    assert "| bgmask_resnet_tiny | baseline | - | scratch | 2 | 85.0 ± 5.0 | 20.0 ± 10.0 | 65.0 ± 15.0 | – | – | 40.0 ± 10.0 |" in md
+    assert "| bgmask_resnet_tiny | early | predicted | pretrained, frozen | 1 | 95.0 | 90.0 | 5.0 | – | – | – |" in md
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "results.csv")))
+    assert len(rows) == 2 and float(rows[0]["test/acc"]) == pytest.approx(0.85)
+    data = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert data[0]["waterbirds/acc_std"] == pytest.approx(0.1)
+    png = (tmp_path / "rep" / "accuracy_bars.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_report_rejects_unfinished_run(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    assert cli_main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a finished run folder" in capsys.readouterr().err
