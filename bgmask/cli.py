@@ -45,15 +45,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from bgmask.data.synthetic import generate_synthetic
+    from bgmask.demo import main_demo
 
-    summary = generate_synthetic(
-        f"{ns.out}/synthetic_cub", num_classes=ns.num_classes, image_size=ns.image_size,
-        train_per_class=ns.train_per_class, test_per_class=ns.test_per_class, correlation=ns.correlation,
-        seed=ns.seed, overwrite=ns.fresh,
-    )
-    print(summary.to_text())
-    return 0
+    return main_demo(ns)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,16 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     A.add(p, "--out", default="report")
     A.add(p, "--title", default="Results")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("demo", help="run the main job on the synthetic benchmark")
-    A.add(p, "--out", default="demo_output")
-    A.add(p, "--num_classes", type=int, default=10)
-    A.add(p, "--image_size", type=int, default=64)
-    A.add(p, "--train_per_class", type=int, default=400)
-    A.add(p, "--test_per_class", type=int, default=100)
-    A.add(p, "--correlation", type=float, default=0.95)
-    A.add(p, "--seed", type=int, default=0)
-    A.add(p, "--fresh", action="store_true", help="redo every stage")
-    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("demo", help="run the paper's comparison on the synthetic benchmark (make demo)")
+    from bgmask.demo import demo_args
+
+    demo_args(p).set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,328 @@
+"""`bgmask demo` / `make demo`: the paper's whole comparison, offline, on the synthetic benchmark.
+
+Stages (each skipped on a rerun when its outputs exist for the same inputs; `--fresh` redoes all):
+  1. data        synthetic CUB + Waterbirds benchmark (and, with pretrained rows, an unbiased
+                 pre-training set of other species on random backgrounds)
+  2. segmenter   cub_binary_segmentation -> small MMSeg segmenter -> mIoU / mDice on test and Waterbirds
+  3. masks       predicted masks for every image (cached folder) + early-masked copies
+  4. pretrain    (pretrained rows only) each backbone trained on the unbiased set: the stand-in for
+                 hub weights, which cannot be downloaded here
+  5. runs        {baseline, early, late} x {CNN, ViT-GAP} with predicted masks, plus oracle (GT) rows
+  6. report      results.md/csv/json, accuracy_bars.png, examples.png (+ correlation_sweep.png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bgmask import args as A
+from bgmask.errors import UserError
+from bgmask.io import atomic_write_text
+
+MODELS = {"cnn": "bgmask_resnet_tiny", "vit": "bgmask_vit_tiny"}
+# (model key, strategy, masks, init)
+ROWS_DEFAULT = [
+    ("cnn", "baseline", "-", "scratch"), ("cnn", "early", "predicted", "scratch"), ("cnn", "late", "predicted", "scratch"),
+    ("cnn", "early", "GT", "scratch"), ("cnn", "late", "GT", "scratch"),
+    ("vit", "baseline", "-", "scratch"), ("vit", "early", "predicted", "scratch"), ("vit", "late", "predicted", "scratch"),
+]
+ROWS_FULL = [
+    (m, s, k, init)
+    for init in ("scratch", "frozen", "finetuned")
+    for m in ("cnn", "vit")
+    for s, k in (("baseline", "-"), ("early", "predicted"), ("late", "predicted"), ("early", "GT"), ("late", "GT"))
+]
+
+
+@dataclass
+class Preset:
+    num_classes: int = 10
+    image_size: int = 64
+    train_per_class: int = 200
+    test_per_class: int = 50
+    correlation: float = 0.95
+    epochs: dict = field(default_factory=lambda: {"cnn": 8, "vit": 6})
+    pretrain_epochs: dict = field(default_factory=lambda: {"cnn": 6, "vit": 6})
+    batch_size: int = 64
+    lr: dict = field(default_factory=lambda: {"cnn": 2e-3, "vit": 1e-3})
+    seg_iters: int = 600
+    rows: list = field(default_factory=lambda: list(ROWS_DEFAULT))
+    seeds: tuple = (0,)
+
+
+PRESETS = {
+    "default": Preset(),
+    "full": Preset(train_per_class=400, test_per_class=100, epochs={"cnn": 12, "vit": 15},
+                   pretrain_epochs={"cnn": 10, "vit": 12}, seg_iters=1500, rows=list(ROWS_FULL), seeds=(0, 1, 2)),
+    "tiny": Preset(num_classes=3, image_size=32, train_per_class=12, test_per_class=5, epochs={"cnn": 1, "vit": 1},
+                   pretrain_epochs={"cnn": 1, "vit": 1}, batch_size=12, seg_iters=20,
+                   rows=[("cnn", "baseline", "-", "scratch"), ("cnn", "early", "predicted", "scratch"),
+                         ("cnn", "late", "GT", "scratch"), ("vit", "late", "predicted", "frozen"),
+                         ("cnn", "baseline", "-", "finetuned")]),
+}
+
+
+def demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    A.add(parser, "--out", default="demo_output")
+    A.add(parser, "--preset", default="default", choices=[*PRESETS, "paper"],
+          help="default fits ~10 CPU minutes; full = every row x 3 seeds; paper = print the real-data commands")
+    A.add(parser, "--rows", nargs="+", default=None,
+          help="rows as model:strategy:masks:init, e.g. cnn:late:GT:scratch vit:early:predicted:frozen")
+    A.add(parser, "--seeds", nargs="+", type=int, default=None)
+    A.add(parser, "--epochs", type=int, default=None, help="override the preset's epochs for every model")
+    A.add(parser, "--correlation_sweep", nargs="+", type=float, default=None,
+          help="also train the CNN baseline at these training correlations and plot accuracy against them")
+    A.add(parser, "--fresh", action="store_true", help="redo every stage")
+    A.add(parser, "--threads", type=int, default=None)
+    A.add(parser, "--data_path", default=None, help="--preset paper: the real CUB_200_2011 root")
+    return parser
+
+
+# ------------------------------------------------------------------------------------ stages
+
+class Stages:
+    """Skip a stage when its marker holds the same inputs (an interrupted demo continues)."""
+
+    def __init__(self, out: Path, fresh: bool):
+        self.out, self.fresh = out, fresh
+
+    def run(self, name: str, inputs: dict, fn):
+        marker = self.out / "stages" / f"{name}.json"
+        if not self.fresh and marker.is_file():
+            saved = json.loads(marker.read_text())
+            if saved.get("inputs") == inputs:
+                print(f"[demo] {name}: up to date, skipped", flush=True)
+                return saved.get("result")
+        print(f"[demo] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        atomic_write_text(marker, json.dumps({"inputs": inputs, "result": result,
+                                              "seconds": time.perf_counter() - t0}, indent=2))
+        print(f"[demo] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        return result
+
+
+def parse_rows(specs) -> list[tuple]:
+    rows = []
+    for spec in specs:
+        parts = spec.split(":")
+        if (len(parts) != 4 or parts[0] not in MODELS or parts[1] not in ("baseline", "early", "late")
+                or parts[2] not in ("-", "GT", "predicted") or parts[3] not in ("scratch", "frozen", "finetuned")):
+            raise UserError(f"--rows {spec!r}: expected model:strategy:masks:init with model in cnn|vit, strategy in "
+                            "baseline|early|late, masks in -|GT|predicted, init in scratch|frozen|finetuned")
+        if (parts[1] == "baseline") != (parts[2] == "-"):
+            raise UserError(f"--rows {spec!r}: baseline takes masks '-', early/late take GT or predicted")
+        rows.append(tuple(parts))
+    return rows
+
+
+def run_name(row, seed) -> str:
+    model, strategy, masks, init = row
+    return f"{model}-{strategy}-{masks.replace('-', 'none')}-{init}-s{seed}".lower()
+
+
+def classifier_argv(row, seed, p: Preset, data: Path, pred_masks: Path | None, pretrained: dict, run_dir: Path,
+                    threads) -> list[str]:
+    model, strategy, masks, init = row
+    argv = ["--data_path", str(data), "--model_arch", MODELS[model], "--strategy", strategy,
+            "--image_size", str(p.image_size), "--crop_pct", "1.0", "--augmentations_to_use", "flip",
+            "--epochs", str(p.epochs[model]), "--batch_size", str(p.batch_size), "--lr", str(p.lr[model]),
+            "--weight_decay", "0.05", "--scheduler_type", "cosine", "--min_lr", "1e-5", "--seed", str(seed),
+            "--snapshot_dir", str(run_dir), "--num_workers", "1", "--no_progress"]
+    if model == "cnn":
+        argv.append("--channels_last")
+    if model == "vit":
+        argv.append("--patch_tokens_only")
+    if threads:
+        argv += ["--threads", str(threads)]
+    if masks == "predicted":
+        argv += ["--mask_source", str(pred_masks)]
+    if init in ("frozen", "finetuned"):
+        argv += ["--pretrained_file", pretrained[model]]
+    if init == "frozen":
+        argv += ["--freeze_backbone", "--lr", "1e-2"]
+    if init == "finetuned":
+        argv += ["--lr", str(p.lr[model] / 4), "--scratch_lr_factor", "10"]
+    return argv
+
+
+def train_run(argv: list[str], run_dir: Path) -> dict:
+    """One train.py run in this process; resumes an interrupted one, skips a finished one."""
+    from bgmask.engine import run
+
+    marker = run_dir / "demo_argv.json"
+    if run_dir.exists():
+        same = marker.is_file() and json.loads(marker.read_text()) == argv
+        if same and (run_dir / "done").is_file():
+            return json.loads((run_dir / "final_metrics.json").read_text())
+        if same and (run_dir / "last.pt").is_file():
+            argv = argv + ["--resume_training"]
+        else:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(argv))
+    cfg = A.parse_with_config(A.train_parser("demo"), argv)
+    return run(cfg)
+
+
+# --------------------------------------------------------------------------------------- main
+
+def main_demo(ns: argparse.Namespace) -> int:
+    if ns.preset == "paper":
+        print(paper_commands(ns.data_path or "/path/to/CUB_200_2011"))
+        return 0
+    import torch
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    p = PRESETS[ns.preset]
+    if ns.rows:
+        p.rows = parse_rows(ns.rows)
+    if ns.seeds:
+        p.seeds = tuple(ns.seeds)
+    if ns.epochs:
+        p.epochs = {k: ns.epochs for k in p.epochs}
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, ns.fresh)
+    t_start = time.perf_counter()
+    data = out / "data" / "synthetic_cub"
+    data_args = dict(num_classes=p.num_classes, image_size=p.image_size, train_per_class=p.train_per_class,
+                     test_per_class=p.test_per_class, correlation=p.correlation, seed=0)
+
+    def make_data():
+        from bgmask.data.synthetic import generate_synthetic
+
+        s = generate_synthetic(data, overwrite=True, **data_args)
+        print(s.to_text())
+        return {"sample_grid": str(s.sample_grid)}
+
+    stages.run("data", data_args, make_data)
+    needs_pred = any(r[2] == "predicted" for r in p.rows)
+    pred_masks = out / "predicted_masks"
+    seg_result = None
+    if needs_pred:
+        from bgmask import demo_seg
+
+        seg_inputs = {"data": data_args, "iters": p.seg_iters, "image_size": p.image_size}
+        seg_result = stages.run("segmenter", seg_inputs,
+                                lambda: demo_seg.train_and_test_segmenter(data, out / "segmentation", p))
+        stages.run("masks", seg_inputs, lambda: demo_seg.predict_and_copy(data, out / "segmentation", pred_masks, p))
+    pretrained = {}
+    for model in sorted({r[0] for r in p.rows if r[3] != "scratch"}):
+        pre_args = dict(data_args, seed=1000, correlation=0.1)  # other species, random backgrounds
+        pre_data = out / "data" / "pretrain_cub"
+        pre_inputs = {"data": pre_args, "model": MODELS[model], "epochs": p.pretrain_epochs[model]}
+
+        def pretrain(model=model, pre_args=pre_args, pre_data=pre_data):
+            from bgmask.data.synthetic import generate_synthetic
+            from bgmask.checkpoint import load_checkpoint
+            import torch
+
+            if not (pre_data / "images.txt").is_file():
+                generate_synthetic(pre_data, overwrite=True, **pre_args)
+            run_dir = out / "pretrain" / model
+            argv = classifier_argv((model, "baseline", "-", "scratch"), 0, p, pre_data, None, {}, run_dir, ns.threads)
+            argv[argv.index("--epochs") + 1] = str(p.pretrain_epochs[model])
+            train_run(argv, run_dir)
+            weights = out / "pretrain" / f"{model}_backbone.pth"
+            torch.save(load_checkpoint(run_dir / "last.pt")["model"], weights)
+            return str(weights)
+
+        pretrained[model] = stages.run(f"pretrain_{model}", pre_inputs, pretrain)
+    run_dirs = []
+    for seed in p.seeds:
+        for row in p.rows:
+            run_dir = out / "runs" / run_name(row, seed)
+            argv = classifier_argv(row, seed, p, data, pred_masks, pretrained, run_dir, ns.threads)
+            print(f"[demo] run {run_dir.name}", flush=True)
+            t0 = time.perf_counter()
+            final = train_run(argv, run_dir)
+            print(f"[demo]   in-dist {final['test/acc']:.3f}  Waterbirds {final.get('waterbirds/acc', float('nan')):.3f}"
+                  f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            run_dirs.append(run_dir)
+    sweep = None
+    if ns.correlation_sweep:
+        sweep = correlation_sweep(out, p, ns.correlation_sweep, ns.threads)
+    from bgmask.report import write_report
+    from bgmask.demo_plots import example_grid, sweep_plot
+
+    report = out / "report"
+    paths = write_report(run_dirs, report, title="bgmask demo: synthetic CUB / Waterbirds")
+    extra = []
+    if seg_result:
+        extra.append(segmenter_section(seg_result))
+    grid = example_grid(run_dirs, data, pred_masks if needs_pred else None, report / "examples.png")
+    extra.append(f"\n![examples]({grid.name})\n")
+    if sweep:
+        sweep_png = sweep_plot(sweep, report / "correlation_sweep.png")
+        extra.append(f"\n![correlation sweep]({sweep_png.name})\n")
+    with open(paths["md"], "a", encoding="utf-8") as f:
+        f.write("".join(extra))
+    print("\n" + paths["md"].read_text())
+    print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s; report: {paths['md']}")
+    print(f"[demo] pictures: {paths['bars']}, {grid}" + (f", {report / 'correlation_sweep.png'}" if sweep else ""))
+    return 0
+
+
+def segmenter_section(seg: dict) -> str:
+    lines = ["\n## Segmenter\n", "| split | mIoU | mDice |", "|---|---|---|"]
+    for split in ("test", "waterbird_test"):
+        if split in seg:
+            lines.append(f"| {split} | {seg[split]['mIoU']:.1f} | {seg[split]['mDice']:.1f} |")
+    if "seconds" in seg:
+        lines.append(f"\nTrained in {seg['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def correlation_sweep(out: Path, p: Preset, values, threads) -> list[dict]:
+    from bgmask.data.synthetic import generate_synthetic
+
+    points = []
+    for corr in values:
+        data = out / "data" / f"sweep_corr{corr:g}"
+        if not (data / "images.txt").is_file():
+            generate_synthetic(data, num_classes=p.num_classes, image_size=p.image_size,
+                               train_per_class=p.train_per_class, test_per_class=p.test_per_class,
+                               correlation=corr, seed=0, overwrite=True, progress=False)
+        for strategy, masks in (("baseline", "-"), ("early", "GT")):
+            run_dir = out / "sweep" / f"corr{corr:g}-{strategy}"
+            argv = classifier_argv(("cnn", strategy, masks, "scratch"), 0, p, data, None, {}, run_dir, threads)
+            final = train_run(argv, run_dir)
+            points.append({"correlation": corr, "strategy": strategy, "test/acc": final["test/acc"],
+                           "waterbirds/acc": final["waterbirds/acc"]})
+    atomic_write_text(out / "report" / "correlation_sweep.json", json.dumps(points, indent=2))
+    return points
+
+
+def paper_commands(root: str) -> str:
+    """The real-data runs with the paper's hyper-parameters."""
+    frozen = ("--epochs 90 --optimizer_type adamw --lr 1e-3 --weight_decay 1e-2 --scheduler_type cosine "
+              "--smoothing 0.1 --freeze_backbone --image_size 518 --batch_size 32 --use_amp")
+    ft = ("--epochs 300 --optimizer_type adamw --lr 4e-6 --scratch_lr_factor 1000 --min_lr 1e-8 --weight_decay 5e-2 "
+          "--scheduler_type cosine_with_warmup --scheduler_warmup_epochs 20 --drop_path 0.1 --turn_on_mixup_or_cutmix "
+          "--smoothing 0.1 --image_size 518 --batch_size 16 --use_amp")
+    seg = "mmsegmentation/configs/mask2former_swin-t_8xb2-20k_cub-binary-512x512.py"
+    return f"""# The paper's runs on the real CUB_200_2011 + Waterbirds (GPU). ROOT={root}
+# 1. segmenter (Mask2Former Swin-T) and predicted masks
+bgmask make-binary-seg --cub_root {root} --out data/cub_binary_segmentation
+python mmsegmentation/train.py {seg} --data-root data/cub_binary_segmentation --work-dir work_dirs/m2f
+python mmsegmentation/predict_masks.py --config {seg} --checkpoint work_dirs/m2f/segmenter_slim.pth --cub_root {root} --out_dir masks_m2f
+bgmask make-masked --cub_root {root} --masks masks_m2f --out_subdir images_masked_m2f
+# 2. frozen backbones (linear probe), one GPU; DINOv2 ViT-B with CLS+GAP head; ConvNeXt-B
+python early_masking_and_baseline/train.py --data_path {root} --model_arch vit_base_patch14_dinov2.lvd142m --pretrained --strategy baseline {frozen} --snapshot_dir runs/vitb_frozen_baseline
+python early_masking_and_baseline/train.py --data_path {root} --model_arch vit_base_patch14_dinov2.lvd142m --pretrained --image_sub_path_train images_masked_m2f --image_sub_path_test images_masked_m2f_waterbirds {frozen} --snapshot_dir runs/vitb_frozen_early
+python late_masking/train.py --data_path {root} --model_arch vit_base_patch14_dinov2.lvd142m --pretrained --patch_tokens_only --mask_dir masks_m2f {frozen} --snapshot_dir runs/vitb_frozen_late
+python early_masking_and_baseline/train.py --data_path {root} --model_arch convnext_base.fb_in22k --pretrained --strategy baseline {frozen} --snapshot_dir runs/convnextb_frozen_baseline
+# 3. fine-tuned, 4 GPUs with torchrun (same flags on one GPU without torchrun)
+torchrun --nproc_per_node=4 early_masking_and_baseline/train.py --data_path {root} --model_arch convnext_base.fb_in22k --pretrained --strategy early --mask_source masks_m2f {ft} --snapshot_dir runs/convnextb_ft_early
+torchrun --nproc_per_node=4 late_masking/train.py --data_path {root} --model_arch vit_large_patch14_dinov2.lvd142m --pretrained --mask_dir masks_m2f {ft} --snapshot_dir runs/vitl_ft_late
+# 4. evaluation and the table
+python early_masking_and_baseline/eval_waterbirds.py --checkpoint runs/vitb_frozen_early/last.pt --data_path {root}
+bgmask report runs/* --out report
+"""

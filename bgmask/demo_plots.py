@@ -1,0 +1,120 @@
+"""Pictures of the demo report: an example grid with each model's prediction, the correlation sweep."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, load_mask, read_cub_metadata
+
+
+def _predict_examples(run_dir: Path, ids: list[int]) -> dict[int, int]:
+    """The run's predicted class for the Waterbirds version of each id."""
+    from bgmask.checkpoint import load_checkpoint
+    from bgmask.data import CUBDataset
+    from bgmask.data.transforms import build_transform
+    from bgmask.engine import build_model
+    from bgmask.masking import create_strategy
+
+    cfg = Namespace(**yaml.safe_load((run_dir / "config.yaml").read_text()))
+    ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+    state = load_checkpoint(ckpt)
+    cfg.pretrained, cfg.pretrained_file, cfg.freeze_backbone = False, None, False
+    model = build_model(cfg, state["num_classes"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    dc = state["data_config"]
+    strategy = create_strategy(cfg.strategy, mean=tuple(dc["mean"]), std=tuple(dc["std"]), mask_fill=cfg.mask_fill)
+    tf = build_transform(False, dc["image_size"], mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"])
+    sub = cfg.image_sub_path_test
+    masks = MaskSource(cfg.mask_source, cfg.mask_threshold) if strategy.needs_mask else None
+    ds = CUBDataset(cfg.data_path, "test", image_subdir=sub, masks=masks, transform=tf, check_files=False)
+    pos = {img_id: k for k, img_id in enumerate(ds.ids)}
+    batch = [ds[pos[i]] for i in ids]
+    images = torch.stack([b["image"] for b in batch])
+    m = torch.stack([b["mask"] for b in batch]) if masks is not None else None
+    with torch.no_grad():
+        logits = strategy.forward(model, strategy.preprocess(images, m), m)
+    return dict(zip(ids, logits.argmax(1).tolist()))
+
+
+def example_grid(run_dirs, data_root: Path, pred_masks: Path | None, path: Path, n: int = 5) -> Path:
+    """Rows: test birds (one per class). Columns: image, mask (predicted if available, else GT),
+    early-masked image, Waterbirds version; below, each run's prediction on the Waterbirds image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data_root = Path(data_root)
+    meta = read_cub_metadata(data_root)
+    test = [i for i in meta.ids if not meta.is_train[i]]
+    ids, seen = [], set()
+    for i in test:
+        if meta.labels[i] not in seen:
+            ids.append(i)
+            seen.add(meta.labels[i])
+        if len(ids) == n:
+            break
+    preds = {Path(r).name: _predict_examples(Path(r), ids) for r in run_dirs}
+    source = MaskSource(str(pred_masks)) if pred_masks else MaskSource("gt")
+    cols = ["image", "predicted mask" if pred_masks else "GT mask", "early-masked", "Waterbirds version"]
+    fig, axes = plt.subplots(len(ids), 4, figsize=(4 * 2.2, len(ids) * 2.6))
+    axes = np.atleast_2d(axes)
+    for r, img_id in enumerate(ids):
+        rel = meta.relpaths[img_id]
+        img = Image.open(data_root / "images" / rel).convert("RGB")
+        mask = load_mask(source.path(data_root, "images", rel), img.size)
+        wb_path = data_root / WATERBIRDS_SUBDIR / rel
+        wb = Image.open(wb_path).convert("RGB") if wb_path.is_file() else img
+        masked = (np.asarray(img) * mask[..., None]).astype(np.uint8)
+        for c, pic in enumerate((img, mask * 255, masked, wb)):
+            ax = axes[r, c]
+            ax.imshow(pic, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=8)
+        y = meta.labels[img_id]
+        axes[r, 0].set_ylabel(meta.class_names[y].split(".", 1)[-1].replace("_", " "), fontsize=7)
+        lines = [f"{name}: {'✓' if p[img_id] == y else '✗ ' + str(p[img_id] + 1)}" for name, p in preds.items()]
+        axes[r, 3].text(1.05, 0.5, "\n".join(lines), transform=axes[r, 3].transAxes, fontsize=6, va="center",
+                        family="monospace")
+    fig.suptitle("Test birds, their masks, and each model's prediction on the Waterbirds version (✓ = correct)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.72, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_plot(points: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for strategy, color in (("baseline", "#4C72B0"), ("early", "#55A868")):
+        pts = sorted((p for p in points if p["strategy"] == strategy), key=lambda p: p["correlation"])
+        if not pts:
+            continue
+        xs = [p["correlation"] for p in pts]
+        ax.plot(xs, [100 * p["test/acc"] for p in pts], "-o", color=color, label=f"{strategy}: in distribution")
+        ax.plot(xs, [100 * p["waterbirds/acc"] for p in pts], "--s", color=color, label=f"{strategy}: Waterbirds")
+    ax.set_xlabel("training correlation (fraction of birds on their home habitat)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7)
+    ax.set_title("Accuracy against species-habitat correlation (CNN)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
