@@ -68,3 +68,14 @@ def write_tiny_cub(root: Path, num_classes=3, per_class=(4, 2), size=(40, 32), w
 @pytest.fixture
 def tiny_cub(tmp_path):
     return write_tiny_cub(tmp_path / "CUB_200_2011")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run far faster on one thread than fighting over two loaded cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

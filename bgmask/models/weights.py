@@ -1,0 +1,240 @@
+"""Building timm backbones and loading weights: pretrained (local cache first, no network stalls) or from
+a checkpoint file (`--pretrained_file`).
+
+`load_pretrained_file` accepts
+  - a `.safetensors` file, or a `.pth`/`.pt`/`.bin` file readable with `torch.load(weights_only=True)`;
+  - a raw state dict or one under the key `model`, `state_dict` or `model_state`;
+  - timm-format keys (any timm checkpoint of the architecture, also the original DINOv2 / FB ConvNeXt
+    formats, converted by timm's checkpoint filter), our own `Classifier.state_dict()` (keys `backbone.*`,
+    `head.*`), and either with a DistributedDataParallel `module.` prefix;
+  - for ViTs, any grid size: the position embedding is resampled to the model's grid.
+Classifier-head tensors whose shape does not fit (another class count) are dropped and stay freshly
+initialised; a file whose backbone tensors mostly do not fit is rejected with a UserError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import pickle
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from bgmask.errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+HUB_TIMEOUT_S = 3.0
+STATE_DICT_KEYS = ("model", "state_dict", "model_state")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# architecture names and pretrained weights
+
+
+def check_model_arch(model_arch: str) -> None:
+    """UserError for a name timm does not know, with up to 5 close matches."""
+    if timm.is_model(model_arch):
+        try:
+            timm.models.get_pretrained_cfg(model_arch)
+        except RuntimeError as e:  # "Invalid pretrained tag (x) for arch"
+            tags = timm.list_pretrained(model_arch.split(".")[0] + ".*")
+            raise UserError(f"unknown pretrained tag in model_arch={model_arch!r} ({e}); "
+                            f"known: {', '.join(tags) or 'none'}") from e
+        return
+    arch = model_arch.split(".")[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise UserError(f"unknown model_arch {model_arch!r} (expected a timm model name){hint}")
+
+
+def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = HUB_TIMEOUT_S) -> bool:
+    """One quick TCP connect: False without network (no retries)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def cached_pretrained_file(model_arch: str) -> str | None:
+    """Path of the pretrained weights of `model_arch` when they are already in the local Hugging Face or
+    torch.hub cache (so loading needs no network), else None."""
+    cfg = timm.models.get_pretrained_cfg(model_arch)
+    if cfg is None:
+        return None
+    if cfg.file and os.path.isfile(cfg.file):
+        return str(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models._hub import hf_split
+
+        repo_id, revision = hf_split(cfg.hf_hub_id)
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for name in names:
+            path = try_to_load_from_cache(repo_id, name, revision=revision)
+            if isinstance(path, str) and os.path.isfile(path):
+                return path
+    if cfg.url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _download_host(model_arch: str) -> tuple[str, int]:
+    cfg = timm.models.get_pretrained_cfg(model_arch)
+    if cfg is not None and not cfg.hf_hub_id and cfg.url:
+        parsed = urlparse(cfg.url)
+        return parsed.hostname or "huggingface.co", parsed.port or 443
+    return "huggingface.co", 443
+
+
+def create_timm_model(model_arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """`timm.create_model` with clear errors. pretrained=True loads cached weights without touching the
+    network; otherwise it checks in ~3 s that the hub is reachable before downloading."""
+    check_model_arch(model_arch)
+    try:
+        if not pretrained:
+            return timm.create_model(model_arch, pretrained=False, **kwargs)
+        cfg = timm.models.get_pretrained_cfg(model_arch)
+        if cfg is None or not cfg.has_weights:
+            raise UserError(f"no pretrained weights are published for model_arch={model_arch}; "
+                            "pass --pretrained_file PATH (a .pth/.safetensors state dict) or train from scratch")
+        cached = cached_pretrained_file(model_arch)
+        if cached is not None:
+            _logger.info("loading pretrained %s from the local cache: %s", model_arch, cached)
+            return timm.create_model(model_arch, pretrained=True, pretrained_cfg_overlay=dict(file=cached), **kwargs)
+        if not hub_reachable(*_download_host(model_arch)):
+            raise UserError(f"cannot download pretrained weights for {model_arch}: no network; "
+                            "pass --pretrained_file PATH (a .pth/.safetensors state dict)")
+        try:
+            return timm.create_model(model_arch, pretrained=True, **kwargs)
+        except OSError as e:
+            raise UserError(f"cannot download pretrained weights for {model_arch}: {e}; "
+                            "pass --pretrained_file PATH (a .pth/.safetensors state dict)") from e
+    except RuntimeError as e:  # e.g. timm's "Invalid pretrained tag (x) for arch"
+        raise UserError(f"cannot create model_arch={model_arch}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: a raw state dict or one under `model` / `state_dict` / `model_state`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pretrained_file not found: {path} (expected a .pth/.safetensors state dict)")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        import safetensors.torch
+
+        try:
+            raw = safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise UserError(f"cannot read {path} as a .safetensors file: {_one_line(e)}") from e
+    elif suffix in TORCH_SUFFIXES:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Unsupported global" not in str(e):  # a corrupt file, not a pickled Python object
+                raise UserError(f"cannot read {path} as a PyTorch checkpoint (corrupt, or not written by "
+                                "torch.save); expected a .pth/.safetensors state dict") from e
+            why = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
+            why = why.replace("WeightsUnpickler error: ", "").split(" was not an allowed global")[0]
+            raise UserError(
+                f"{path} needs arbitrary unpickling ({why or 'it holds Python objects besides tensors'}); refusing "
+                "to run code from a checkpoint: save a plain state dict "
+                "(torch.save(model.state_dict()) or .safetensors)"
+            ) from e
+        except Exception as e:
+            raise UserError(f"cannot read {path} as a PyTorch checkpoint: {_one_line(e)}") from e
+    else:
+        raise UserError(f"pretrained_file {path} has an unknown suffix {suffix!r} "
+                        f"(expected .safetensors or one of {', '.join(TORCH_SUFFIXES)})")
+    return _unwrap(raw, path)
+
+
+def _one_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0].split(". ")[0][:200] if lines else type(e).__name__
+
+
+def _unwrap(raw, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):  # e.g. {"model": {"state_dict": ...}}
+        if not isinstance(raw, dict):
+            break
+        tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) >= len(raw) / 2:
+            return tensors
+        nested = next((raw[k] for k in STATE_DICT_KEYS if isinstance(raw.get(k), dict)), None)
+        if nested is None:
+            break
+        raw = nested
+    found = ", ".join(map(str, list(raw)[:8])) if isinstance(raw, dict) else type(raw).__name__
+    raise UserError(f"no state dict found in {path} (expected tensors at the top level or under "
+                    f"{'/'.join(STATE_DICT_KEYS)}; found {found})")
+
+
+def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove `prefix` from the keys that have it; the others are kept as they are."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+def _timm_filter(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Apply the model family's timm checkpoint filter (format conversion, ViT pos_embed resampling)."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return sd
+    try:
+        return filter_fn(dict(sd), model)
+    except Exception as e:  # a foreign checkpoint the filter cannot convert: it just will not match
+        _logger.debug("checkpoint filter of %s failed: %s", type(model).__name__, e)
+        return sd
+
+
+def load_pretrained_file(classifier, path: str | Path) -> None:
+    """Load a checkpoint file into a `Classifier` (see the module docstring for what is accepted)."""
+    path = Path(path)
+    sd = _strip(read_state_dict(path), "module.")
+    target = classifier.state_dict()
+    head_keys = set(classifier.head_state_keys())
+    backbone_keys = [k for k in target if k not in head_keys]
+    backbone = classifier.backbone
+
+    def timm_space(d):  # timm keys -> our keys
+        return {f"backbone.{k}": v for k, v in _timm_filter(d, backbone).items()}
+
+    ours = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+    candidates = [timm_space(sd)]  # a timm / foreign checkpoint of the backbone
+    if ours:  # our own Classifier (or a "backbone."-prefixed checkpoint): head tensors keep their names
+        candidates.append({**{k: v for k, v in sd.items() if k in head_keys},
+                           **timm_space({k[len("backbone."):]: v for k, v in ours.items()})})
+
+    def fits(cand, k):
+        return k in cand and tuple(cand[k].shape) == tuple(target[k].shape)
+
+    best = max(candidates, key=lambda cand: sum(fits(cand, k) for k in backbone_keys))
+    n = sum(fits(best, k) for k in backbone_keys)
+    m = len(backbone_keys)
+    if 2 * n < m:
+        raise UserError(f"{path} does not look like a {classifier.model_arch} checkpoint ({n} of {m} tensors match)")
+    load = {k: best[k] for k in target if fits(best, k)}
+    dropped_head = sorted(k for k in head_keys if k in best and k not in load)
+    if dropped_head:
+        _logger.info("%s: classifier head re-initialised (shape mismatch: %s)", path, ", ".join(dropped_head))
+    missing = [k for k in backbone_keys if k not in load]
+    if missing:
+        _logger.warning("%s: %d of %d backbone tensors not in the file, left initialised (e.g. %s)",
+                        path, len(missing), m, ", ".join(missing[:3]))
+    classifier.load_state_dict(load, strict=False)
+    _logger.info("loaded %d tensors from %s", len(load), path)
