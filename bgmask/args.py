@@ -91,6 +91,9 @@ def masking_args(add_help: bool = False, strategies=("baseline", "early", "late"
     add(g, "--mask_dir", default=None, help="alias of --mask_source DIR (late-masking spelling)")
     add(g, "--mask_threshold", type=int, default=0, help="mask pixel > threshold = bird")
     add(g, "--mask_fill", default="black", choices=["black", "mean", "blur"], help="early masking background fill")
+    add(g, "--seg_model_config_path", default=None,
+        help="online segmenter: MMSeg config; masks are predicted on each (augmented) batch")
+    add(g, "--seg_model_checkpoint_path", default=None, help="online segmenter: checkpoint (slim or full)")
     if "late" in strategies:
         add(g, "--late_mask_stage", "--late_mask_block", default="last", choices=["last", "second_last"],
             help="mask the last stage/block output, or the second-last and run the last on it")

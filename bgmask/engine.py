@@ -65,6 +65,11 @@ def validate_config(cfg: Namespace, model_is_vit: bool | None = None) -> None:
         if cfg.mask_source not in ("gt", cfg.mask_dir):
             raise UserError(f"--mask_dir {cfg.mask_dir} conflicts with --mask_source {cfg.mask_source}")
         cfg.mask_source = cfg.mask_dir
+    online = (cfg.seg_model_config_path, cfg.seg_model_checkpoint_path)
+    if any(online) and not cfg.seg_model_checkpoint_path:
+        raise UserError("--seg_model_config_path needs --seg_model_checkpoint_path")
+    if any(online) and not create_strategy(cfg.strategy).needs_mask:
+        raise UserError(f"an online segmenter is given but --strategy {cfg.strategy} uses no masks (use early or late)")
     if cfg.epochs < 1 and not cfg.eval_only:
         raise UserError(f"--epochs must be >= 1, got {cfg.epochs}")
     if cfg.batch_size < 1:
@@ -97,11 +102,12 @@ def mask_source(cfg: Namespace) -> MaskSource:
     return MaskSource(cfg.mask_source, cfg.mask_threshold)
 
 
-def build_datasets(cfg: Namespace, data_config: dict, train: bool = True) -> dict[str, CUBDataset]:
-    """train (when `train`), val (when train_split < 1), test and waterbirds (when that folder exists)."""
+def build_datasets(cfg: Namespace, data_config: dict, train: bool = True, with_masks: bool = True) -> dict[str, CUBDataset]:
+    """train (when `train`), val (when train_split < 1), test and waterbirds (when that folder exists).
+    Masks are read from disk when the strategy needs them and no online segmenter supplies them."""
     root = require_dir(cfg.data_path, "--data_path")
     mean, std = data_config["mean"], data_config["std"]
-    needs_mask = create_strategy(cfg.strategy).needs_mask
+    needs_mask = create_strategy(cfg.strategy).needs_mask and with_masks
     masks = mask_source(cfg) if needs_mask else None
     eval_tf = build_transform(False, cfg.image_size, mean=mean, std=std, crop_pct=cfg.crop_pct)
     common = dict(root=root, train_split=cfg.train_split, split_seed=cfg.split_seed)
@@ -392,6 +398,16 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best: floa
     }
 
 
+def online_segmenter(cfg: Namespace, dist: DistInfo, data_config: dict):
+    """The mask function of --seg_model_config_path/--seg_model_checkpoint_path, or None."""
+    if not cfg.seg_model_checkpoint_path:
+        return None
+    from bgmask.masking.segmenter import load_segmenter
+
+    return load_segmenter(cfg.seg_model_config_path, cfg.seg_model_checkpoint_path, device=dist.device,
+                          input_mean=tuple(data_config["mean"]), input_std=tuple(data_config["std"]))
+
+
 def run(cfg: Namespace, mask_fn=None) -> dict:
     """Train (or with --eval_only evaluate) as configured; returns the final metrics."""
     validate_config(cfg)
@@ -418,7 +434,8 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
     model = build_model(cfg, num_classes)
     data_config = {"mean": list(model.data_config["mean"]), "std": list(model.data_config["std"]),
                    "image_size": cfg.image_size, "crop_pct": cfg.crop_pct}
-    datasets = build_datasets(cfg, data_config)
+    mask_fn = mask_fn or online_segmenter(cfg, dist, data_config)
+    datasets = build_datasets(cfg, data_config, with_masks=mask_fn is None)
     strategy = create_strategy(cfg.strategy, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
                                mask_fill=cfg.mask_fill)
     model.to(dist.device)
@@ -539,7 +556,8 @@ def evaluate_checkpoint(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
         raise UserError(f"checkpoint {ckpt} does not fit model {cfg.model_arch}: {str(e).splitlines()[0]}") from None
     model.to(dist.device)
     data_config = state["data_config"]
-    datasets = build_datasets(cfg, data_config, train=False)
+    mask_fn = mask_fn or online_segmenter(cfg, dist, data_config)
+    datasets = build_datasets(cfg, data_config, train=False, with_masks=mask_fn is None)
     if datasets["test"].num_classes != state["num_classes"]:
         raise UserError(f"checkpoint {ckpt} has {state['num_classes']} classes but {cfg.data_path} has "
                         f"{datasets['test'].num_classes}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from bgmask import args as A
@@ -40,7 +41,13 @@ def train_main(argv, strategies, description: str) -> int:
 
     parser = A.train_parser(description, strategies)
     cfg = A.parse_with_config(parser, argv)
-    record = run(cfg)
+    try:
+        record = run(cfg)
+    except KeyboardInterrupt:
+        # Checkpoints are only ever replaced by an atomic rename, so the last one is whole.
+        print(f"\ninterrupted; resume with the same command plus --resume_training "
+              f"(from {cfg.snapshot_dir}/last.pt if an epoch finished)", file=sys.stderr)
+        return 130
     from bgmask.distributed import is_main_process
 
     if is_main_process():
