@@ -1,0 +1,119 @@
+"""Slim inference checkpoints of a segmenter, and the one explicit way to unpickle a full one.
+
+A slim checkpoint holds only plain data, so `torch.load(weights_only=True)` reads it:
+
+    {"meta": {"format": "bgmask-seg-slim-v1", "dataset_meta": {"classes": [...], "palette": [...]},
+              "config": <the resolved MMSeg config, Python text>, "iter": int, ...},
+     "state_dict": {name: tensor}}
+
+It keeps mmengine's layout (`state_dict` + `meta.dataset_meta`), so MMSeg's own
+`mmseg.apis.init_model(config, path)` also loads it.
+
+A full mmengine checkpoint (`iter_N.pth`, optimizer, message hub with pickled `HistoryBuffer`s)
+needs `weights_only=False`, i.e. it can run arbitrary code while loading: that is allowed only for
+our own runs and only when asked for (`trust_full=True`, `--trust-full-checkpoint`, `--resume`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from bgmask.errors import UserError, require_file
+from bgmask.io import atomic_path
+
+SLIM_FORMAT = "bgmask-seg-slim-v1"
+
+
+def _plain(obj):
+    """Only types the weights_only unpickler accepts (no numpy scalars, no custom classes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item"):  # numpy scalar
+        return obj.item()
+    if hasattr(obj, "tolist"):  # numpy array
+        return obj.tolist()
+    return str(obj)
+
+
+def save_slim(path: str | Path, state_dict: dict, dataset_meta: dict | None, config_text: str,
+              **meta) -> Path:
+    """Write a slim checkpoint atomically."""
+    path = Path(path)
+    ckpt = {
+        "meta": _plain({"format": SLIM_FORMAT, "dataset_meta": dataset_meta or {}, "config": config_text, **meta}),
+        "state_dict": OrderedDict((k, v.detach().cpu().clone()) for k, v in state_dict.items()),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_location="cpu") -> dict:
+    """Load a slim checkpoint (`weights_only=True`), or a full mmengine one when `trust_full`."""
+    path = require_file(path, "segmenter checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_full:
+            raise UserError(
+                f"{path} is a full mmengine checkpoint (it pickles Python objects, so loading it can run "
+                "code); use the slim WORK_DIR/segmenter_slim.pth that train.py writes, or pass "
+                "--trust-full-checkpoint if this file comes from your own training run"
+            ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'corrupt file'}") from None
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def state_dict_and_meta(ckpt: dict) -> tuple[dict, dict]:
+    """(state_dict, meta) of a slim or full mmengine checkpoint, or of a bare state dict."""
+    if "state_dict" in ckpt:
+        return ckpt["state_dict"], dict(ckpt.get("meta") or {})
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt, {}
+    raise UserError("checkpoint holds no 'state_dict' (expected a slim or mmengine segmenter checkpoint)")
+
+
+def convert_to_slim(src: str | Path, dst: str | Path, trust_full: bool = False, config_text: str | None = None) -> Path:
+    """Slim copy of a checkpoint (e.g. WORK_DIR/iter_16000.pth of our own run, with trust_full=True)."""
+    state_dict, meta = state_dict_and_meta(load_checkpoint_file(src, trust_full=trust_full))
+    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if config_text is None:
+        config_text = meta.get("cfg") or meta.get("config") or ""
+    extra = {k: meta[k] for k in ("iter", "epoch", "mmseg_version", "seed") if k in meta}
+    return save_slim(dst, state_dict, meta.get("dataset_meta"), config_text, source=str(src), **extra)
+
+
+@contextlib.contextmanager
+def trusted_full_checkpoints(folder: str | Path):
+    """Inside the block, mmengine may unpickle full checkpoints (weights_only=False) found under
+    `folder` (the work dir of our own run, to resume it); anything else still loads weights-only."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    folder = Path(folder).resolve()
+    original = CheckpointLoader._schemes[""]
+
+    def load_local(filename, map_location=None):
+        path = Path(filename).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"{filename} can not be found.")
+        trusted = folder == path or folder in path.parents
+        return torch.load(path, map_location=map_location, weights_only=not trusted)
+
+    CheckpointLoader._schemes[""] = load_local
+    try:
+        yield
+    finally:
+        CheckpointLoader._schemes[""] = original

@@ -1,0 +1,98 @@
+"""Run MMSegmentation on mmcv-lite (no compiled ops): a stand-in `mmcv._ext` module.
+
+Some mmseg/mmdet modules import `mmcv.ops` unconditionally, and `mmcv.ops` loads its compiled
+extension `mmcv._ext` at import time; mmcv-lite does not ship it. `install()` registers a stand-in
+module before mmseg is imported, so every pure-PyTorch path (SegFormer, FCN, Mask2Former Swin-T) works.
+Any compiled op that is actually called raises `MissingCompiledOp` naming the op. On CUDA,
+`MultiScaleDeformableAttention` would call the compiled kernel, so its PyTorch path is forced.
+
+Importing this module (also done by `import bgmask.seg`) only registers the stand-in in `sys.modules`,
+without importing mmcv, so that MMSeg may be imported afterwards in any order; `install()` (called by
+every bgmask.seg entry point and by `bgmask.seg.dataset`, which configs import) also forces the PyTorch
+path. Both are idempotent and do nothing when the real compiled `mmcv._ext` (full mmcv) is present.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+from bgmask.errors import UserError
+
+EXT_NAME = "mmcv._ext"
+_ORIGIN = "bgmask.seg.compat (stand-in for mmcv-lite)"
+
+
+class MissingCompiledOp(UserError):
+    """A config needs a compiled mmcv op, which mmcv-lite lacks."""
+
+
+class _StandInExt(types.ModuleType):
+    """Every public attribute is a function that raises `MissingCompiledOp` when called.
+
+    `mmcv.utils.ext_loader.load_ext` only checks `hasattr(ext, name)` at import time; the error
+    comes when (and only if) a model calls the op."""
+
+    is_bgmask_stand_in = True
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def missing_op(*args, **kwargs):
+            raise MissingCompiledOp(
+                f"the model called the compiled mmcv op '{name}', which mmcv-lite does not have; "
+                "use a config whose layers run in pure PyTorch (SegFormer, FCN, Mask2Former) "
+                "or install full mmcv with its compiled ops"
+            )
+
+        missing_op.__name__ = name
+        missing_op.__qualname__ = f"_ext.{name}"
+        return missing_op
+
+
+def has_real_ext() -> bool:
+    """True when the compiled extension of full mmcv is present (checked without importing mmcv)."""
+    mod = sys.modules.get(EXT_NAME)
+    if mod is not None:
+        return not getattr(mod, "is_bgmask_stand_in", False)
+    spec = importlib.util.find_spec("mmcv")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(any(Path(loc).glob("_ext.*")) for loc in spec.submodule_search_locations)
+
+
+def register_stub() -> bool:
+    """Put the stand-in `mmcv._ext` into sys.modules (no mmcv import). True when it is in use."""
+    if has_real_ext():
+        return False
+    if EXT_NAME not in sys.modules:
+        mod = _StandInExt(EXT_NAME, __doc__)
+        # A real spec: mmengine's environment report calls pkgutil.find_loader('mmcv._ext'), which
+        # fails on a module whose __spec__ is None. loader=None reports "no compiled ops".
+        mod.__spec__ = importlib.machinery.ModuleSpec(EXT_NAME, loader=None, origin=_ORIGIN)
+        mod.__file__ = _ORIGIN
+        sys.modules[EXT_NAME] = mod
+    return True
+
+
+def install() -> bool:
+    """register_stub(), then force the PyTorch path of MultiScaleDeformableAttention (this imports
+    mmcv.ops). Returns True when the stand-in is in use."""
+    if not register_stub():
+        return False
+    import mmcv
+    import mmcv.ops.multi_scale_deform_attn as msda
+
+    mmcv._ext = sys.modules[EXT_NAME]
+    # `MultiScaleDeformableAttention.forward` picks the compiled kernel when CUDA is available and the
+    # tensor is on CUDA; with these flags off it takes `multi_scale_deformable_attn_pytorch`.
+    msda.IS_CUDA_AVAILABLE = False
+    msda.IS_MLU_AVAILABLE = False
+    return True
+
+
+register_stub()
