@@ -64,8 +64,8 @@ def example_grid(run_dirs, data_root: Path, pred_masks: Path | None, path: Path,
     preds = {Path(r).name: _predict_examples(Path(r), ids) for r in run_dirs}
     source = MaskSource(str(pred_masks)) if pred_masks else MaskSource("gt")
     cols = ["image", "predicted mask" if pred_masks else "GT mask", "early-masked", "Waterbirds version"]
-    fig, axes = plt.subplots(len(ids), 4, figsize=(4 * 2.2, len(ids) * 2.6))
-    axes = np.atleast_2d(axes)
+    fig, axes = plt.subplots(len(ids), 5, figsize=(11, 2.0 * len(ids) + 0.6),
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1, 2.4]}, squeeze=False)
     for r, img_id in enumerate(ids):
         rel = meta.relpaths[img_id]
         img = Image.open(data_root / "images" / rel).convert("RGB")
@@ -82,12 +82,14 @@ def example_grid(run_dirs, data_root: Path, pred_masks: Path | None, path: Path,
                 ax.set_title(cols[c], fontsize=8)
         y = meta.labels[img_id]
         axes[r, 0].set_ylabel(meta.class_names[y].split(".", 1)[-1].replace("_", " "), fontsize=7)
-        lines = [f"{name}: {'✓' if p[img_id] == y else '✗ ' + str(p[img_id] + 1)}" for name, p in preds.items()]
-        axes[r, 3].text(1.05, 0.5, "\n".join(lines), transform=axes[r, 3].transAxes, fontsize=6, va="center",
+        lines = [f"{'OK ' if p[img_id] == y else 'x  '}{name} {'' if p[img_id] == y else '-> class ' + str(p[img_id] + 1)}"
+                 for name, p in preds.items()]
+        axes[r, 4].axis("off")
+        axes[r, 4].text(0.0, 0.5, "\n".join(lines), transform=axes[r, 4].transAxes, fontsize=6.5, va="center",
                         family="monospace")
-    fig.suptitle("Test birds, their masks, and each model's prediction on the Waterbirds version (✓ = correct)",
+    fig.suptitle("Test birds, their masks, and each model's prediction on the Waterbirds version (OK = correct)",
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.72, 0.97))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

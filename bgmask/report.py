@@ -125,7 +125,8 @@ def bar_chart(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.key['model']}\n{r.key['strategy']} [{r.key['masks']}]\n{r.key['init']}" for r in rows]
+    labels = [f"{r.key['model'].removeprefix('bgmask_')}\n{r.key['strategy']} [{r.key['masks']}]\n{r.key['init']}"
+              for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.8))
     for off, (metric, name, color) in zip((-0.2, 0.2), (("test/acc", "in distribution (CUB test)", "#4C72B0"),
@@ -133,7 +134,7 @@ def bar_chart(rows: list[Row], path: Path) -> None:
         stats = [r.stat(metric) or (np.nan, 0.0) for r in rows]
         ax.bar(x + off, [100 * s[0] for s in stats], 0.4, yerr=[100 * s[1] for s in stats], label=name, color=color,
                capsize=3)
-    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
     ax.axhline(100 / max(1, 10), color="grey", lw=0.5, ls=":")
