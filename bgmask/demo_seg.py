@@ -21,7 +21,9 @@ def seg_config_path() -> Path:
 
 
 def _schedule_options(iters: int) -> list[str]:
-    return [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}", f"param_scheduler.1.end={iters}",
+    warm = max(1, min(50, iters // 10))  # the config's linear warm-up, shortened for short schedules
+    return [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}", f"param_scheduler.0.end={warm}",
+            f"param_scheduler.1.begin={warm}", f"param_scheduler.1.end={iters}",
             f"default_hooks.checkpoint.interval={iters}", f"default_hooks.logger.interval={max(iters // 5, 1)}",
             "train_dataloader.num_workers=1", "train_dataloader.persistent_workers=False"]
 
