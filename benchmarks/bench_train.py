@@ -20,7 +20,10 @@ import resource
 import time
 from argparse import Namespace
 
+import bgmask  # noqa: F401  (before torch: sets the OpenMP wait policy default)
 import torch
+from statistics import median
+
 from torch.utils.data import DataLoader, Dataset
 
 from bgmask.distributed import DistInfo
@@ -112,6 +115,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="median of this many measurements per row")
     p.add_argument("--num_classes", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -134,11 +138,12 @@ def main(argv=None):
     rows = []
     for arch in cfg.models:
         head = "gap" if "vit" in arch else None
-        bare = bare_step_rate(arch, images, labels, cfg.steps, device, cfg)
+        bare_step_rate(arch, images, labels, cfg.warmup, device, cfg)  # discarded: first-use kernel set-up
+        bare = median(bare_step_rate(arch, images, labels, cfg.steps, device, cfg) for _ in range(cfg.repeats))
         rows.append((arch, "bare timm model", bare, 1.0))
         for strat in cfg.strategies:
-            rate = engine_rate(arch, strat, lambda: DataLoader(ds, batch_size=cfg.batch_size, shuffle=False),
-                               cfg.steps, device, cfg, head)
+            rate = median(engine_rate(arch, strat, lambda: DataLoader(ds, batch_size=cfg.batch_size, shuffle=False),
+                                      cfg.steps, device, cfg, head) for _ in range(cfg.repeats))
             rows.append((arch, f"engine/{strat}", rate, rate / bare))
         if cfg.data_path:
             from bgmask.data import CUBDataset, MaskSource, build_transform
@@ -151,7 +156,7 @@ def main(argv=None):
                                                                    num_workers=cfg.num_workers), cfg.steps, device,
                                    cfg, head)
                 rows.append((arch, f"engine+data/{strat}", rate, rate / bare))
-    print(f"\ndevice={device} image_size={cfg.image_size} batch={cfg.batch_size} steps={cfg.steps} "
+    print(f"\ndevice={device} image_size={cfg.image_size} batch={cfg.batch_size} steps={cfg.steps} repeats={cfg.repeats} "
           f"threads={torch.get_num_threads()} amp={cfg.use_amp} channels_last={cfg.channels_last}\n")
     print("| model | row | images/s | ratio vs bare |")
     print("|---|---|---|---|")
