@@ -21,12 +21,8 @@ B, SIZE = 2, 64
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _seed():
+    torch.manual_seed(0)  # one torch thread comes from conftest
 
 
 def block_mask(kind: str = "binary", seed: int = 0) -> torch.Tensor:

@@ -22,13 +22,8 @@ ARCH_HEADS = [(a, h) for a in VITS for h in HEADS] + [(a, None) for a in CNNS]
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Deterministic, and one intra-op thread: tiny models run many times faster on a shared 2-core box."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _seed():
+    torch.manual_seed(0)  # one torch thread comes from conftest
 
 
 def images(b=2, size=64):
