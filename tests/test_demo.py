@@ -15,7 +15,8 @@ from bgmask.errors import UserError
 @pytest.mark.slow
 def test_tiny_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli_main(["demo", "--preset", "tiny", "--out", str(out), "--threads", "1"]) == 0
+    assert cli_main(["demo", "--preset", "tiny", "--out", str(out), "--threads", "1",
+                     "--correlation_sweep", "0.1", "0.9"]) == 0
     printed = capsys.readouterr().out
     report = out / "report"
     md = (report / "results.md").read_text()
@@ -30,7 +31,11 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert ("bgmask_resnet_tiny", "baseline", "-", "pretrained, fine-tuned") in keys
     for r in rows:
         assert 0.0 <= float(r["test/acc"]) <= 1.0 and r["waterbirds/acc"] != ""
-    for png in ("accuracy_bars.png", "examples.png"):
+    sweep = json.loads((report / "correlation_sweep.json").read_text())
+    assert sorted((p["correlation"], p["strategy"]) for p in sweep) == [
+        (0.1, "baseline"), (0.1, "early"), (0.9, "baseline"), (0.9, "early")]
+    assert "correlation_sweep.png" in md
+    for png in ("accuracy_bars.png", "examples.png", "correlation_sweep.png"):
         data = (report / png).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 10_000, png
     assert json.loads((report / "results.json").read_text())[0]["seeds"] == 1

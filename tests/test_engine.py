@@ -289,3 +289,13 @@ def test_bad_paths_and_checkpoints(cub, tmp_path, capsys):
     assert eval_early(["--checkpoint", str(run / "last.pt"), "--data_path", str(other), "--no_progress",
                        "--num_workers", "0"]) == 2
     assert "has 3 classes but" in capsys.readouterr().err
+
+
+def test_wandb_offline_logs_without_network(cub, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    assert train_early(base_argv(cub, run, "--epochs", "1", "--wandb", "--wandb_project", "p", "--group", "g",
+                                 "--job_type", "j")) == 0
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))

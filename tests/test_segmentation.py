@@ -306,3 +306,38 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys):
     assert "conv_seg" in err and "does not fit" in err
     with pytest.raises(UserError):
         load_segmenter(three, trained["slim"])
+
+
+# ------------------------------------------------------------------ the online segmenter in training
+
+def test_late_masking_with_online_segmenter(trained, tmp_path):
+    """train.py with --seg_model_config_path/--seg_model_checkpoint_path: masks come from the
+    segmenter on each batch (no mask folder is read), and evaluation uses it too."""
+    import json
+
+    from bgmask.scripts import eval_late, train_late
+
+    run = tmp_path / "run"
+    argv = ["--data_path", str(trained["cub"]), "--model_arch", "bgmask_resnet_tiny", "--image_size", "64",
+            "--epochs", "1", "--batch_size", "16", "--num_workers", "0", "--no_progress", "--threads", "1",
+            "--seg_model_config_path", str(SMALL), "--seg_model_checkpoint_path", str(trained["slim"]),
+            "--mask_source", str(tmp_path / "no_such_mask_folder")]  # must not be read
+    assert train_late([*argv, "--snapshot_dir", str(run)]) == 0
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["test/num_samples"] == 20 and "waterbirds/acc" in final
+    assert eval_late(["--checkpoint", str(run / "last.pt"), "--data_path", str(trained["cub"]), "--num_workers", "0",
+                      "--no_progress", "--seg_model_config_path", str(SMALL), "--seg_model_checkpoint_path",
+                      str(trained["slim"]), "--mask_source", str(tmp_path / "no_such_mask_folder"),
+                      "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["test/acc"] == final["test/acc"]
+
+
+def test_online_segmenter_flag_errors(trained, tmp_path, capsys):
+    from bgmask.scripts import train_late
+
+    base = ["--data_path", str(trained["cub"]), "--snapshot_dir", str(tmp_path / "r"), "--epochs", "1"]
+    assert train_late([*base, "--seg_model_config_path", str(SMALL)]) == 2
+    assert "needs --seg_model_checkpoint_path" in capsys.readouterr().err
+    assert train_late([*base, "--strategy", "baseline", "--seg_model_checkpoint_path", str(trained["slim"])]) == 2
+    assert "uses no masks" in capsys.readouterr().err
