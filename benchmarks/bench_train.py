@@ -87,7 +87,7 @@ def bare_step_rate(arch, images, labels, steps, device, cfg) -> float:
     return steps * bs / (time.perf_counter() - t0)
 
 
-def engine_rate(arch, strategy_name, loader_factory, steps, device, cfg, head=None) -> float:
+def engine_rate(arch, strategy_name, loader_factory, steps, device, cfg, head=None, mask_fn=None) -> float:
     model = create_classifier(arch, cfg.num_classes, head=head, image_size=cfg.image_size).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -99,10 +99,10 @@ def engine_rate(arch, strategy_name, loader_factory, steps, device, cfg, head=No
     strategy = create_strategy(strategy_name)
     dist = DistInfo(device=device)
     loss_fn = build_loss(run_cfg, False)
-    train_one_epoch(model, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0)  # warm-up
+    train_one_epoch(model, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0, mask_fn=mask_fn)  # warm-up
     run_cfg.max_steps_per_epoch = steps
     sync(device)
-    stats = train_one_epoch(model, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0)
+    stats = train_one_epoch(model, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0, mask_fn=mask_fn)
     sync(device)
     return stats["train/images"] / stats["train/seconds"]
 
@@ -123,6 +123,8 @@ def main(argv=None):
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--data_path", default=None, help="a synthetic benchmark for the engine+data rows")
     p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--seg_config", default=None, help="MMSeg config of an online segmenter (row late + segmenter)")
+    p.add_argument("--seg_checkpoint", default=None, help="its checkpoint (e.g. WORK_DIR/segmenter_slim.pth)")
     cfg = p.parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -145,6 +147,14 @@ def main(argv=None):
             rate = median(engine_rate(arch, strat, lambda: DataLoader(ds, batch_size=cfg.batch_size, shuffle=False),
                                       cfg.steps, device, cfg, head) for _ in range(cfg.repeats))
             rows.append((arch, f"engine/{strat}", rate, rate / bare))
+        if cfg.seg_checkpoint and "late" in cfg.strategies:
+            from bgmask.masking.segmenter import load_segmenter
+
+            seg = load_segmenter(cfg.seg_config, cfg.seg_checkpoint, device=device)
+            late = next(r for r in rows if r[0] == arch and r[1] == "engine/late")[2]
+            rate = median(engine_rate(arch, "late", lambda: DataLoader(ds, batch_size=cfg.batch_size, shuffle=False),
+                                      cfg.steps, device, cfg, head, mask_fn=seg) for _ in range(cfg.repeats))
+            rows.append((arch, f"engine/late + online segmenter ({rate / late:.2f}x late)", rate, rate / bare))
         if cfg.data_path:
             from bgmask.data import CUBDataset, MaskSource, build_transform
 
