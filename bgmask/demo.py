@@ -307,7 +307,7 @@ def paper_commands(root: str) -> str:
     ft = ("--epochs 300 --optimizer_type adamw --lr 4e-6 --scratch_lr_factor 1000 --min_lr 1e-8 --weight_decay 5e-2 "
           "--scheduler_type cosine_with_warmup --scheduler_warmup_epochs 20 --drop_path 0.1 --turn_on_mixup_or_cutmix "
           "--smoothing 0.1 --image_size 518 --batch_size 16 --use_amp")
-    seg = "mmsegmentation/configs/mask2former_swin-t_8xb2-20k_cub-binary-512x512.py"
+    seg = "mmsegmentation/configs/mask2former/mask2former_swin-t_8xb2-160k_cub_binary_seg-512x512.py"
     return f"""# The paper's runs on the real CUB_200_2011 + Waterbirds (GPU). ROOT={root}
 # 1. segmenter (Mask2Former Swin-T) and predicted masks
 bgmask make-binary-seg --cub_root {root} --out data/cub_binary_segmentation

@@ -6,6 +6,10 @@ order, augmentations and dropout depend only on the seed and the epoch number, a
 from the checkpoint of epoch k continues exactly as if it had never stopped (same world size). With
 another world size the rule is: each epoch's global permutation is the same, ranks take strided
 shares of it, so the order per rank (and the result) differs.
+
+Crash safety: checkpoints are replaced by an atomic rename, so a kill at any point leaves the previous
+last.pt whole. results.jsonl is appended before last.pt is written; on --resume_training the lines
+after the checkpoint's epoch (and any final record) are dropped, since those epochs run again.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from bgmask.data import CUBDataset, MaskSource, build_transform
 from bgmask.data.cub import WATERBIRDS_SUBDIR
 from bgmask.distributed import DistInfo, barrier, cleanup, init_distributed
 from bgmask.errors import UserError, require_dir
-from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
-from bgmask.io import atomic_write_text
+from bgmask.eval import (DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, loader_iter, predict,
+                         split_metrics, unblock_sigint)
+from bgmask.io import atomic_write_text, remove_stale_temp
 from bgmask.masking.strategies import create_strategy
 
 
@@ -50,6 +55,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _worker_init(worker_id: int) -> None:
+    unblock_sigint()
     s = torch.initial_seed() % 2**32  # torch seeds each worker from the loader's base seed
     random.seed(s)
     np.random.seed(s)
@@ -61,6 +67,7 @@ def validate_config(cfg: Namespace, model_is_vit: bool | None = None) -> None:
     """Flag combinations that cannot work, caught before anything is built."""
     if not cfg.data_path:
         raise UserError("--data_path is required (a CUB_200_2011 root, e.g. from `bgmask make-synthetic`)")
+    require_dir(cfg.data_path, "--data_path")  # before the run folder is made
     if cfg.mask_dir:
         if cfg.mask_source not in ("gt", cfg.mask_dir):
             raise UserError(f"--mask_dir {cfg.mask_dir} conflicts with --mask_source {cfg.mask_source}")
@@ -266,8 +273,39 @@ class RunFolder:
 
     def log(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path / "results.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+            path = self.path / "results.jsonl"
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record, sort_keys=True) + "\n")
+            except OSError as e:
+                raise UserError(f"cannot append to {path}: {e.strerror or e}") from None
+
+    def remove_stale_temp(self) -> None:
+        """Temporary files of a process killed while writing (only when this run owns the folder)."""
+        if self.enabled:
+            remove_stale_temp(self.path)
+
+    def prepare_resume(self, epoch: int) -> None:
+        """Before a resumed run from the checkpoint of `epoch`: drop the results.jsonl lines that the
+        run will write again (epochs after `epoch`, final records, a torn last line)."""
+        if not self.enabled:
+            return
+        path = self.path / "results.jsonl"
+        if not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if rec.get("split") == "final" or int(rec.get("epoch", 0)) > epoch:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            atomic_write_text(path, "".join(kept))
 
 
 def git_revision() -> str:
@@ -307,7 +345,7 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
     total_loss, seen, steps = torch.zeros((), dtype=torch.float64), 0, 0
     t0 = time.perf_counter()
     n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+    bar = tqdm(loader_iter(loader), total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not dist.is_main or cfg.no_progress)
     for batch in bar:
         if steps >= n_steps:
@@ -405,7 +443,8 @@ def online_segmenter(cfg: Namespace, dist: DistInfo, data_config: dict):
     from bgmask.masking.segmenter import load_segmenter
 
     return load_segmenter(cfg.seg_model_config_path, cfg.seg_model_checkpoint_path, device=dist.device,
-                          input_mean=tuple(data_config["mean"]), input_std=tuple(data_config["std"]))
+                          input_mean=tuple(data_config["mean"]), input_std=tuple(data_config["std"]),
+                          trust_full_checkpoint=getattr(cfg, "trust_checkpoint", False))
 
 
 def run(cfg: Namespace, mask_fn=None) -> dict:
@@ -427,6 +466,7 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
     if not cfg.resume_training and dist.is_main and (Path(cfg.snapshot_dir) / "results.jsonl").exists():
         raise UserError(f"--snapshot_dir {cfg.snapshot_dir} already holds a run; pass --resume_training to continue "
                         "it or choose another folder")
+    folder.remove_stale_temp()
     barrier()
     seed_everything(cfg.seed)
     meta_probe = CUBDataset(cfg.data_path, "test", check_files=False)
@@ -447,7 +487,8 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
     start_epoch, best = 0, None
     if cfg.resume_training:
         if not last_path.is_file():
-            raise UserError(f"--resume_training: no checkpoint at {last_path}")
+            raise UserError(f"--resume_training: no checkpoint at {last_path} (no epoch finished; start again "
+                            "without --resume_training in an empty --snapshot_dir)")
         state = load_checkpoint(last_path, trust=getattr(cfg, "trust_checkpoint", False))
         _check_same_run(state["config"], cfg, last_path)
         model.load_state_dict(state["model"])
@@ -457,8 +498,15 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
             scaler.load_state_dict(state["scaler"])
         start_epoch, best = state["epoch"], state["best_val_acc"]
         set_rng_state(state["rng"])
+        folder.prepare_resume(start_epoch)
         if dist.is_main:
             print(f"resumed from {last_path} at epoch {start_epoch}", flush=True)
+            saved_world = state.get("world_size", dist.world_size)
+            if saved_world != dist.world_size:
+                print(f"note: {last_path} was written by {saved_world} process(es), resuming with "
+                      f"{dist.world_size}: each epoch's global data order is the same, but the ranks share "
+                      "it differently and --batch_size is per process, so the result differs from an "
+                      "uninterrupted run", flush=True)
     folder.write_config(cfg)
     train_model = model
     if dist.distributed:
@@ -472,7 +520,8 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
     if mixup is not None and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix needs an even --batch_size, got {cfg.batch_size}")
     wandb_run = _init_wandb(cfg, dist)
-    meta = {"num_classes": num_classes, "class_names": class_names, "data_config": data_config}
+    meta = {"num_classes": num_classes, "class_names": class_names, "data_config": data_config,
+            "world_size": dist.world_size}
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg.seed, epoch, dist.rank))
         sampler.set_epoch(epoch)
@@ -552,8 +601,14 @@ def evaluate_checkpoint(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     model = build_model(cfg, state["num_classes"])
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {ckpt} does not fit model {cfg.model_arch}: {str(e).splitlines()[0]}") from None
+    except RuntimeError:
+        ours, theirs = model.state_dict(), state["model"]
+        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        shape = [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape]
+        example = (missing or unexpected or shape)[0]
+        raise UserError(f"checkpoint {ckpt} does not fit model {cfg.model_arch} ({len(missing)} tensors missing, "
+                        f"{len(unexpected)} unexpected, {len(shape)} of another shape, e.g. {example!r}): "
+                        "weights of another architecture?") from None
     model.to(dist.device)
     data_config = state["data_config"]
     mask_fn = mask_fn or online_segmenter(cfg, dist, data_config)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
+
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class UserError(Exception):
@@ -36,6 +39,12 @@ def run_cli(main_fn):
             return main_fn(argv)
         except UserError as e:
             print(f"error: {one_line(str(e))}", file=sys.stderr)
+            return UserError.exit_code
+        except OSError as e:  # a full disk or a read-only folder met outside bgmask.io: still one line
+            if e.errno not in _DISK_ERRNOS:
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            print(f"error: cannot write{where}: {e.strerror}", file=sys.stderr)
             return UserError.exit_code
 
     return wrapper

@@ -13,6 +13,7 @@ background colour. The strategy sees the pasted bird's mask as its mask.
 
 from __future__ import annotations
 
+import signal
 from contextlib import nullcontext
 
 import numpy as np
@@ -24,6 +25,26 @@ from bgmask.distributed import ShardSampler, all_gather_objects
 from bgmask.metrics import accuracy, group_summary
 
 DIAGNOSTICS = ("fg_only", "bg_only", "mixed_same", "mixed_rand")
+
+
+def loader_iter(loader: DataLoader):
+    """iter(loader), with Ctrl-C held while the DataLoader forks its workers: a SIGINT landing in
+    Python's at-fork handlers is printed as "Exception ignored" and lost, and training would go on.
+    The held signal arrives as the usual KeyboardInterrupt as soon as the workers are started; the
+    workers inherit the mask and lift it in `unblock_sigint` (their worker_init_fn)."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (no signal masks on Windows)
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def unblock_sigint(worker_id: int | None = None) -> None:
+    """DataLoader worker_init_fn: Ctrl-C reaches the worker again (see loader_iter)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def autocast_context(device: torch.device, enabled: bool, dtype: str = "bf16"):
@@ -40,9 +61,11 @@ def predict(model, dataset: Dataset, strategy, dist, batch_size: int = 64, num_w
     Each rank takes a disjoint stride of the indices (no padding), so every sample counts once."""
     model.eval()
     sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        worker_init_fn=unblock_sigint)
     rows = {"index": [], "pred": [], "label": [], "group": [], "place": []}
-    for batch in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), leave=False):
+    for batch in tqdm(loader_iter(loader), total=len(loader), desc=desc, disable=not (progress and dist.is_main),
+                      leave=False):
         images = batch["image"].to(dist.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import tempfile
@@ -10,21 +11,46 @@ from pathlib import Path
 
 from PIL import Image
 
+from bgmask.errors import UserError
+
+# Write failures that are the user's to fix (full disk, read-only or forbidden folder): one line.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+    A full disk or a read-only folder raises a UserError naming `path`; `path` itself is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            raise UserError(f"cannot write {path}: {e.strerror}") from None
         raise
+
+
+def remove_stale_temp(folder: str | Path, recursive: bool = False) -> int:
+    """Delete the temporary files (`.NAME.*.tmp`, see atomic_path) that a killed process left in
+    `folder`; returns how many. Call it only where no other process is writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    n = 0
+    for tmp in found:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            n += 1
+    return n
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -148,8 +148,8 @@ def bar_chart(rows: list[Row], path: Path) -> None:
 
 def write_report(run_dirs, out_dir: str | Path, title: str = "Results") -> dict[str, Path]:
     out_dir = Path(out_dir)
+    rows = load_runs(run_dirs)  # before anything is written: a bad run folder leaves no empty report
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_runs(run_dirs)
     rows.sort(key=lambda r: tuple(r.key[k] for k in KEY_FIELDS))
     md = f"# {title}\n\n" + markdown_table(rows) + "\n![accuracy](accuracy_bars.png)\n"
     records = rows_as_records(rows)

@@ -233,21 +233,61 @@ def test_eval_only_script_writes_json_and_table(cub, tmp_path):
     assert "| CUB test accuracy" in (tmp_path / "ev.md").read_text()
 
 
-def test_torchrun_two_processes_counts_every_sample_once(cub, tmp_path):
-    """2-process gloo: a DDP training epoch, then evaluation of 15 (odd) test images equal to one process."""
+def test_torchrun_two_processes_counts_every_sample_once(cub, tmp_path, capsys):
+    """2-process gloo on sizes that do not divide by 2 (train 21, val 3, test 15, Waterbirds 15): every
+    evaluation (per-epoch val, final test / Waterbirds / groups / diagnostics) equals the one-process
+    evaluation of the same checkpoint exactly; then the run, stopped after epoch 1, resumes with one
+    process under the documented rule (same global permutation per epoch, ranks take strided shares)."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    flags = ["--epochs", "2", "--train_split", "0.85", "--save_every_n_epochs", "1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(REPO / "early_masking_and_baseline" / "train.py"), *base_argv(cub, run, "--epochs", "1")]
+           str(REPO / "early_masking_and_baseline" / "train.py"), *base_argv(cub, run, *flags)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    ddp = read_jsonl(run / "results.jsonl")[-1]
-    assert ddp["test/num_samples"] == 15 and ddp["waterbirds/num_samples"] == 15
-    assert eval_early(["--checkpoint", str(run / "last.pt"), "--data_path", str(cub), "--num_workers", "0",
-                       "--no_progress", "--out", str(tmp_path / "single")]) == 0
-    single = json.loads((tmp_path / "single.json").read_text())
-    for k in ("test/acc", "waterbirds/acc", "waterbirds/worst_group_acc", "diag/bg_gap"):
-        assert single[k] == ddp[k], k
+    rows = read_jsonl(run / "results.jsonl")
+    assert [(r["epoch"], r["split"]) for r in rows] == [(1, "val"), (2, "val"), (2, "final")]
+    ddp = rows[-1]
+    assert ddp["test/num_samples"] == 15 and ddp["waterbirds/num_samples"] == 15 and ddp["checkpoint"] == "best"
+
+    def single(ckpt, name):
+        assert eval_early(["--checkpoint", str(ckpt), "--data_path", str(cub), "--num_workers", "0",
+                           "--train_split", "0.85", "--no_progress", "--out", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    for epoch, row in enumerate(rows[:2], 1):
+        one = single(run / f"epoch_{epoch}.pt", f"epoch_{epoch}")
+        assert row["val/num_samples"] == one["val/num_samples"] == 3
+        assert row["val/acc"] == one["val/acc"]
+    one = single(run / "best.pt", "best")
+    metrics = [k for k in ddp if "/" in k]
+    assert len(metrics) >= 10 and "diag/bg_gap" in metrics and "waterbirds/worst_group_acc" in metrics
+    assert {k: one[k] for k in metrics} == {k: ddp[k] for k in metrics}
+
+    # resume with 1 process from the checkpoint that 2 processes wrote after epoch 1
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(run / "epoch_1.pt", resumed / "last.pt")
+    capsys.readouterr()
+    assert train_early(base_argv(cub, resumed, *flags, "--resume_training")) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "written by 2 process(es), resuming with 1" in out
+    rows = read_jsonl(resumed / "results.jsonl")
+    assert [(r["epoch"], r["split"]) for r in rows] == [(2, "val"), (2, "final")]
+    assert rows[0]["train/images"] == 16  # 21 images, one process: 2 full batches of 8 (drop_last)
+    assert load_checkpoint(resumed / "last.pt")["world_size"] == 1
+    # the rule itself: per epoch one global permutation; rank r of W takes its strided share
+    from torch.utils.data import DistributedSampler
+
+    data = list(range(21))
+    for epoch in (0, 1):
+        def order(rank, world):
+            s = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
+            s.set_epoch(epoch)
+            return list(s)
+        perm = order(0, 1)
+        padded = perm + perm[:1]  # DistributedSampler pads 21 to 22 for two ranks
+        assert order(0, 2) == padded[0::2] and order(1, 2) == padded[1::2]
 
 
 @pytest.mark.parametrize("extra, pattern", [

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, load_mask, load_rgb, read_cub_metadata
 from bgmask.data.transforms import IMAGENET_MEAN
 from bgmask.errors import UserError, require_dir
-from bgmask.io import atomic_path, atomic_save_image, atomic_write_text
+from bgmask.io import atomic_path, atomic_save_image, atomic_write_text, remove_stale_temp
 
 
 def masked_pixels(image: Image.Image, mask: np.ndarray, fill: str = "black") -> Image.Image:
@@ -36,12 +36,16 @@ def masked_pixels(image: Image.Image, mask: np.ndarray, fill: str = "black") -> 
     return Image.fromarray(np.clip(arr * m + bg * (1 - m), 0, 255).round().astype(np.uint8))
 
 
+def check_out_subdir(root: Path, out_subdir: str) -> None:
+    if not out_subdir or "/" in out_subdir or out_subdir in ("images", "segmentations", WATERBIRDS_SUBDIR):
+        raise UserError(f"--out_subdir must be a new folder name inside {root}, got {out_subdir!r}")
+
+
 def make_masked(cub_root: str | Path, masks: str = "gt", out_subdir: str = "images_masked", fill: str = "black",
                 threshold: int = 0, progress: bool = True) -> dict[str, int]:
     root = Path(cub_root)
     meta = read_cub_metadata(root)
-    if not out_subdir or "/" in out_subdir or out_subdir in ("images", "segmentations", WATERBIRDS_SUBDIR):
-        raise UserError(f"--out_subdir must be a new folder name inside {root}, got {out_subdir!r}")
+    check_out_subdir(root, out_subdir)
     source = MaskSource(masks, threshold)
     jobs = [("images", out_subdir, meta.ids)]
     wb = root / WATERBIRDS_SUBDIR
@@ -52,6 +56,7 @@ def make_masked(cub_root: str | Path, masks: str = "gt", out_subdir: str = "imag
     for src_sub, dst_sub, ids in jobs:
         source.check(root, src_sub)
         require_dir(root / src_sub, "image folder")
+        remove_stale_temp(root / dst_sub, recursive=True)  # half-written files of a killed run
         done = 0
         for i in tqdm(ids, desc=f"make-masked {dst_sub}", disable=not progress):
             rel = meta.relpaths[i]

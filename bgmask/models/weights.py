@@ -27,6 +27,7 @@ import timm
 import torch
 from torch import nn
 
+from bgmask.checkpoint import load_weights_only
 from bgmask.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise UserError(f"cannot read {path} as a .safetensors file: {_one_line(e)}") from e
     elif suffix in TORCH_SUFFIXES:
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = load_weights_only(path)
         except pickle.UnpicklingError as e:
             if "Unsupported global" not in str(e):  # a corrupt file, not a pickled Python object
                 raise UserError(f"cannot read {path} as a PyTorch checkpoint (corrupt, or not written by "

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bgmask.checkpoint import load_weights_only
 from bgmask.errors import UserError, require_file
 from bgmask.io import atomic_path
 
@@ -63,13 +64,14 @@ def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_locatio
     """Load a slim checkpoint (`weights_only=True`), or a full mmengine one when `trust_full`."""
     path = require_file(path, "segmenter checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return load_weights_only(path, map_location)
     except pickle.UnpicklingError:
         if not trust_full:
             raise UserError(
                 f"{path} is a full mmengine checkpoint (it pickles Python objects, so loading it can run "
                 "code); use the slim WORK_DIR/segmenter_slim.pth that train.py writes, or pass "
-                "--trust-full-checkpoint if this file comes from your own training run"
+                "--trust-full-checkpoint (train.py / eval_waterbirds.py: --trust_checkpoint) if this file comes "
+                "from your own training run"
             ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: "
@@ -77,18 +79,20 @@ def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_locatio
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def state_dict_and_meta(ckpt: dict) -> tuple[dict, dict]:
+def state_dict_and_meta(ckpt: dict, source: str | Path = "checkpoint") -> tuple[dict, dict]:
     """(state_dict, meta) of a slim or full mmengine checkpoint, or of a bare state dict."""
-    if "state_dict" in ckpt:
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
         return ckpt["state_dict"], dict(ckpt.get("meta") or {})
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return ckpt, {}
-    raise UserError("checkpoint holds no 'state_dict' (expected a slim or mmengine segmenter checkpoint)")
+    what = "a bgmask classifier checkpoint, not a segmenter" if isinstance(ckpt, dict) and \
+        ckpt.get("format") == "bgmask-classifier" else "no 'state_dict'"
+    raise UserError(f"{source} holds {what} (expected a slim or mmengine segmenter checkpoint)")
 
 
 def convert_to_slim(src: str | Path, dst: str | Path, trust_full: bool = False, config_text: str | None = None) -> Path:
     """Slim copy of a checkpoint (e.g. WORK_DIR/iter_16000.pth of our own run, with trust_full=True)."""
-    state_dict, meta = state_dict_and_meta(load_checkpoint_file(src, trust_full=trust_full))
+    state_dict, meta = state_dict_and_meta(load_checkpoint_file(src, trust_full=trust_full), src)
     state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if config_text is None:
         config_text = meta.get("cfg") or meta.get("config") or ""

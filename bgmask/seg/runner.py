@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError, require_dir, run_cli
-from bgmask.io import atomic_write_text
+from bgmask.io import atomic_write_text, remove_stale_temp
 
 SLIM_NAME = "segmenter_slim.pth"
 # split -> metric prefix (the classifier side names Waterbirds metrics `waterbirds/...`)
@@ -302,7 +302,8 @@ def test_main(argv=None) -> int:
     cfg = load_config(ns)
     where = f"config {ns.config}"
     check_binary(cfg, where)
-    state_dict, _ = state_dict_and_meta(load_checkpoint_file(ns.checkpoint, trust_full=ns.trust_full_checkpoint))
+    state_dict, _ = state_dict_and_meta(load_checkpoint_file(ns.checkpoint, trust_full=ns.trust_full_checkpoint),
+                                        ns.checkpoint)
     splits = []
     for split in ns.splits:
         if not cfg.get(f"{split}_dataloader"):
@@ -413,6 +414,7 @@ def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None,
         jobs += [(root / WATERBIRDS_SUBDIR / meta.relpaths[i], out / WATERBIRDS_SUBDIR / mask_relpath(meta.relpaths[i]))
                  for i in test_ids]
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(out, recursive=True)  # half-written files of a killed run
     atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     todo = [(src, dst) for src, dst in jobs if not dst.is_file()]
     todo.sort(key=lambda job: (_image_hw(job[0]), str(job[0])))  # equal sizes batch together
@@ -468,9 +470,10 @@ def predict_main(argv=None) -> int:
 
 @run_cli
 def gen_masked_main(argv=None) -> int:
-    from bgmask.masking.make_masked import make_masked
+    from bgmask.masking.make_masked import check_out_subdir, make_masked
 
     ns = gen_masked_parser().parse_args(argv)
+    check_out_subdir(Path(ns.cub_root), ns.out_subdir)  # before the (long) prediction, not after it
     out_dir = ns.out_dir or str(Path(ns.cub_root) / f"{ns.out_subdir}_masks")
     s = predict_masks(ns.cub_root, out_dir, ns.config, ns.checkpoint, ns.batch_size, ns.device,
                       ns.empty_warn_fraction, ns.overwrite, ns.trust_full_checkpoint, not ns.no_progress)

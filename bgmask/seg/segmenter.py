@@ -286,7 +286,8 @@ def load_segmenter(config_path: str | Path | None, checkpoint_path: str | Path, 
     if config_path is not None and not Path(config_path).is_file():
         read_config(config_path)  # raises the one-line error
     require_file(checkpoint_path, "segmenter checkpoint")
-    state_dict, meta = state_dict_and_meta(load_checkpoint_file(checkpoint_path, trust_full=trust_full_checkpoint))
+    state_dict, meta = state_dict_and_meta(load_checkpoint_file(checkpoint_path, trust_full=trust_full_checkpoint),
+                                           checkpoint_path)
     cfg = read_config(config_path, meta.get("config") or meta.get("cfg"))
     where = f"config {config_path}" if config_path is not None else "the config stored in the checkpoint"
     check_binary(cfg, where)
