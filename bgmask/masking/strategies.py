@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgmask.errors import UserError
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
@@ -33,8 +34,8 @@ def create_strategy(name: str, **kwargs) -> "Strategy":
 class Strategy:
     name = "base"
     needs_mask = False
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
     mask_fill: str = "black"
 
     def preprocess(self, images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:

@@ -34,10 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgmask.errors import UserError, require_file
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _first_line(e: BaseException) -> str:
