@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from bgmask.errors import ArgumentParser
+
 
 def add(group, flag: str, *more, **kwargs):
     """add_argument with a dashed alias for an underscored flag."""
@@ -47,7 +49,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 def data_args(add_help: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=add_help)
+    p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("data")
     add(g, "--data_path", required=False, help="CUB_200_2011 root (real or `bgmask make-synthetic`)")
     add(g, "--image_sub_path_train", default="images",
@@ -69,7 +71,7 @@ def data_args(add_help: bool = False) -> argparse.ArgumentParser:
 
 
 def model_args(add_help: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=add_help)
+    p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("model")
     add(g, "--model_arch", default="bgmask_resnet_tiny", help="any timm model name")
     add(g, "--pretrained", action="store_true", help="timm hub weights (needs network or a local cache)")
@@ -83,7 +85,7 @@ def model_args(add_help: bool = False) -> argparse.ArgumentParser:
 
 
 def masking_args(add_help: bool = False, strategies=("baseline", "early", "late")) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=add_help)
+    p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("masking")
     add(g, "--strategy", default=strategies[0], choices=list(strategies))
     add(g, "--mask_source", default="gt",
@@ -104,7 +106,7 @@ def masking_args(add_help: bool = False, strategies=("baseline", "early", "late"
 
 
 def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=add_help)
+    p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("optimisation")
     add(g, "--epochs", type=int, default=10)
     add(g, "--optimizer_type", default="adamw", choices=list(OPTIMIZERS))
@@ -141,7 +143,7 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
 
 
 def run_args(add_help: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=add_help)
+    p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("run")
     add(g, "--config", default=None, help="YAML file of defaults; flags given on the command line win")
     add(g, "--snapshot_dir", default="runs/run", help="run folder: config, checkpoints, results.jsonl")
@@ -167,7 +169,7 @@ def run_args(add_help: bool = False) -> argparse.ArgumentParser:
 
 
 def train_parser(description: str, strategies=("baseline", "early", "late")) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    return ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[data_args(), model_args(), masking_args(strategies=strategies), optim_args(), run_args()],
     )
@@ -179,7 +181,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
 
     from bgmask.errors import UserError, require_file
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     add(pre, "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:

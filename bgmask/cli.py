@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bgmask import args as A
-from bgmask.errors import run_cli
+from bgmask.errors import ArgumentParser, run_cli
 
 
 def cmd_make_synthetic(ns: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bgmask", description=__doc__)
+    parser = ArgumentParser(prog="bgmask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-synthetic", help="generate the synthetic benchmark (CUB + Waterbirds layout)")
     A.make_synthetic_args(p).set_defaults(func=cmd_make_synthetic)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import errno
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +17,44 @@ class UserError(Exception):
     """Bad input from the user (path, value, flag combination). Printed as one line; exit 2."""
 
     exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the project's rule for bad input: a bad flag or value raises a UserError,
+    which `run_cli` prints as one line `error: ...` (exit status 2) naming the flag, the value and
+    what was expected, instead of argparse's usage block. `--help` is argparse's own. Parsers made by
+    `add_subparsers` are of this class too (argparse's `parser_class` defaults to `type(parent)`), and
+    an unknown flag after a subcommand is reported against that subcommand."""
+
+    TYPE_NAMES = {"int": "an integer", "float": "a number"}
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self._chosen(ns).error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
+    def _chosen(self, ns) -> ArgumentParser:
+        """The parser of the subcommand given on the command line (self without subcommands)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(ns, action.dest, None))
+                if isinstance(sub, ArgumentParser):
+                    return sub._chosen(ns)
+        return self
+
+    def error(self, message: str):
+        message = " ".join(str(message).split())
+        hint = ""
+        wrong_type = re.search(r"invalid (\w+) value: ", message)
+        if wrong_type and wrong_type.group(1) in self.TYPE_NAMES:
+            hint = f"expected {self.TYPE_NAMES[wrong_type.group(1)]}; "
+        elif message.startswith("unrecognized arguments: "):
+            unknown = next((a.split("=", 1)[0] for a in message.split()[2:] if a.startswith("-")), None)
+            close = difflib.get_close_matches(unknown, self._option_string_actions, n=1) if unknown else []
+            if close:
+                hint = f"did you mean {close[0]}? "
+        raise UserError(f"{message} ({hint}see {self.prog} --help)")
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -347,6 +347,37 @@ CASES = [
     Case("convert_checkpoint.py with a missing source", "convert",
          lambda w, t, s: [str(t / "iter_100.pth"), str(t / "slim.pth")],
          lambda w, t, s: [str(t / "iter_100.pth")], absent=lambda w, t, s: [t / "slim.pth"]),
+    # ---- flags and values that argparse refuses: one line too, not argparse's usage block
+    Case("train.py with an unknown flag", "train",
+         lambda w, t, s: train_args(w.cub, t / "run", "--bogus_flag", "3"),
+         lambda w, t, s: ["unrecognized arguments: --bogus_flag 3", "--help"], subprocess=True,
+         absent=lambda w, t, s: [t / "run"]),
+    Case("train.py --epochs abc", "train",
+         lambda w, t, s: train_args(w.cub, t / "run", "--epochs", "abc"),
+         lambda w, t, s: ["--epochs", "'abc'", "expected an integer"], absent=lambda w, t, s: [t / "run"]),
+    Case("train.py --strategy foo", "train",
+         lambda w, t, s: train_args(w.cub, t / "run", "--strategy", "foo"),
+         lambda w, t, s: ["--strategy", "'foo'", "'baseline', 'early'"], absent=lambda w, t, s: [t / "run"]),
+    Case("late_masking/eval_waterbirds.py --batch_size 1.5", "eval_late",
+         lambda w, t, s: eval_args(w.ckpt, w.cub, t / "ev", "--batch_size", "1.5"),
+         lambda w, t, s: ["--batch_size", "'1.5'", "expected an integer"], absent=lambda w, t, s: [t / "ev.json"]),
+    Case("bgmask make-binary-seg without --cub_root", "bgmask",
+         lambda w, t, s: ["make-binary-seg", "--out", str(t / "seg")],
+         lambda w, t, s: ["required", "--cub_root", "bgmask make-binary-seg --help"], absent=lambda w, t, s: [t / "seg"]),
+    Case("bgmask make-masked with a misspelt flag", "bgmask",
+         lambda w, t, s: ["make-masked", "--cub_root", str(w.cub), "--out_subdir", "masked_y", "--mask_treshold", "3"],
+         lambda w, t, s: ["--mask_treshold", "did you mean --mask_threshold?", "bgmask make-masked --help"],
+         absent=lambda w, t, s: [w.cub / "masked_y"]),
+    Case("bgmask with an unknown subcommand", "bgmask",
+         lambda w, t, s: ["make-synthtic", "--out", str(t / "synth")],
+         lambda w, t, s: ["'make-synthtic'", "make-synthetic"], absent=lambda w, t, s: [t / "synth"]),
+    Case("predict_masks.py with an unknown flag", "predict",
+         lambda w, t, s: ["--checkpoint", str(t / "slim.pth"), "--cub_root", str(w.cub), "--out_dir", str(t / "m"),
+                          "--batchsize", "4"],
+         lambda w, t, s: ["--batchsize", "did you mean --batch_size?"], absent=lambda w, t, s: [t / "m"]),
+    Case("mmsegmentation/test.py --splits train", "seg_test",
+         lambda w, t, s: [str(SMALL_SEG), str(t / "slim.pth"), "--splits", "train"],
+         lambda w, t, s: ["--splits", "'train'", "'val', 'test', 'waterbird_test'"]),
 ]
 
 
@@ -363,6 +394,22 @@ def run_case(case: Case, argv: list[str], capsys) -> tuple[int, str]:
     capsys.readouterr()
     rc = in_process_main(case.command)(argv)
     return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, argv, shows", [
+    ("train", ["--help"], ["usage: ", "--epochs", "--mask_source", "--resume_training"]),
+    ("bgmask", ["--help"], ["usage: bgmask", "make-binary-seg"]),
+    ("bgmask", ["make-binary-seg", "--help"], ["usage: bgmask make-binary-seg", "--cub_root", "--val_fraction"]),
+    ("convert", ["--help"], ["usage: ", "--trust-full-checkpoint"]),
+])
+def test_help_is_argparse_help(command, argv, shows, capsys):
+    """The one-line rule is for errors: --help still prints the whole help, exit status 0."""
+    with pytest.raises(SystemExit) as exit_:
+        in_process_main(command)(argv)
+    out = capsys.readouterr()
+    assert exit_.value.code == 0 and not out.err
+    for what in shows:
+        assert what in out.out
 
 
 def test_the_catalogue_is_broad():

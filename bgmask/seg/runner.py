@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bgmask import args as A
-from bgmask.errors import UserError, require_dir, run_cli
+from bgmask.errors import ArgumentParser, UserError, require_dir, run_cli
 from bgmask.io import atomic_write_text, remove_stale_temp
 
 SLIM_NAME = "segmenter_slim.pth"
@@ -34,7 +34,7 @@ def config_args(add_help: bool = False) -> argparse.ArgumentParser:
     """The MMSeg config and how to change it: shared by train.py and test.py."""
     from mmengine.config import DictAction
 
-    p = argparse.ArgumentParser(add_help=add_help)
+    p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("config")
     g.add_argument("config", help="MMSeg config file, e.g. mmsegmentation/configs/segformer/...py")
     g.add_argument("--data-root", "--data_root", dest="data_root", default=None,
@@ -50,9 +50,9 @@ def config_args(add_help: bool = False) -> argparse.ArgumentParser:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train an MMSeg background/bird segmenter; writes WORK_DIR/"
-                                f"{SLIM_NAME} (slim inference checkpoint) at the end.",
-                                parents=[config_args()])
+    p = ArgumentParser(description="Train an MMSeg background/bird segmenter; writes WORK_DIR/"
+                       f"{SLIM_NAME} (slim inference checkpoint) at the end.",
+                       parents=[config_args()])
     p.add_argument("--resume", action="store_true",
                    help="resume from the latest checkpoint in the work dir (our own run: unpickled in full)")
     p.add_argument("--amp", action="store_true", help="automatic mixed precision (CUDA only)")
@@ -60,8 +60,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def test_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="mIoU / mDice of a segmenter on the CUB test split and on the "
-                                "Waterbirds images (scored against the CUB test masks).", parents=[config_args()])
+    p = ArgumentParser(description="mIoU / mDice of a segmenter on the CUB test split and on the "
+                       "Waterbirds images (scored against the CUB test masks).", parents=[config_args()])
     p.add_argument("checkpoint", help=f"slim checkpoint ({SLIM_NAME}) or, with --trust-full-checkpoint, iter_N.pth")
     p.add_argument("--splits", nargs="+", default=["test", "waterbird_test"], choices=list(SPLIT_PREFIX))
     p.add_argument("--out", default=None, help="JSON file of the metrics (default WORK_DIR/test_metrics.json)")
@@ -77,7 +77,7 @@ def trust_arg(p) -> None:
 
 def segmenter_args(add_help: bool = False) -> argparse.ArgumentParser:
     """Which segmenter and where it runs: shared by predict_masks.py and gen_masked_image_dataset.py."""
-    p = argparse.ArgumentParser(add_help=add_help)
+    p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("segmenter")
     A.add(g, "--config", default=None, help="MMSeg config (default: the one stored in a slim checkpoint)")
     A.add(g, "--checkpoint", required=True, help=f"slim checkpoint ({SLIM_NAME} written by train.py)")
@@ -94,13 +94,13 @@ def segmenter_args(add_help: bool = False) -> argparse.ArgumentParser:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    return ArgumentParser(
         description="Predict bird masks for every image of CUB_ROOT/images and of the Waterbirds folder "
                     "(test images); a rerun skips finished files.", parents=[segmenter_args()])
 
 
 def gen_masked_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="The paper's one step: predict masks with a segmenter, then write masked image copies "
                     "(CUB_ROOT/NAME and CUB_ROOT/NAME_waterbirds).", parents=[segmenter_args()])
     A.add(p, "--out_subdir", default="images_masked_pred", help="NAME of the masked image folder in CUB_ROOT")
@@ -109,7 +109,7 @@ def gen_masked_parser() -> argparse.ArgumentParser:
 
 
 def convert_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Slim copy (weights_only-loadable) of a segmenter checkpoint.")
+    p = ArgumentParser(description="Slim copy (weights_only-loadable) of a segmenter checkpoint.")
     p.add_argument("src", help="checkpoint to convert, e.g. WORK_DIR/iter_16000.pth")
     p.add_argument("dst", help=f"slim checkpoint to write, e.g. WORK_DIR/{SLIM_NAME}")
     p.add_argument("--config", default=None, help="config to store (default: the one inside SRC)")
