@@ -1,38 +1,49 @@
-"""Training throughput: the bgmask engine vs the bare timm model, measured in the same run.
+"""Training and evaluation throughput: the bgmask engine against the bare timm model, in the same run.
 
     python benchmarks/bench_train.py                      # CPU, 64 px, small CNN + small ViT
     python benchmarks/bench_train.py --device cuda --image_size 224 --models convnext_tiny vit_small_patch14_dinov2 \
-        --batch_size 64 --use_amp --channels_last
+        --batch_size 64 --use_amp --channels_last [--torchcompile]
 
-Rows:
-- bare: `timm.create_model` forward + backward + optimizer step on preloaded tensors (the ceiling);
-- engine/<strategy>: `bgmask.engine.train_one_epoch` (strategy, masks, autocast, loss, clipping,
-  bookkeeping) on the same preloaded tensors and masks, served by an in-memory dataset;
-- engine+data/<strategy>: the same with the real JPEG pipeline (CUBDataset + transforms + DataLoader
-  workers) on a generated synthetic benchmark, when --data_path is given.
-Ratios are against the bare row of the same model. Prints a Markdown table.
+Rows per model (section `train`):
+- bare timm model: `timm.create_model` forward + backward + AdamW step on preloaded tensors, served by
+  the same in-memory DataLoader as the engine rows (the ceiling);
+- engine/<strategy>: `bgmask.engine.train_one_epoch` (strategy, masks, autocast, loss, bookkeeping) on
+  the same tensors and random masks; baseline is divided by bare (goal >= 0.90), early and late by
+  engine/baseline (goals >= 0.90 and >= 0.85: what masking itself costs);
+- engine/late + online segmenter (with --seg_config/--seg_checkpoint): masks from the segmenter on
+  every batch instead of cached ones, divided by engine/late;
+- engine+data/<strategy> (with --data_path): the real JPEG pipeline (CUBDataset, joint transforms,
+  DataLoader workers), divided by engine/<strategy>.
+Section `eval`: the bare model's no-grad forward, and `bgmask.eval.predict` per strategy (goal >= 0.90).
+Measurements run round-robin, `--repeats` times; each row keeps its median run. `--channels_last`
+applies to CNNs only (it slows ViTs down). Prints a Markdown table (see run_all.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from argparse import Namespace
 
+from common import add_common_args, emit, interleaved, machine_line, make_row
+
 import bgmask  # noqa: F401  (before torch: sets the OpenMP wait policy default)
 import torch
-from statistics import median
-
 from torch.utils.data import DataLoader, Dataset
 
 from bgmask.distributed import DistInfo
-from bgmask.engine import build_loss, build_optimizer, train_one_epoch
+from bgmask.engine import build_loss, build_optimizer, compile_model, train_one_epoch
+from bgmask.eval import autocast_context, predict
 from bgmask.masking import create_strategy
 from bgmask.models import create_classifier
 
+GOALS = {"engine/baseline": 0.90, "engine/early": 0.90, "engine/late": 0.85,
+         "eval/baseline": 0.90, "eval/early": 0.90, "eval/late": 0.85}
+
 
 class TensorRecords(Dataset):
+    """Preloaded images, masks and labels in the record format of CUBDataset."""
+
     def __init__(self, images, masks, labels):
         self.images, self.masks, self.labels = images, masks, labels
 
@@ -44,8 +55,8 @@ class TensorRecords(Dataset):
                 "group": -1, "place": -1}
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def is_vit(arch: str) -> bool:
+    return "vit" in arch or "deit" in arch or "eva" in arch
 
 
 def sync(device):
@@ -53,64 +64,134 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bare_step_rate(arch, images, labels, steps, device, cfg) -> float:
-    import timm
+class Bench:
+    def __init__(self, cfg, device, images, masks, labels):
+        self.cfg, self.device = cfg, device
+        self.images, self.masks, self.labels = images, masks, labels
+        self.ds = TensorRecords(images, masks, labels)
 
-    model = timm.create_model(arch, num_classes=int(labels.max()) + 1, img_size=images.shape[-1]) \
-        if "vit" in arch else timm.create_model(arch, num_classes=int(labels.max()) + 1)
-    model.to(device).train()
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    bs = cfg.batch_size
-    n = len(labels) // bs
+    def channels_last(self, arch):
+        return self.cfg.channels_last and not is_vit(arch)
 
-    def one(i):
-        x = images[i * bs:(i + 1) * bs].to(device, non_blocking=True)
-        y = labels[i * bs:(i + 1) * bs].to(device, non_blocking=True)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.use_amp):
-            loss = loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    # --------------------------------------------------------------------------- bare timm model
+    def bare_model(self, arch):
+        import timm
 
-    for i in range(min(cfg.warmup, n)):
-        one(i)
-    sync(device)
-    t0 = time.perf_counter()
-    for s in range(steps):
-        one(s % n)
-    sync(device)
-    return steps * bs / (time.perf_counter() - t0)
+        kw = {"img_size": self.cfg.image_size} if is_vit(arch) else {}
+        model = timm.create_model(arch, num_classes=self.cfg.num_classes, **kw).to(self.device)
+        if self.channels_last(arch):
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def batches(self, steps):
+        """The in-memory loader every row reads from: bare and engine rows pay the same collation."""
+        while True:
+            for batch in DataLoader(self.ds, batch_size=self.cfg.batch_size):
+                if steps == 0:
+                    return
+                steps -= 1
+                yield batch
+
+    def bare_train(self, arch, steps):
+        cfg, device = self.cfg, self.device
+        model = self.bare_model(arch).train()
+        run = compile_model(model, cfg.torchcompile) if cfg.torchcompile else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def one(batch):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
+            if self.channels_last(arch):
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.use_amp):
+                loss = loss_fn(run(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for batch in self.batches(cfg.warmup):
+            one(batch)
+        sync(device)
+        t0 = time.perf_counter()
+        for batch in self.batches(steps):
+            one(batch)
+        sync(device)
+        return steps * cfg.batch_size, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def bare_eval(self, arch, steps):
+        cfg, device = self.cfg, self.device
+        model = self.bare_model(arch).eval()
+
+        def one(batch):
+            x = batch["image"].to(device, non_blocking=True)
+            if self.channels_last(arch):
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, cfg.use_amp):
+                model(x).argmax(1).cpu()  # predict() also brings the predictions to the host
+
+        for batch in self.batches(cfg.warmup):
+            one(batch)
+        sync(device)
+        t0 = time.perf_counter()
+        for batch in self.batches(steps):
+            one(batch)
+        sync(device)
+        return steps * cfg.batch_size, time.perf_counter() - t0
+
+    # --------------------------------------------------------------------------- the bgmask engine
+    def classifier(self, arch):
+        model = create_classifier(arch, self.cfg.num_classes, head="gap" if is_vit(arch) else None,
+                                  image_size=self.cfg.image_size).to(self.device)
+        if self.channels_last(arch):
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def run_cfg(self, arch, steps):
+        cfg = self.cfg
+        return Namespace(lr=1e-4, scratch_lr_factor=1.0, weight_decay=0.05, optimizer_type="adamw", betas1=0.9,
+                         betas2=0.999, momentum=0.9, smoothing=0.0, use_amp=cfg.use_amp, amp_dtype="bf16",
+                         grad_norm_clip=None, channels_last=self.channels_last(arch), max_steps_per_epoch=steps,
+                         epochs=1, no_progress=True)
+
+    def engine_train(self, arch, strategy_name, steps, loader_factory=None, mask_fn=None):
+        model = self.classifier(arch)
+        run_cfg = self.run_cfg(arch, self.cfg.warmup)
+        opt = build_optimizer(model, run_cfg)
+        run = compile_model(model, self.cfg.torchcompile) if self.cfg.torchcompile else model
+        strategy = create_strategy(strategy_name)
+        dist = DistInfo(device=self.device)
+        loss_fn = build_loss(run_cfg, False)
+        loader_factory = loader_factory or (lambda: DataLoader(self.ds, batch_size=self.cfg.batch_size))
+        train_one_epoch(run, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0, mask_fn=mask_fn)  # warm-up
+        run_cfg.max_steps_per_epoch = steps
+        sync(self.device)
+        stats = train_one_epoch(run, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0, mask_fn=mask_fn)
+        sync(self.device)
+        return stats["train/images"], stats["train/seconds"]
+
+    def engine_eval(self, arch, strategy_name, steps):
+        model = self.classifier(arch)
+        strategy = create_strategy(strategy_name)
+        dist = DistInfo(device=self.device)
+        warm = torch.utils.data.Subset(self.ds, range(self.cfg.warmup * self.cfg.batch_size))
+        timed = torch.utils.data.Subset(self.ds, range(steps * self.cfg.batch_size))
+        kw = dict(batch_size=self.cfg.batch_size, amp=self.cfg.use_amp, channels_last=self.channels_last(arch),
+                  progress=False)
+        predict(model, warm, strategy, dist, **kw)
+        sync(self.device)
+        t0 = time.perf_counter()
+        predict(model, timed, strategy, dist, **kw)
+        sync(self.device)
+        return len(timed), time.perf_counter() - t0
 
 
-def engine_rate(arch, strategy_name, loader_factory, steps, device, cfg, head=None, mask_fn=None) -> float:
-    model = create_classifier(arch, cfg.num_classes, head=head, image_size=cfg.image_size).to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    run_cfg = Namespace(lr=1e-4, scratch_lr_factor=1.0, weight_decay=0.05, optimizer_type="adamw", betas1=0.9,
-                        betas2=0.999, momentum=0.9, smoothing=0.0, use_amp=cfg.use_amp, amp_dtype="bf16",
-                        grad_norm_clip=None, channels_last=cfg.channels_last, max_steps_per_epoch=cfg.warmup,
-                        epochs=1, no_progress=True)
-    opt = build_optimizer(model, run_cfg)
-    strategy = create_strategy(strategy_name)
-    dist = DistInfo(device=device)
-    loss_fn = build_loss(run_cfg, False)
-    train_one_epoch(model, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0, mask_fn=mask_fn)  # warm-up
-    run_cfg.max_steps_per_epoch = steps
-    sync(device)
-    stats = train_one_epoch(model, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0, mask_fn=mask_fn)
-    sync(device)
-    return stats["train/images"] / stats["train/seconds"]
-
-
-def main(argv=None):
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["bgmask_resnet_tiny", "bgmask_vit_tiny"])
-    p.add_argument("--strategies", nargs="+", default=["baseline", "early", "late"])
+    p.add_argument("--strategies", nargs="+", default=["baseline", "early", "late"],
+                   choices=["baseline", "early", "late"])
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
@@ -119,13 +200,19 @@ def main(argv=None):
     p.add_argument("--num_classes", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--use_amp", action="store_true")
-    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--use_amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--channels_last", action="store_true", help="channels_last for the CNNs")
+    p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training models (bare and engine alike)")
     p.add_argument("--data_path", default=None, help="a synthetic benchmark for the engine+data rows")
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--seg_config", default=None, help="MMSeg config of an online segmenter (row late + segmenter)")
     p.add_argument("--seg_checkpoint", default=None, help="its checkpoint (e.g. WORK_DIR/segmenter_slim.pth)")
+    p.add_argument("--no_eval", action="store_true", help="skip the evaluation rows")
+    add_common_args(p)
     cfg = p.parse_args(argv)
+    if "baseline" not in cfg.strategies:
+        p.error("--strategies must include baseline (the reference of early and late)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -136,45 +223,62 @@ def main(argv=None):
     labels = torch.randint(0, cfg.num_classes, (n,))
     if device.type == "cuda":
         images, masks, labels = images.pin_memory(), masks.pin_memory(), labels.pin_memory()
-    ds = TensorRecords(images, masks, labels)
+    bench = Bench(cfg, device, images, masks, labels)
+    seg = None
+    if cfg.seg_checkpoint and "late" in cfg.strategies:
+        from bgmask.masking.segmenter import load_segmenter
+
+        seg = load_segmenter(cfg.seg_config, cfg.seg_checkpoint, device=device)
     rows = []
     for arch in cfg.models:
-        head = "gap" if "vit" in arch else None
-        bare_step_rate(arch, images, labels, cfg.warmup, device, cfg)  # discarded: first-use kernel set-up
-        bare = median(bare_step_rate(arch, images, labels, cfg.steps, device, cfg) for _ in range(cfg.repeats))
-        rows.append((arch, "bare timm model", bare, 1.0))
+        bench.bare_train(arch, cfg.warmup)  # discarded: first-use kernel set-up (and compilation)
+        measures = {"bare timm model": lambda a=arch: bench.bare_train(a, cfg.steps)}
         for strat in cfg.strategies:
-            rate = median(engine_rate(arch, strat, lambda: DataLoader(ds, batch_size=cfg.batch_size, shuffle=False),
-                                      cfg.steps, device, cfg, head) for _ in range(cfg.repeats))
-            rows.append((arch, f"engine/{strat}", rate, rate / bare))
-        if cfg.seg_checkpoint and "late" in cfg.strategies:
-            from bgmask.masking.segmenter import load_segmenter
-
-            seg = load_segmenter(cfg.seg_config, cfg.seg_checkpoint, device=device)
-            late = next(r for r in rows if r[0] == arch and r[1] == "engine/late")[2]
-            rate = median(engine_rate(arch, "late", lambda: DataLoader(ds, batch_size=cfg.batch_size, shuffle=False),
-                                      cfg.steps, device, cfg, head, mask_fn=seg) for _ in range(cfg.repeats))
-            rows.append((arch, f"engine/late + online segmenter ({rate / late:.2f}x late)", rate, rate / bare))
-        if cfg.data_path:
+            measures[f"engine/{strat}"] = lambda a=arch, s=strat: bench.engine_train(a, s, cfg.steps)
+        if seg is not None:
+            measures["engine/late + online segmenter"] = lambda a=arch: bench.engine_train(a, "late", cfg.steps,
+                                                                                           mask_fn=seg)
+        results = interleaved(measures, cfg.repeats, device)
+        if cfg.data_path:  # one run each: the JPEG pipeline is slow enough to average itself out
             from bgmask.data import CUBDataset, MaskSource, build_transform
 
             tf = build_transform(True, cfg.image_size, "flip")
             for strat in cfg.strategies:
                 real = CUBDataset(cfg.data_path, "train", masks=MaskSource("gt") if strat != "baseline" else None,
                                   transform=tf)
-                rate = engine_rate(arch, strat, lambda: DataLoader(real, batch_size=cfg.batch_size, shuffle=True,
-                                                                   num_workers=cfg.num_workers), cfg.steps, device,
-                                   cfg, head)
-                rows.append((arch, f"engine+data/{strat}", rate, rate / bare))
-    print(f"\ndevice={device} image_size={cfg.image_size} batch={cfg.batch_size} steps={cfg.steps} repeats={cfg.repeats} "
-          f"threads={torch.get_num_threads()} amp={cfg.use_amp} channels_last={cfg.channels_last}\n")
-    print("| model | row | images/s | ratio vs bare |")
-    print("|---|---|---|---|")
-    for arch, row, rate, ratio in rows:
-        print(f"| {arch} | {row} | {rate:.1f} | {ratio:.2f} |")
-    print(f"\npeak RSS {peak_rss_mb():.0f} MB")
-    if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+                factory = lambda r=real: DataLoader(r, batch_size=cfg.batch_size, shuffle=True,  # noqa: E731
+                                                    num_workers=cfg.num_workers, drop_last=True,
+                                                    pin_memory=device.type == "cuda")
+                results.update(interleaved({f"engine+data/{strat}": lambda a=arch, s=strat, f=factory:
+                                            bench.engine_train(a, s, cfg.steps, loader_factory=f)}, 1, device))
+        if not cfg.no_eval:
+            measures = {"bare forward, no grad": lambda a=arch: bench.bare_eval(a, cfg.steps)}
+            for strat in cfg.strategies:
+                measures[f"eval/{strat}"] = lambda a=arch, s=strat: bench.engine_eval(a, s, cfg.steps)
+            evals = interleaved(measures, cfg.repeats, device)
+        for name, (count, seconds, mem) in results.items():
+            if name == "bare timm model":
+                ref = None
+            elif name == "engine/baseline":
+                ref = "bare timm model"
+            elif name.startswith("engine/") and "segmenter" not in name:
+                ref = "engine/baseline"
+            elif "segmenter" in name:
+                ref = "engine/late"
+            else:  # engine+data/<strategy>
+                ref = "engine/" + name.split("/", 1)[1]
+            rows.append(make_row("train", arch, name, count, seconds, mem, ref=ref, goal=GOALS.get(name)))
+        if not cfg.no_eval:
+            for name, (count, seconds, mem) in evals.items():
+                ref = None if name.startswith("bare") else \
+                    ("bare forward, no grad" if name == "eval/baseline" else "eval/baseline")
+                rows.append(make_row("eval", arch, name, count, seconds, mem, ref=ref, goal=GOALS.get(name)))
+    header = (f"training / evaluation; device={device} image_size={cfg.image_size} batch={cfg.batch_size} "
+              f"steps={cfg.steps} repeats={cfg.repeats} threads={torch.get_num_threads()} amp={cfg.use_amp} "
+              f"channels_last(CNN)={cfg.channels_last} torchcompile={cfg.torchcompile}; "
+              f"peak memory = {'CUDA allocator' if device.type == 'cuda' else 'process RSS'}; "
+              f"{machine_line(cfg.device)}")
+    return emit(rows, header, cfg.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""The benchmark scripts: `make bench`'s one table (every section and row, ratios against the reference
+row of the same run, goals) on a smoke-sized run, and the row arithmetic on rows made by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import make_row, markdown_table, resolve  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_ratios_and_goals_by_hand():
+    rows = resolve([
+        make_row("train", "m", "bare", 100, 1.0, 10.0),
+        make_row("train", "m", "engine", 90, 1.0, 11.0, ref="bare", goal=0.9),
+        make_row("train", "m", "late", 80, 1.0, 12.0, ref="engine", goal=0.9),
+        make_row("eval", "m", "fwd", 50, 2.0, None, ref="train:bare"),
+        make_row("generation", "g", "64 px", 300, 2.0, 5.0, goal=200, goal_kind="rate"),
+    ])
+    assert [r["ratio"] for r in rows] == [None, 0.9, pytest.approx(80 / 90), 0.25, None]
+    assert [r["met"] for r in rows] == [None, True, False, None, False]
+    assert rows[3]["vs"] == "bare" and rows[4]["images_per_s"] == 150
+    table = markdown_table(rows)
+    assert "| train | m | late | 80.0 | 1.00 | 12 | 0.89 | engine | >= 0.90x **missed** |" in table
+    assert "| generation | g | 64 px | 150.0 | 2.00 | 5 |  |  | >= 200 img/s **missed** |" in table
+    with pytest.raises(KeyError, match="missing row 'nope'"):
+        resolve([make_row("train", "m", "x", 1, 1.0, None, ref="nope")])
+
+
+def test_run_all_quick_prints_one_table_of_every_part(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks/run_all.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    by = {(r["section"], r["model"], r["row"]): r for r in rows}
+    assert {r["section"] for r in rows} == {"generation", "data loading", "masks", "train", "eval"}
+    for arch in ("bgmask_resnet_tiny", "bgmask_vit_tiny"):
+        names = [r["row"] for r in rows if r["model"] == arch]
+        assert names == ["bare timm model", "engine/baseline", "engine/early", "engine/late",
+                         "engine/late + online segmenter", "engine+data/baseline", "engine+data/early",
+                         "engine+data/late", "bare forward, no grad", "eval/baseline", "eval/early", "eval/late"]
+        for r in rows:
+            if r["model"] == arch and r["ref"]:
+                section = "eval" if r["row"].startswith(("eval/", "bare forward")) else "train"
+                ref = by[(section, arch, r["ref"])]
+                assert r["ratio"] == pytest.approx(r["images_per_s"] / ref["images_per_s"])
+        assert by[("train", arch, "engine/late")]["vs"] == "engine/baseline"
+        assert by[("train", arch, "engine/late")]["goal"] == 0.85
+    masks = [r for r in rows if r["section"] == "masks"]
+    assert masks[1]["row"].startswith("predict_masks.py") and masks[1]["images"] == 4 * 10 + 2 * 10 * 2
+    assert all(r["images_per_s"] > 0 and r["seconds"] > 0 and r["peak_mem_mib"] > 0 for r in rows)
+    table = p.stdout.split("# All figures", 1)[1]
+    assert table.count("\n| ") == len(rows) + 1  # one table: header + a line per row
+    with open(out / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (out / "bench.md").read_text().count("\n| ") == len(rows) + 1
+
+
+def test_bench_train_torchcompile_and_gpu_preset_without_cuda(tmp_path):
+    rows_file = tmp_path / "rows.json"
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_train.py"), "--models", "bgmask_resnet_tiny",
+                        "--strategies", "baseline", "late", "--image_size", "32", "--batch_size", "4", "--steps", "1",
+                        "--warmup", "1", "--repeats", "1", "--no_eval", "--torchcompile", "eager", "--json",
+                        str(rows_file)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "torchcompile=eager" in p.stdout
+    assert [r["row"] for r in json.loads(rows_file.read_text())] == ["bare timm model", "engine/baseline",
+                                                                     "engine/late"]
+    import torch
+
+    if not torch.cuda.is_available():
+        p = subprocess.run([sys.executable, str(REPO / "benchmarks/run_all.py"), "--gpu", "--out", str(tmp_path / "g")],
+                           capture_output=True, text=True, env=ENV, timeout=120)
+        assert p.returncode == 2 and p.stderr.strip() == \
+            "error: --gpu needs a CUDA device, and torch.cuda.is_available() is False"
