@@ -132,6 +132,8 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--use_amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + grad scaler with --amp_dtype fp16 on CUDA)")
     add(g, "--amp_dtype", default="bf16", choices=["bf16", "fp16"])
     add(g, "--channels_last", action="store_true", help="channels_last memory format (faster CNNs)")
+    add(g, "--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+        help="torch.compile the training model (default backend inductor; 'eager' checks the capture only)")
     m = p.add_argument_group("mixup / cutmix")
     add(m, "--turn_on_mixup_or_cutmix", action="store_true")
     add(m, "--mixup", type=float, default=0.8, help="mixup alpha")

@@ -333,6 +333,19 @@ def build_model(cfg: Namespace, num_classes: int):
     )
 
 
+def compile_model(model, backend: str):
+    """`torch.compile`, with a clear line when the backend is unknown."""
+    try:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+    except Exception:  # listing is best effort; torch.compile itself is the judge
+        known = None
+    if known is not None and backend not in known:
+        raise UserError(f"unknown --torchcompile backend {backend!r} (expected one of {', '.join(sorted(known))})")
+    return torch.compile(model, backend=backend)
+
+
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -342,7 +355,10 @@ def unwrap(model):
 def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo, cfg: Namespace, epoch: int,
                     mixup=None, scaler=None, mask_fn=None) -> dict:
     model.train()
-    total_loss, seen, steps = torch.zeros((), dtype=torch.float64), 0, 0
+    # The loss sum stays on the device and is checked every `check_every` steps: a per-step `.item()`
+    # would make the host wait for the GPU at every step.
+    total_loss, seen, steps = torch.zeros((), dtype=torch.float64, device=dist.device), 0, 0
+    check_every = 1 if dist.device.type == "cpu" else 25
     t0 = time.perf_counter()
     n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     bar = tqdm(loader_iter(loader), total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -365,8 +381,10 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
         with autocast_context(dist.device, cfg.use_amp, cfg.amp_dtype):
             logits = strategy.forward(model, images, masks)
             loss = loss_fn(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()} at epoch {epoch + 1}, step {steps}: lower --lr or use --grad_norm_clip")
+        if steps % check_every == 0 or steps == n_steps - 1:
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch + 1}, step {steps}: lower --lr or use "
+                                   "--grad_norm_clip")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -380,13 +398,16 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
             scaler.update()
         else:
             optimizer.step()
-        total_loss += loss.detach().double().cpu() * len(labels)
+        total_loss += loss.detach().double() * len(labels)
         seen += len(labels)
         steps += 1
-        if dist.is_main and not cfg.no_progress:
+        if dist.is_main and not cfg.no_progress and steps % check_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    total_loss = float(total_loss)  # waits for the device: the epoch's time includes all of its work
     seconds = time.perf_counter() - t0
-    stats = torch.tensor([float(total_loss), seen], dtype=torch.float64)
+    if not math.isfinite(total_loss):
+        raise RuntimeError(f"the training loss of epoch {epoch + 1} is {total_loss}: lower --lr or use --grad_norm_clip")
+    stats = torch.tensor([total_loss, seen], dtype=torch.float64)
     from bgmask.distributed import all_reduce_sum
     stats = all_reduce_sum(stats)
     return {"train/loss": float(stats[0] / max(stats[1], 1)), "train/images": int(stats[1]),
@@ -512,6 +533,10 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if cfg.torchcompile:
+        # Only the training model is compiled; checkpoints keep the plain module's keys (no `_orig_mod.`),
+        # and evaluation runs the plain module (compiling no-grad eval would be a second graph).
+        train_model = compile_model(train_model, cfg.torchcompile)
     loss_fn = build_loss(cfg, cfg.turn_on_mixup_or_cutmix)
     mixup = build_mixup(cfg, num_classes)
     sampler = DistributedSampler(datasets["train"], num_replicas=dist.world_size, rank=dist.rank,

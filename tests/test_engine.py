@@ -339,3 +339,20 @@ def test_wandb_offline_logs_without_network(cub, tmp_path, monkeypatch):
                                  "--job_type", "j")) == 0
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
+def test_torchcompile_trains_like_the_plain_model(cub, tmp_path, capsys):
+    """`--torchcompile eager` captures the training forward with dynamo (the late-masked CNN, whose mask
+    enters `forward` as a keyword): the weights equal the uncompiled run's, and the checkpoint keeps
+    the plain module's keys."""
+    argv = ["--epochs", "1", "--max_steps_per_epoch", "2"]
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    assert train_late(base_argv(cub, plain, *argv)) == 0
+    assert train_late(base_argv(cub, compiled, *argv, "--torchcompile", "eager")) == 0
+    a, b = load_checkpoint(plain / "last.pt")["model"], load_checkpoint(compiled / "last.pt")["model"]
+    assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert train_late(base_argv(cub, tmp_path / "bad", *argv, "--torchcompile", "nosuchbackend")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown --torchcompile backend 'nosuchbackend'" in err, err
