@@ -383,7 +383,7 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
             loss = loss_fn(logits.float(), targets)
         if steps % check_every == 0 or steps == n_steps - 1:
             if not torch.isfinite(loss):
-                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch + 1}, step {steps}: lower --lr or use "
+                raise UserError(f"loss is {loss.item()} at epoch {epoch + 1}, step {steps}: lower --lr or use "
                                    "--grad_norm_clip")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -406,7 +406,7 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
     total_loss = float(total_loss)  # waits for the device: the epoch's time includes all of its work
     seconds = time.perf_counter() - t0
     if not math.isfinite(total_loss):
-        raise RuntimeError(f"the training loss of epoch {epoch + 1} is {total_loss}: lower --lr or use --grad_norm_clip")
+        raise UserError(f"the training loss of epoch {epoch + 1} is {total_loss}: lower --lr or use --grad_norm_clip")
     stats = torch.tensor([total_loss, seen], dtype=torch.float64)
     from bgmask.distributed import all_reduce_sum
     stats = all_reduce_sum(stats)

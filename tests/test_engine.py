@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -356,3 +357,12 @@ def test_torchcompile_trains_like_the_plain_model(cub, tmp_path, capsys):
     assert train_late(base_argv(cub, tmp_path / "bad", *argv, "--torchcompile", "nosuchbackend")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown --torchcompile backend 'nosuchbackend'" in err, err
+
+
+def test_diverging_loss_stops_with_one_line(cub, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = train_early(base_argv(cub, run, "--epochs", "2", "--lr", "1e30"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert re.match(r"error: loss is (nan|inf) at epoch 1, step \d+: lower --lr or use --grad_norm_clip$", err), err
+    assert not (run / "last.pt").exists() and not list(run.glob("*.tmp*"))
