@@ -38,13 +38,23 @@ def atomic_path(path: str | Path):
         raise
 
 
+TEMP_PATTERN = ".*.tmp"  # the names atomic_path gives its temporary files
+
+
+def is_empty_folder(folder: str | Path) -> bool:
+    """True when `folder` is missing, empty, or holds nothing but temporary files of atomic_path (what a
+    run killed while writing its first file leaves): an output folder that a new run may take."""
+    folder = Path(folder)
+    return not folder.is_dir() or all(p.match(TEMP_PATTERN) for p in folder.iterdir())
+
+
 def remove_stale_temp(folder: str | Path, recursive: bool = False) -> int:
     """Delete the temporary files (`.NAME.*.tmp`, see atomic_path) that a killed process left in
     `folder`; returns how many. Call it only where no other process is writing."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    found = folder.rglob(TEMP_PATTERN) if recursive else folder.glob(TEMP_PATTERN)
     n = 0
     for tmp in found:
         with contextlib.suppress(FileNotFoundError):

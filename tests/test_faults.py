@@ -1,7 +1,7 @@
 """Faults: training killed with SIGKILL 10 times at seeded random points and resumed ends with the
 weights and metrics of an uninterrupted run, and never leaves a truncated checkpoint; the synthetic
-generator, `bgmask make-masked` and `mmsegmentation/predict_masks.py` killed midway and rerun end with
-byte-identical outputs and no half-written file; Ctrl-C says how to resume; a read-only snapshot
+generator, `bgmask make-masked`, `bgmask make-binary-seg` and `mmsegmentation/predict_masks.py` killed
+midway and rerun end with byte-identical outputs and no half-written file; Ctrl-C says how to resume; a read-only snapshot
 folder or a full disk is one line, exit 2, with the previous checkpoint intact.
 
 Kills come from outside (a SIGKILL after a random delay, or as soon as a checkpoint's temporary file
@@ -416,13 +416,19 @@ def synth_argv(out: Path) -> list[str]:
 
 
 def test_synthetic_generator_killed_midway(zygote, tmp_path):
-    """A real `python -m bgmask make-synthetic` killed from outside once a third of the images exist,
-    then killed halfway through writing a file, then rerun: the same bytes as one uninterrupted run."""
+    """`bgmask make-synthetic` killed halfway through its first file (its config, so that the folder
+    holds nothing but a temporary file), a real `python -m bgmask make-synthetic` killed from outside
+    once a third of the images exist, then killed halfway through writing a file, then rerun: the same
+    bytes as one uninterrupted run."""
     from bgmask.data.synthetic import generate_synthetic
 
     ref, out = tmp_path / "ref", tmp_path / "out"
     generate_synthetic(ref, **SYNTH, progress=False)
     n_images = count_files(ref / "images", ".jpg")
+    log = tmp_path / "log"
+    assert zygote.run("bgmask", synth_argv(out), log, {"at": "atomic_write", "n": 1}) == -signal.SIGKILL, tail(log)
+    assert [p.name.endswith(".tmp") for p in out.iterdir()] == [True], list(out.iterdir())
+
     proc = subprocess.Popen([sys.executable, "-m", "bgmask", *map(str, synth_argv(out))], cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when(proc, lambda: count_files(out / "images", ".jpg") >= n_images // 3)
@@ -430,7 +436,6 @@ def test_synthetic_generator_killed_midway(zygote, tmp_path):
     assert 0 < assert_whole_images(out)
     assert not (out / "images.txt").exists()  # written last: an unfinished dataset is not mistaken for one
 
-    log = tmp_path / "log"
     fault = {"at": "atomic_write", "n": n_images // 3, "modules": ["bgmask.io"]}
     assert zygote.run("bgmask", synth_argv(out), log, fault) == -signal.SIGKILL, tail(log)
     assert len(temp_files(out)) == 1  # the half-written file, never under its real name
@@ -472,6 +477,39 @@ def test_make_masked_killed_midway(zygote, synth, tmp_path):
     assert zygote.run("bgmask", argv, log) == 0, tail(log)
     for sub in ("", "_waterbirds"):
         assert tree(synth / f"images_masked{sub}") == tree(synth / f"ref_masked{sub}")
+
+
+def test_make_binary_seg_killed_midway(zygote, synth, tmp_path):
+    """`bgmask make-binary-seg` killed halfway through its first file (split_info.json, so that the
+    folder holds nothing but a temporary file), from outside once a third of the images exist, then
+    halfway through a file, then rerun: the same bytes as an uninterrupted run, no temporary file left."""
+    from bgmask.data.binary_seg import make_binary_seg
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    make_binary_seg(synth, ref, 0.1, 0, progress=False)
+    n = count_files(ref / "images", ".jpg")
+    argv = ["make-binary-seg", "--cub_root", synth, "--out", out, "--val_fraction", "0.1", "--seed", "0"]
+    log = tmp_path / "log"
+    # binary_seg copies images through its own `atomic_path` import, annotations go through bgmask.io's
+    fault = {"at": "atomic_write", "n": 1, "modules": ["bgmask.io", "bgmask.data.binary_seg"]}
+    assert zygote.run("bgmask", argv, log, fault) == -signal.SIGKILL, tail(log)
+    assert [p.name.endswith(".tmp") for p in out.iterdir()] == [True], list(out.iterdir())
+
+    with open(log, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "bgmask", *map(str, argv)], cwd=REPO, env=ENV,
+                                stdout=log_file, stderr=log_file)
+        kill_when(proc, lambda: count_files(out / "images", ".jpg") >= n // 3)
+    assert proc.returncode == -signal.SIGKILL, tail(log)
+    assert 0 < count_files(out / "images", ".jpg") < n
+    assert_whole_images(out)
+
+    fault = {"at": "atomic_write", "n": n // 3, "modules": ["bgmask.io", "bgmask.data.binary_seg"]}
+    assert zygote.run("bgmask", argv, log, fault) == -signal.SIGKILL, tail(log)
+    assert len(temp_files(out)) == 1  # the half-written file, never under its real name
+    assert_whole_images(out)
+
+    assert zygote.run("bgmask", argv, log) == 0, tail(log)
+    assert tree(out) == tree(ref)
 
 
 SLIM_SCRIPT = """

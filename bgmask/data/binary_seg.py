@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath, read_cub_metadata, split_ids
 from bgmask.errors import UserError
-from bgmask.io import atomic_path, atomic_save_image, atomic_write_text
+from bgmask.io import atomic_path, atomic_save_image, atomic_write_text, is_empty_folder, remove_stale_temp
 
 
 @dataclass
@@ -35,8 +35,9 @@ class BinarySegSummary:
 
 def prepare_output_dir(out_dir: Path, overwrite: bool, marker: str | None = None) -> None:
     """Refuse a non-empty output folder unless `overwrite`, or unless it holds `marker` (a rerun of the
-    same job, which then resumes)."""
-    if out_dir.exists() and any(out_dir.iterdir()):
+    same job, which then resumes). Temporary files of a killed run (even one killed while writing the
+    marker) do not make a folder non-empty."""
+    if not is_empty_folder(out_dir):
         if overwrite:
             shutil.rmtree(out_dir)
         elif marker is None or not (out_dir / marker).is_file():
@@ -64,6 +65,7 @@ def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: flo
         if json.loads((out_dir / "split_info.json").read_text()).get("config") != config:
             raise UserError(f"output folder {out_dir} holds a dataset made with other arguments "
                             "(pass --overwrite to replace it)")
+    remove_stale_temp(out_dir, recursive=True)  # half-written files of a killed run
     jobs = []  # (source image, source mask or None, out image, out annotation or None)
     for split, ids in splits.items():
         for i in ids:

@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from bgmask.errors import UserError
-from bgmask.io import atomic_save_image, atomic_write_text
+from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, remove_stale_temp
 
 __all__ = [
     "HABITATS",
@@ -502,7 +502,8 @@ def _validate(num_classes, image_size, train_per_class, test_per_class, correlat
 def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output folder {out} exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
+    if is_empty_folder(out):
+        remove_stale_temp(out)  # a run killed while writing its config leaves only its temporary file
         return
     if overwrite:
         if not (out / CONFIG_NAME).is_file():  # never wipe a folder that is not a synthetic dataset
@@ -515,8 +516,7 @@ def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> None:
         previous = None
     if previous != config:
         raise UserError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
-    for tmp in out.rglob(".*.tmp"):  # half-written files of a killed run (see bgmask.io.atomic_path)
-        tmp.unlink()
+    remove_stale_temp(out, recursive=True)  # half-written files of a killed run
 
 
 def _save_pair(img_path: Path, mask_path: Path, rgb_u8: np.ndarray, mask_u8: np.ndarray) -> None:
