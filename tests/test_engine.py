@@ -291,6 +291,49 @@ def test_torchrun_two_processes_counts_every_sample_once(cub, tmp_path, capsys):
         assert order(0, 2) == padded[0::2] and order(1, 2) == padded[1::2]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_resume_one_process_run_with_two_processes(cub, tmp_path, capsys):
+    """A run stopped after epoch 1 of 2 with one process resumes under torchrun with two (gloo), by the
+    rule of the README: the epoch's global permutation is the same, each rank takes a strided share
+    (DistributedSampler pads 21 train images to 22: 11 per rank) and --batch_size stays per process
+    (drop_last), so epoch 2 trains 2 x (11 // 4) x 4 = 16 images where one process trained 20."""
+    flags = ["--epochs", "2", "--train_split", "0.85", "--save_every_n_epochs", "1", "--batch_size", "4"]
+    run = tmp_path / "run"
+    assert train_early(base_argv(cub, run, *flags)) == 0
+    rows = read_jsonl(run / "results.jsonl")
+    n_train, batch = 21, 4
+    assert rows[0]["train/images"] == n_train // batch * batch == 20
+    # stopped after epoch 1: its checkpoint is last.pt, its line the only one in results.jsonl
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(run / "epoch_1.pt", resumed / "last.pt")
+    (resumed / "results.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert load_checkpoint(resumed / "last.pt")["world_size"] == 1
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / "early_masking_and_baseline" / "train.py"), *base_argv(cub, resumed, *flags, "--resume_training")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "written by 1 process(es), resuming with 2" in p.stdout, p.stdout[-3000:]
+    assert p.stdout.count("resumed from") == 1  # rank 0 alone prints
+    rows = read_jsonl(resumed / "results.jsonl")
+    assert [(r["epoch"], r["split"]) for r in rows] == [(1, "val"), (2, "val"), (2, "final")]
+    world = 2
+    per_rank = -(-n_train // world)  # the sampler pads to a multiple of the world size
+    assert rows[1]["train/images"] == world * (per_rank // batch) * batch == 16
+    assert rows[2]["test/num_samples"] == 15 and rows[2]["waterbirds/num_samples"] == 15
+    state = load_checkpoint(resumed / "last.pt")
+    assert state["world_size"] == 2 and state["epoch"] == 2
+
+
 @pytest.mark.parametrize("extra, pattern", [
     (["--model_arch", "bgmask_resnet_tiny", "--patch_tokens_only"], "apply to ViT models only"),
     (["--model_arch", "resnet_does_not_exist"], "resnet_does_not_exist"),
