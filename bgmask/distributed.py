@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from bgmask.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -28,14 +30,18 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`--device` as a torch.device: auto = cuda if available, else cpu; a plain `cuda` is this process's
+    GPU (local_rank under torchrun); `cuda:N`, `cpu` and other torch device names are taken as given."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA device is available (use --device cpu)")
     if name == "cuda":
-        if not torch.cuda.is_available():
-            from bgmask.errors import UserError
-            raise UserError("--device cuda was asked for but no CUDA device is available (use --device cpu)")
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (expected auto, cpu, cuda or cuda:N)") from None
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

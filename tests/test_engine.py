@@ -146,6 +146,23 @@ def test_yaml_config_defaults_and_override(tmp_path):
         cfg_from(["--config", str(cfgfile)])
 
 
+def test_resolve_device():
+    """One --device resolver for the classifier scripts and the segmenter scripts (bgmask.distributed)."""
+    from bgmask.distributed import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match=r"--device 'gpu' is not a device \(expected auto, cpu, cuda or cuda:N\)"):
+        resolve_device("gpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+        assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    else:
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(UserError, match=f"--device {name} was asked for but no CUDA device is available"):
+                resolve_device(name)
+
+
 # ------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")

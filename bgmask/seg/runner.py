@@ -346,16 +346,6 @@ def test_main(argv=None) -> int:
 
 # ------------------------------------------------------------------------------------ predict
 
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA device is available (use --device cpu)")
-    return name
-
-
 def _image_hw(path: Path) -> tuple[int, int]:
     """(h, w) from the image header (no decoding); (0, 0) when unreadable (load_rgb reports it later)."""
     from PIL import Image
@@ -386,6 +376,7 @@ def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None,
     from tqdm import tqdm
 
     from bgmask.data.cub import WATERBIRDS_SUBDIR, load_rgb, mask_relpath, read_cub_metadata
+    from bgmask.distributed import resolve_device
     from bgmask.io import atomic_save_image
     from bgmask.seg.segmenter import load_segmenter
 
@@ -395,7 +386,7 @@ def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None,
     meta = read_cub_metadata(root)
     require_dir(root / "images", "CUB image folder")
     ckpt = Path(checkpoint)
-    seg = load_segmenter(config, ckpt, device=_resolve_device(device), batch_size=batch_size,
+    seg = load_segmenter(config, ckpt, device=resolve_device(device), batch_size=batch_size,
                          trust_full_checkpoint=trust_full_checkpoint)
     info = {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": _file_digest(ckpt),
             "config": str(Path(config).resolve()) if config else None}
