@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --gpu             # CUDA: 224 px ConvNeXt-T + ViT-S/14, bf16, channels_last (CNN)
     python benchmarks/run_all.py --gpu --torchcompile
     python benchmarks/run_all.py --quick           # a smoke run of every row (seconds; the figures mean nothing)
+    python benchmarks/run_all.py --gpu --device cpu --batch_size 2 --steps 1 --repeats 1   # dry run of --gpu
 
 Runs, each in its own process (so peak memory is per script): synthetic generation
 (bench_synthetic.py), data loading (bench_data.py), mask prediction (bench_seg.py, which also saves the
@@ -67,9 +68,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench_output", help="folder for bench.{md,csv,json}")
     p.add_argument("--only", nargs="+", default=None, choices=["generation", "data", "masks", "train"],
                    help="run only these parts")
+    o = p.add_argument_group("overrides of the preset's settings (e.g. a CPU dry run of --gpu)")
+    for key, typ in (("device", str), ("batch_size", int), ("steps", int), ("warmup", int), ("repeats", int),
+                     ("seg_batch", int), ("data_batches", int)):
+        o.add_argument(f"--{key}", type=typ, default=None)
+    o.add_argument("--models", nargs="+", default=None)
     a = p.parse_args(argv)
     preset = "gpu" if a.gpu else "quick" if a.quick else "cpu"
-    s = PRESETS[preset]
+    s = dict(PRESETS[preset])
+    s.update({k: v for k, v in vars(a).items() if k in s and v is not None})
     if s["device"] == "cuda":
         import torch
 
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
         rows += run_script("bench_data.py", ["--data_path", str(data), "--image_size", str(s["image_size"]),
                                              "--batch_size", str(s["batch_size"]), "--max_batches",
                                              str(s["data_batches"])], out / "data.json")
-    seg_config, seg_ckpt = SEG_CONFIGS["gpu" if s["device"] == "cuda" else "cpu"], out / "segmenter_untrained.pth"
+    seg_config, seg_ckpt = SEG_CONFIGS["gpu" if preset == "gpu" else "cpu"], out / "segmenter_untrained.pth"
     if "masks" in parts:
         rows += run_script("bench_seg.py", ["--data_path", str(data), "--config", str(seg_config), "--device",
                                             s["device"], "--batch_size", str(s["seg_batch"]), "--steps",
@@ -114,7 +121,9 @@ def main(argv=None) -> int:
             args += ["--seg_config", str(seg_config), "--seg_checkpoint", str(seg_ckpt)]
         rows += run_script("bench_train.py", args, out / "train.json")
     rows = resolve(rows)
-    header = (f"bgmask benchmark, preset {preset}{f', torchcompile={a.torchcompile}' if a.torchcompile else ''}; "
+    changed = {k: v for k, v in s.items() if PRESETS[preset][k] != v}
+    header = (f"bgmask benchmark, preset {preset}{f', torchcompile={a.torchcompile}' if a.torchcompile else ''}"
+              f"{f', overrides {changed}' if changed else ''}; "
               f"{machine_line(s['device'])}")
     write_outputs(rows, out, header)
     print(f"\n# All figures\n\n{header}\n\n{markdown_table(rows)}\n\nwritten to {out}/bench.{{md,csv,json}}")
