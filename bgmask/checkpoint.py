@@ -82,6 +82,38 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location="cpu") -
     return state
 
 
+# What a checkpoint's own config decides about the model it holds (and the strategy it was trained
+# with); the data, batch size, device... may be pointed elsewhere by the caller's cfg.
+MODEL_KEYS = ("model_arch", "strategy", "mask_fill", "class_token_only", "patch_tokens_only", "late_mask_stage",
+              "late_pool", "late_drop_cls", "image_size")
+
+
+def model_from_checkpoint(cfg, state: dict, path: str | Path) -> torch.nn.Module:
+    """The classifier held by `state` (what load_checkpoint(path) returned). `cfg` takes the checkpoint's
+    MODEL_KEYS and loses hub / file weights, freezing and drop path; the model is built from it and gets
+    the saved weights. Weights of another architecture are one UserError naming `path`. Returns the model
+    on the CPU in train mode: the caller moves it and calls `.eval()` where it needs to."""
+    from bgmask.engine import build_model  # engine imports this module
+
+    saved = state["config"]
+    for key in MODEL_KEYS:
+        if key in saved:
+            setattr(cfg, key, saved[key])
+    cfg.pretrained, cfg.pretrained_file, cfg.freeze_backbone, cfg.drop_path = False, None, False, 0.0
+    model = build_model(cfg, state["num_classes"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        ours, theirs = model.state_dict(), state["model"]
+        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        shape = [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape]
+        example = (missing or unexpected or shape)[0]
+        raise UserError(f"checkpoint {path} does not fit model {cfg.model_arch} ({len(missing)} tensors missing, "
+                        f"{len(unexpected)} unexpected, {len(shape)} of another shape, e.g. {example!r}): "
+                        "weights of another architecture?") from None
+    return model
+
+
 def rng_state() -> dict:
     py = random.getstate()
     np_state = np.random.get_state()

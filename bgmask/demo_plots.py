@@ -15,19 +15,15 @@ from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, load_mask, read_cub_m
 
 def _predict_examples(run_dir: Path, ids: list[int]) -> dict[int, int]:
     """The run's predicted class for the Waterbirds version of each id."""
-    from bgmask.checkpoint import load_checkpoint
+    from bgmask.checkpoint import load_checkpoint, model_from_checkpoint
     from bgmask.data import CUBDataset
     from bgmask.data.transforms import build_transform
-    from bgmask.engine import build_model
     from bgmask.masking import create_strategy
 
     cfg = Namespace(**yaml.safe_load((run_dir / "config.yaml").read_text()))
     ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     state = load_checkpoint(ckpt)
-    cfg.pretrained, cfg.pretrained_file, cfg.freeze_backbone = False, None, False
-    model = build_model(cfg, state["num_classes"])
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = model_from_checkpoint(cfg, state, ckpt).eval()
     dc = state["data_config"]
     strategy = create_strategy(cfg.strategy, mean=tuple(dc["mean"]), std=tuple(dc["std"]), mask_fill=cfg.mask_fill)
     tf = build_transform(False, dc["image_size"], mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"])

@@ -251,6 +251,28 @@ def test_eval_only_script_writes_json_and_table(cub, tmp_path):
     assert "| CUB test accuracy" in (tmp_path / "ev.md").read_text()
 
 
+def test_model_from_checkpoint(cub, tmp_path):
+    """The one builder of a saved classifier (eval_waterbirds.py and the demo's pictures): the model
+    settings come from the checkpoint, the weights load exactly, other weights are one UserError."""
+    from bgmask.checkpoint import model_from_checkpoint
+    from bgmask.models import create_classifier
+
+    run = tmp_path / "run"
+    assert train_early(base_argv(cub, run, "--epochs", "1", "--strategy", "early", "--drop_path", "0.1")) == 0
+    state = load_checkpoint(run / "last.pt")
+    cfg = A.parse_with_config(A.train_parser("t"), ["--model_arch", "bgmask_vit_tiny", "--pretrained",
+                                                    "--freeze_backbone", "--image_size", "64"])
+    model = model_from_checkpoint(cfg, state, run / "last.pt")
+    assert (cfg.model_arch, cfg.strategy, cfg.image_size) == ("bgmask_resnet_tiny", "early", 32)
+    assert not cfg.pretrained and not cfg.freeze_backbone and cfg.drop_path == 0.0
+    assert all(p.requires_grad for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    state["model"] = create_classifier("bgmask_vit_tiny", 3).state_dict()
+    with pytest.raises(UserError, match=re.escape(f"checkpoint {run / 'other.pt'} does not fit model bgmask_resnet_tiny")):
+        model_from_checkpoint(cfg, state, run / "other.pt")
+
+
 def test_torchrun_two_processes_counts_every_sample_once(cub, tmp_path, capsys):
     """2-process gloo on sizes that do not divide by 2 (train 21, val 3, test 15, Waterbirds 15): every
     evaluation (per-epoch val, final test / Waterbirds / groups / diagnostics) equals the one-process
