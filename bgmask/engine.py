@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -31,14 +32,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from bgmask.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from bgmask.checkpoint import load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bgmask.data import CUBDataset, MaskSource, build_transform
 from bgmask.data.cub import WATERBIRDS_SUBDIR
 from bgmask.distributed import DistInfo, barrier, cleanup, init_distributed
 from bgmask.errors import UserError, require_dir
 from bgmask.eval import (DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, loader_iter, predict,
                          split_metrics, unblock_sigint)
-from bgmask.io import atomic_write_text, remove_stale_temp
+from bgmask.io import atomic_path, atomic_write_text, remove_stale_temp
 from bgmask.masking.strategies import create_strategy
 
 
@@ -443,7 +444,7 @@ def _set_threads(cfg):
 
 
 def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best: float | None, cfg: Namespace,
-                     meta: dict) -> dict:
+                     meta: dict, best_epoch: int | None = None) -> dict:
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -451,10 +452,31 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best: floa
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch,
         "best_val_acc": best,
+        "best_epoch": best_epoch,
         "config": {k: v for k, v in vars(cfg).items()},
         "rng": rng_state(),
         **meta,
     }
+
+
+def complete_checkpoints(folder: Path, state: dict, cfg: Namespace) -> list[Path]:
+    """After a kill between writing last.pt and best.pt / epoch_k.pt of the same epoch: write the missing
+    ones from last.pt (they hold the same state). Returns the files written."""
+    epoch, last, written = state["epoch"], folder / "last.pt", []
+    wanted = []
+    if state.get("best_epoch") == epoch:
+        best = folder / "best.pt"
+        if not best.is_file() or load_checkpoint(best, trust=getattr(cfg, "trust_checkpoint", False))["epoch"] != epoch:
+            wanted.append(best)
+    if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and not (folder / f"epoch_{epoch}.pt").is_file():
+        wanted.append(folder / f"epoch_{epoch}.pt")
+    for dst in wanted:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(last, tmp)
+        written.append(dst)
+        print(f"restored {dst} from {last} (the run was stopped while writing the checkpoints of epoch {epoch})",
+              flush=True)
+    return written
 
 
 def online_segmenter(cfg: Namespace, dist: DistInfo, data_config: dict):
@@ -505,7 +527,7 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
     optimizer = build_optimizer(model, cfg)
     scheduler = EpochScheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda") if cfg.use_amp and cfg.amp_dtype == "fp16" else None
-    start_epoch, best = 0, None
+    start_epoch, best, best_epoch = 0, None, None
     if cfg.resume_training:
         if not last_path.is_file():
             raise UserError(f"--resume_training: no checkpoint at {last_path} (no epoch finished; start again "
@@ -517,9 +539,11 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"], state["best_val_acc"]
+        start_epoch, best, best_epoch = state["epoch"], state["best_val_acc"], state.get("best_epoch")
         set_rng_state(state["rng"])
         folder.prepare_resume(start_epoch)
+        if dist.is_main:
+            complete_checkpoints(Path(cfg.snapshot_dir), state, cfg)
         if dist.is_main:
             print(f"resumed from {last_path} at epoch {start_epoch}", flush=True)
             saved_world = state.get("world_size", dist.world_size)
@@ -564,18 +588,21 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
         record = {"epoch": epoch + 1, "split": eval_split, **stats, **metrics}
         improved = eval_split == "val" and (best is None or metrics["val/acc"] > best)
         if improved:
-            best = metrics["val/acc"]
+            best, best_epoch = metrics["val/acc"], epoch + 1
         if dist.is_main:
             folder.log(record)
             _wandb_log(wandb_run, record, epoch + 1)
             msg = f"epoch {epoch + 1}/{cfg.epochs} loss {stats['train/loss']:.4f} {eval_split}/acc {metrics[f'{eval_split}/acc']:.4f}"
             print(msg + f" ({stats['train/images_per_s']:.0f} img/s)", flush=True)
-            state = checkpoint_state(model, optimizer, scheduler, scaler, epoch + 1, best, cfg, meta)
+            state = checkpoint_state(model, optimizer, scheduler, scaler, epoch + 1, best, cfg, meta, best_epoch)
+            # last.pt first: best.pt and epoch_k.pt are never from an epoch that last.pt does not hold (a
+            # resume re-runs such an epoch, and under another world size the re-run may not beat the old
+            # best). A kill before the other two is repaired on resume by complete_checkpoints.
+            save_checkpoint(last_path, state)
             if improved:
                 save_checkpoint(Path(cfg.snapshot_dir) / "best.pt", state)
             if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
                 save_checkpoint(Path(cfg.snapshot_dir) / f"epoch_{epoch + 1}.pt", state)
-            save_checkpoint(last_path, state)  # last: a kill between these writes leaves a usable last.pt
         barrier()
     # Final report: the best-on-val model when there is a val split, else the last one.
     final_from = "last"
@@ -615,25 +642,9 @@ def evaluate_checkpoint(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
         best = Path(cfg.snapshot_dir) / "best.pt"
         ckpt = best if best.is_file() else Path(cfg.snapshot_dir) / "last.pt"
     state = load_checkpoint(ckpt, trust=getattr(cfg, "trust_checkpoint", False))
-    saved = state["config"]
-    # The architecture and strategy come from the checkpoint; the data may be pointed elsewhere.
-    for key in ("model_arch", "strategy", "mask_fill", "class_token_only", "patch_tokens_only", "late_mask_stage", "late_pool",
-                "late_drop_cls", "image_size"):
-        if key in saved:
-            setattr(cfg, key, saved[key])
-    cfg.pretrained, cfg.pretrained_file, cfg.freeze_backbone, cfg.drop_path = False, None, False, 0.0
     seed_everything(cfg.seed)
-    model = build_model(cfg, state["num_classes"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        ours, theirs = model.state_dict(), state["model"]
-        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-        shape = [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape]
-        example = (missing or unexpected or shape)[0]
-        raise UserError(f"checkpoint {ckpt} does not fit model {cfg.model_arch} ({len(missing)} tensors missing, "
-                        f"{len(unexpected)} unexpected, {len(shape)} of another shape, e.g. {example!r}): "
-                        "weights of another architecture?") from None
+    # The architecture and strategy come from the checkpoint; the data may be pointed elsewhere.
+    model = model_from_checkpoint(cfg, state, ckpt)
     model.to(dist.device)
     data_config = state["data_config"]
     mask_fn = mask_fn or online_segmenter(cfg, dist, data_config)

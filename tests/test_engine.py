@@ -448,3 +448,26 @@ def test_diverging_loss_stops_with_one_line(cub, tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert re.match(r"error: loss is (nan|inf) at epoch 1, step \d+: lower --lr or use --grad_norm_clip$", err), err
     assert not (run / "last.pt").exists() and not list(run.glob("*.tmp*"))
+
+
+def test_resume_restores_best_and_epoch_checkpoints_of_a_kill_between_writes(cub, tmp_path, capsys):
+    """last.pt is written first; a kill before best.pt / epoch_k.pt of the same epoch leaves them missing
+    (or best.pt from an earlier epoch): the resume writes them from last.pt, and the final report then
+    evaluates the right best.pt."""
+    flags = ["--epochs", "1", "--train_split", "0.75", "--save_every_n_epochs", "1"]
+    straight = tmp_path / "straight"
+    assert train_early(base_argv(cub, straight, *flags)) == 0
+    want = read_jsonl(straight / "results.jsonl")[-1]
+    state = load_checkpoint(straight / "last.pt")
+    assert state["best_epoch"] == 1 and want["checkpoint"] == "best"
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(straight / "last.pt", killed / "last.pt")
+    shutil.copy(straight / "results.jsonl", killed / "results.jsonl")
+    capsys.readouterr()
+    assert train_early(base_argv(cub, killed, *flags, "--resume_training")) == 0
+    assert capsys.readouterr().out.count("restored ") == 2
+    for name in ("best.pt", "epoch_1.pt"):
+        assert (killed / name).read_bytes() == (straight / "last.pt").read_bytes(), name
+    got = read_jsonl(killed / "results.jsonl")[-1]
+    assert {k: v for k, v in got.items() if "seconds" not in k} == {k: v for k, v in want.items() if "seconds" not in k}
