@@ -66,7 +66,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_outputs(rows: list[dict], out: Path, header: str) -> None:
-    """bench.json (rows + header), bench.csv and bench.md in `out`."""
+    """bench.json (rows + header), bench.csv, bench.md and bench.png (the ratios) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     with open(out / "bench.csv", "w", newline="") as f:
@@ -74,6 +74,37 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> None:
         w.writeheader()
         w.writerows(rows)
     (out / "bench.md").write_text(f"{header}\n\n{markdown_table(rows)}\n")
+    plot_ratios(rows, out / "bench.png", header.split(";")[0])
+
+
+def plot_ratios(rows: list[dict], path: Path, title: str) -> None:
+    """One horizontal bar per row that has a reference: its ratio, the goal as a tick, red if missed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in rows if r.get("ratio") is not None]
+    if not rs:
+        return
+    fig, ax = plt.subplots(figsize=(11, 0.3 * len(rs) + 1.4))
+    y = list(range(len(rs)))[::-1]
+    colours = ["tab:red" if r["met"] is False else "tab:green" if r["met"] else "tab:gray" for r in rs]
+    ax.barh(y, [r["ratio"] for r in rs], color=colours, height=0.7)
+    for yi, r in zip(y, rs):
+        if r.get("goal") is not None and r["goal_kind"] == "ratio":
+            ax.plot([r["goal"]] * 2, [yi - 0.4, yi + 0.4], color="black", lw=1.5)
+        ax.text(r["ratio"] + 0.01, yi, f"{r['ratio']:.2f}  ({r['images_per_s']:.0f} img/s)", va="center", fontsize=7)
+    ax.set_yticks(y)
+    short = [r["model"] if len(r["model"]) <= 24 else r["model"][:22] + "…" for r in rs]
+    ax.set_yticklabels([f"{m}: {r['row']}  ÷ {r['vs']}" for m, r in zip(short, rs)], fontsize=7)
+    ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+    ax.set_xlim(0, max(1.25, max(r["ratio"] for r in rs) + 0.45))
+    ax.set_xlabel("ratio to the reference row of the same run\n(black tick: goal; green: met, red: missed)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.subplots_adjust(left=0.46, right=0.98, top=1 - 0.5 / fig.get_figheight(), bottom=0.9 / fig.get_figheight())
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def machine_line(device: str = "cpu") -> str:

@@ -9,7 +9,7 @@
 Runs, each in its own process (so peak memory is per script): synthetic generation
 (bench_synthetic.py), data loading (bench_data.py), mask prediction (bench_seg.py, which also saves the
 untrained segmenter used by the online-segmenter row) and training / evaluation (bench_train.py).
-Prints one Markdown table and writes OUT/bench.{md,csv,json}: images/s, seconds, peak memory, and
+Prints one Markdown table and writes OUT/bench.{md,csv,json,png}: images/s, seconds, peak memory, and
 each figure's ratio against its reference row of the same run, with the goal where there is one.
 """
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
               f"{f', overrides {changed}' if changed else ''}; "
               f"{machine_line(s['device'])}")
     write_outputs(rows, out, header)
-    print(f"\n# All figures\n\n{header}\n\n{markdown_table(rows)}\n\nwritten to {out}/bench.{{md,csv,json}}")
+    print(f"\n# All figures\n\n{header}\n\n{markdown_table(rows)}\n\nwritten to {out}/bench.{{md,csv,json,png}}")
     missed = [f"{r['model']} {r['row']}" for r in rows if r.get("met") is False]
     if missed:
         print(f"goals missed: {'; '.join(missed)}")
