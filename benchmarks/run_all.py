@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", default=None, choices=["generation", "data", "masks", "train"],
                    help="run only these parts")
     o = p.add_argument_group("overrides of the preset's settings (e.g. a CPU dry run of --gpu)")
-    for key, typ in (("device", str), ("batch_size", int), ("steps", int), ("warmup", int), ("repeats", int),
-                     ("seg_batch", int), ("data_batches", int)):
+    for key, typ in (("device", str), ("image_size", int), ("batch_size", int), ("steps", int), ("warmup", int),
+                     ("repeats", int), ("seg_batch", int), ("data_batches", int)):
         o.add_argument(f"--{key}", type=typ, default=None)
     o.add_argument("--models", nargs="+", default=None)
     a = p.parse_args(argv)
