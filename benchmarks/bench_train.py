@@ -92,6 +92,17 @@ class Bench:
                 steps -= 1
                 yield batch
 
+    def timed(self, step, steps):
+        """`step(batch)` over warm-up batches, then `steps` timed ones: (images, seconds)."""
+        for batch in self.batches(self.cfg.warmup):
+            step(batch)
+        sync(self.device)
+        t0 = time.perf_counter()
+        for batch in self.batches(steps):
+            step(batch)
+        sync(self.device)
+        return steps * self.cfg.batch_size, time.perf_counter() - t0
+
     def bare_train(self, arch, steps):
         cfg, device = self.cfg, self.device
         model = self.bare_model(arch).train()
@@ -110,14 +121,7 @@ class Bench:
             loss.backward()
             opt.step()
 
-        for batch in self.batches(cfg.warmup):
-            one(batch)
-        sync(device)
-        t0 = time.perf_counter()
-        for batch in self.batches(steps):
-            one(batch)
-        sync(device)
-        return steps * cfg.batch_size, time.perf_counter() - t0
+        return self.timed(one, steps)
 
     @torch.no_grad()
     def bare_eval(self, arch, steps):
@@ -131,14 +135,7 @@ class Bench:
             with autocast_context(device, cfg.use_amp):
                 model(x).argmax(1).cpu()  # predict() also brings the predictions to the host
 
-        for batch in self.batches(cfg.warmup):
-            one(batch)
-        sync(device)
-        t0 = time.perf_counter()
-        for batch in self.batches(steps):
-            one(batch)
-        sync(device)
-        return steps * cfg.batch_size, time.perf_counter() - t0
+        return self.timed(one, steps)
 
     # --------------------------------------------------------------------------- the bgmask engine
     def classifier(self, arch):
