@@ -69,6 +69,19 @@ class Bench:
         self.cfg, self.device = cfg, device
         self.images, self.masks, self.labels = images, masks, labels
         self.ds = TensorRecords(images, masks, labels)
+        self._built = {}
+
+    def built(self, key, factory):
+        """Models (and optimizers) are built once per row and reused by its repeats, so that
+        --torchcompile compiles once per row, not once per measurement."""
+        if key not in self._built:
+            self._built[key] = factory()
+        return self._built[key]
+
+    def clear(self):
+        self._built.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def channels_last(self, arch):
         return self.cfg.channels_last and not is_vit(arch)
@@ -105,9 +118,13 @@ class Bench:
 
     def bare_train(self, arch, steps):
         cfg, device = self.cfg, self.device
-        model = self.bare_model(arch).train()
-        run = compile_model(model, cfg.torchcompile) if cfg.torchcompile else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def build():
+            model = self.bare_model(arch).train()
+            run = compile_model(model, cfg.torchcompile) if cfg.torchcompile else model
+            return run, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        run, opt = self.built(("bare train", arch), build)
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def one(batch):
@@ -126,7 +143,7 @@ class Bench:
     @torch.no_grad()
     def bare_eval(self, arch, steps):
         cfg, device = self.cfg, self.device
-        model = self.bare_model(arch).eval()
+        model = self.built(("bare eval", arch), lambda: self.bare_model(arch).eval())
 
         def one(batch):
             x = batch["image"].to(device, non_blocking=True)
@@ -153,10 +170,14 @@ class Bench:
                          epochs=1, no_progress=True)
 
     def engine_train(self, arch, strategy_name, steps, loader_factory=None, mask_fn=None):
-        model = self.classifier(arch)
         run_cfg = self.run_cfg(arch, self.cfg.warmup)
-        opt = build_optimizer(model, run_cfg)
-        run = compile_model(model, self.cfg.torchcompile) if self.cfg.torchcompile else model
+
+        def build():
+            model = self.classifier(arch)
+            opt = build_optimizer(model, run_cfg)
+            return (compile_model(model, self.cfg.torchcompile) if self.cfg.torchcompile else model), opt
+
+        run, opt = self.built(("engine train", arch, strategy_name, mask_fn is not None), build)
         strategy = create_strategy(strategy_name)
         dist = DistInfo(device=self.device)
         loss_fn = build_loss(run_cfg, False)
@@ -169,7 +190,7 @@ class Bench:
         return stats["train/images"], stats["train/seconds"]
 
     def engine_eval(self, arch, strategy_name, steps):
-        model = self.classifier(arch)
+        model = self.built(("engine eval", arch), lambda: self.classifier(arch))
         strategy = create_strategy(strategy_name)
         dist = DistInfo(device=self.device)
         warm = torch.utils.data.Subset(self.ds, range(self.cfg.warmup * self.cfg.batch_size))
@@ -228,6 +249,7 @@ def main(argv=None) -> list[dict]:
         seg = load_segmenter(cfg.seg_config, cfg.seg_checkpoint, device=device)
     rows = []
     for arch in cfg.models:
+        bench.clear()  # the previous model's rows are done: free their models
         bench.bare_train(arch, cfg.warmup)  # discarded: first-use kernel set-up (and compilation)
         measures = {"bare timm model": lambda a=arch: bench.bare_train(a, cfg.steps)}
         for strat in cfg.strategies:
