@@ -612,7 +612,7 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
         final_from = "best"
     final = evaluate_splits(model, datasets, strategy, dist, cfg, ["test", "waterbirds"], mask_fn,
                             diagnostics_base(cfg, data_config), data_config)
-    record = {"epoch": cfg.epochs, "split": "final", "checkpoint": final_from, **final}
+    record = {"epoch": cfg.epochs, "split": "final", "checkpoint": final_from, "num_classes": num_classes, **final}
     if dist.is_main:
         folder.log(record)
         atomic_write_text(Path(cfg.snapshot_dir) / "final_metrics.json", json.dumps(record, indent=2, sort_keys=True))

@@ -59,6 +59,7 @@ class Row:
     key: dict
     runs: list[str] = field(default_factory=list)
     values: dict[str, list[float]] = field(default_factory=dict)
+    num_classes: set = field(default_factory=set)  # from final_metrics.json (absent in older runs)
 
     def stat(self, metric: str) -> tuple[float, float] | None:
         vals = self.values.get(metric)
@@ -79,6 +80,8 @@ def load_runs(run_dirs) -> list[Row]:
         key = describe_run(cfg)
         row = rows.setdefault(tuple(key.values()), Row(key))
         row.runs.append(str(d))
+        if "num_classes" in metrics:
+            row.num_classes.add(int(metrics["num_classes"]))
         for metric, _ in COLUMNS:
             if metric in metrics:
                 row.values.setdefault(metric, []).append(float(metrics[metric]))
@@ -118,6 +121,14 @@ def rows_as_records(rows: list[Row]) -> list[dict]:
     return out
 
 
+def chance_level(rows: list[Row]) -> float | None:
+    """1 / num_classes when every row's runs have the same number of classes, else None."""
+    classes = set().union(*(r.num_classes for r in rows))
+    if len(classes) != 1 or not all(r.num_classes for r in rows):
+        return None
+    return 1.0 / classes.pop()
+
+
 def bar_chart(rows: list[Row], path: Path) -> None:
     """In-distribution vs Waterbirds accuracy per row (error bars = std over seeds)."""
     import matplotlib
@@ -137,9 +148,11 @@ def bar_chart(rows: list[Row], path: Path) -> None:
     ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.axhline(100 / max(1, 10), color="grey", lw=0.5, ls=":")
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title("Background bias: accuracy in and out of distribution")
+    chance = chance_level(rows)
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", lw=0.5, ls=":", label="chance")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
+    ax.set_title("Background bias: accuracy in and out of distribution", pad=22)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

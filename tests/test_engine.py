@@ -196,7 +196,7 @@ def test_train_writes_results(cub, tmp_path, arch, script, extra):
     for key in ("test/acc", "waterbirds/acc", "waterbirds/drop", "waterbirds/worst_group_acc",
                 "diag/bg_only_acc", "diag/bg_gap"):
         assert key in final
-    assert final["test/num_samples"] == 15 and final["waterbirds/num_samples"] == 15
+    assert final["test/num_samples"] == 15 and final["waterbirds/num_samples"] == 15 and final["num_classes"] == 3
     for f in ("config.yaml", "command.txt", "git_revision.txt", "last.pt", "final_metrics.json", "done"):
         assert (run / f).is_file(), f
     if "--train_split" in extra:

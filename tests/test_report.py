@@ -46,3 +46,19 @@ def test_report_rejects_unfinished_run(tmp_path, capsys):
     (tmp_path / "r").mkdir()
     assert cli_main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "o")]) == 2
     assert "not a finished run folder" in capsys.readouterr().err
+
+
+def test_chance_line_follows_the_runs_number_of_classes(tmp_path):
+    """The bar chart's chance line is 1 / num_classes of the runs (it was fixed at 10 %), and is left
+    out when runs disagree or do not record it."""
+    from bgmask.report import chance_level, load_runs
+
+    base = {"model_arch": "bgmask_resnet_tiny", "data_path": str(tmp_path), "image_sub_path_train": "images"}
+    m = {"test/acc": 0.9, "waterbirds/acc": 0.1}
+    four = [fake_run(tmp_path / f"r{s}", {**base, "strategy": "baseline", "seed": s}, {**m, "num_classes": 4})
+            for s in (0, 1)]
+    assert chance_level(load_runs(four)) == 0.25
+    ten = fake_run(tmp_path / "e", {**base, "strategy": "early", "seed": 0}, {**m, "num_classes": 10})
+    assert chance_level(load_runs([*four, ten])) is None
+    old = fake_run(tmp_path / "old", {**base, "strategy": "late", "seed": 0}, m)
+    assert chance_level(load_runs([*four, old])) is None
