@@ -195,6 +195,14 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
         if not isinstance(values, dict):
             raise UserError(f"--config {path}: expected a mapping of flag names to values")
         dests = {a.dest for a in parser._actions}
+        # A run's config.yaml records every training flag; the flags of the other strategies' script
+        # (e.g. late_pool in an early-masking run written by `bgmask demo`) are inert at their defaults.
+        inert = {a.dest: a.default for a in train_parser("all")._actions if a.dest not in dests}
+        used = sorted(k for k in set(values) & set(inert) if values[k] != inert[k])
+        if used:
+            raise UserError(f"--config {path}: {', '.join(f'{k}={values[k]!r}' for k in used)} is not a flag of "
+                            f"this script (late masking flags belong to late_masking/train.py)")
+        values = {k: v for k, v in values.items() if k not in inert}
         unknown = sorted(set(values) - dests)
         if unknown:
             raise UserError(f"--config {path}: unknown keys {', '.join(unknown)}")

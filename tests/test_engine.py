@@ -146,6 +146,28 @@ def test_yaml_config_defaults_and_override(tmp_path):
         cfg_from(["--config", str(cfgfile)])
 
 
+def test_a_runs_config_yaml_reruns_with_the_script_of_its_strategy(cub, tmp_path, capsys):
+    """config.yaml of a run made by the all-strategies parser (as `bgmask demo` does) is a valid --config
+    of early_masking_and_baseline/train.py: the late-masking keys at their defaults are inert; a
+    late-masking key set to something else is one clear line."""
+    import yaml
+
+    first = tmp_path / "first"
+    cfg = A.parse_with_config(A.train_parser("all"), base_argv(cub, first, "--epochs", "1", "--strategy", "early"))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(vars(cfg)))
+    again = tmp_path / "again"
+    assert train_early(["--config", str(tmp_path / "c.yaml"), "--snapshot_dir", str(again), "--mask_threshold",
+                        "127"]) == 0
+    rerun = yaml.safe_load((again / "config.yaml").read_text())
+    assert rerun["strategy"] == "early" and rerun["mask_threshold"] == 127 and "late_pool" not in rerun
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**vars(cfg), "late_pool": "masked_mean"}))
+    capsys.readouterr()
+    assert train_early(["--config", str(tmp_path / "c.yaml"), "--snapshot_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --config {tmp_path / 'c.yaml'}: late_pool='masked_mean' is not a flag of this script "
+                   "(late masking flags belong to late_masking/train.py)"), err
+
+
 def test_resolve_device():
     """One --device resolver for the classifier scripts and the segmenter scripts (bgmask.distributed)."""
     from bgmask.distributed import resolve_device
