@@ -28,17 +28,23 @@ DIAGNOSTICS = ("fg_only", "bg_only", "mixed_same", "mixed_rand")
 
 
 def loader_iter(loader: DataLoader):
-    """iter(loader), with Ctrl-C held while the DataLoader forks its workers: a SIGINT landing in
-    Python's at-fork handlers is printed as "Exception ignored" and lost, and training would go on.
-    The held signal arrives as the usual KeyboardInterrupt as soon as the workers are started; the
-    workers inherit the mask and lift it in `unblock_sigint` (their worker_init_fn)."""
+    """iter(loader), with Ctrl-C held while the DataLoader builds its iterator and forks its workers.
+    Two ways it would go wrong otherwise: a SIGINT landing in Python's at-fork handlers is printed as
+    "Exception ignored" and lost (training would go on), and a Ctrl-C whose flag is already set would
+    raise inside the iterator's __init__, leaving a half-built iterator whose __del__ prints a traceback.
+    So the signal is blocked (the workers inherit the mask and lift it in `unblock_sigint`, their
+    worker_init_fn) and Python's handler is deferred; the interrupt arrives as the usual
+    KeyboardInterrupt once the iterator is whole."""
+    from bgmask.checkpoint import sigint_deferred
+
     if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (no signal masks on Windows)
         return iter(loader)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    with sigint_deferred():
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def unblock_sigint(worker_id: int | None = None) -> None:

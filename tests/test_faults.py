@@ -558,3 +558,32 @@ def test_predict_masks_killed_midway(zygote, synth, tmp_path):
 
     assert zygote.run(PREDICT, argv(out), log) == 0, tail(log)
     assert tree(out) == tree(ref)
+
+
+def test_ctrl_c_while_the_dataloader_starts_its_workers(monkeypatch):
+    """A Ctrl-C already received (Python's flag set) when `iter(loader)` starts used to surface inside the
+    multi-process iterator's __init__, before it had `_workers`; its __del__ then printed an "Exception
+    ignored ... AttributeError" traceback (a flake of test_ctrl_c_during_training). loader_iter defers
+    it: the iterator is built whole, then the KeyboardInterrupt arrives, and nothing is printed."""
+    import _thread
+    import gc
+
+    from torch.utils.data import DataLoader
+
+    from bgmask.eval import loader_iter
+
+    class InterruptingBatches:
+        def __iter__(self):
+            _thread.interrupt_main()  # what a SIGINT does first: set the flag Python checks between bytecodes
+            return iter([[0, 1], [2, 3]])
+
+        def __len__(self):
+            return 2
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u))
+    loader = DataLoader(list(range(4)), batch_sampler=InterruptingBatches(), num_workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        loader_iter(loader)
+    gc.collect()
+    assert unraisable == [], [f"{u.exc_type.__name__}: {u.exc_value}" for u in unraisable]
