@@ -84,7 +84,8 @@ def validate_config(cfg: Namespace, model_is_vit: bool | None = None) -> None:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.resume_training and cfg.eval_only:
         raise UserError("--resume_training and --eval_only exclude each other")
-    if cfg.use_amp and cfg.amp_dtype == "fp16" and cfg.device == "cpu":
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.use_amp and cfg.amp_dtype == "fp16" and on_cpu:
         raise UserError("--amp_dtype fp16 needs CUDA; use the default bf16 on CPU")
     if cfg.freeze_backbone and cfg.drop_path > 0:
         raise UserError("--drop_path has no effect with --freeze_backbone (the backbone runs in eval mode)")

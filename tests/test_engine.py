@@ -493,3 +493,12 @@ def test_resume_restores_best_and_epoch_checkpoints_of_a_kill_between_writes(cub
         assert (killed / name).read_bytes() == (straight / "last.pt").read_bytes(), name
     got = read_jsonl(killed / "results.jsonl")[-1]
     assert {k: v for k, v in got.items() if "seconds" not in k} == {k: v for k, v in want.items() if "seconds" not in k}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_fp16_autocast_needs_cuda(cub, tmp_path, capsys, device):
+    """fp16 needs the CUDA grad scaler; --device auto on a machine without CUDA is the CPU too (it used to
+    pass the check and fail later inside torch)."""
+    assert train_early(base_argv(cub, tmp_path / "run", "--use_amp", "--amp_dtype", "fp16", "--device", device)) == 2
+    assert capsys.readouterr().err.strip() == "error: --amp_dtype fp16 needs CUDA; use the default bf16 on CPU"
