@@ -39,7 +39,7 @@ PRESETS = {
                 data_per_class=(100, 10), data_batches=20, seg_steps=10, seg_batch=16, num_workers=1),
     "gpu": dict(device="cuda", image_size=224, models=["convnext_tiny", "vit_small_patch14_dinov2"], batch_size=64,
                 steps=30, warmup=5, repeats=3, amp=True, gen_sizes=[64, 224], gen_per_class=(24, 6),
-                data_per_class=(40, 10), data_batches=10, seg_steps=10, seg_batch=32, num_workers=8),
+                data_per_class=(200, 10), data_batches=10, seg_steps=10, seg_batch=32, num_workers=8),
     "quick": dict(device="cpu", image_size=32, models=["bgmask_resnet_tiny", "bgmask_vit_tiny"], batch_size=8,
                   steps=2, warmup=1, repeats=1, amp=False, gen_sizes=[32], gen_per_class=(2, 1),
                   data_per_class=(4, 2), data_batches=2, seg_steps=1, seg_batch=4, num_workers=1),
