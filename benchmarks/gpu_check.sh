@@ -9,11 +9,14 @@
 # bgmask runs from this checkout (PYTHONPATH), on the machine's own torch / torchvision / timm. Wheels
 # in .whl/ (e.g. the MMSeg stack for the mask rows; see benchmarks/README.md) are installed first.
 # SMOKE_DEVICE=cpu runs the smoke part on the CPU (a dry run of this script without a GPU).
+# The whole script stops within BUDGET_S seconds (default 570: one 10-minute device command with room
+# for the start): each smoke run gets at most 120 s and the benchmark what is left.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [run_all.py flags]}
 shift
 DEVICE=${SMOKE_DEVICE:-cuda}
+BUDGET_S=${BUDGET_S:-570}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -32,7 +35,7 @@ common=(--data_path "$DATA" --image_size 64 --batch_size 16 --epochs 2 --num_wor
 smoke() {  # name, script, flags...
   local name=$1 script=$2; shift 2
   local t0=$SECONDS
-  if timeout 300 "$PY" "$script" "${common[@]}" --snapshot_dir "$OUT/smoke_$name" "$@" > "$OUT/smoke_$name.log" 2>&1; then
+  if timeout 120 "$PY" "$script" "${common[@]}" --snapshot_dir "$OUT/smoke_$name" "$@" > "$OUT/smoke_$name.log" 2>&1; then
     echo "ok   $name ($((SECONDS - t0)) s): $(grep -m1 'Waterbirds accuracy' "$OUT/smoke_$name.log" || true)"
   else
     echo "FAIL $name ($((SECONDS - t0)) s):"; tail -5 "$OUT/smoke_$name.log"
@@ -44,7 +47,7 @@ smoke vit_late_compile late_masking/train.py --model_arch bgmask_vit_tiny --patc
 if [ "$DEVICE" = cuda ]; then
   t0=$SECONDS
   ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")  # nccl: one process per GPU
-  if timeout 300 "$PY" -m torch.distributed.run --nproc_per_node="$ngpu" early_masking_and_baseline/train.py \
+  if timeout 120 "$PY" -m torch.distributed.run --nproc_per_node="$ngpu" early_masking_and_baseline/train.py \
       "${common[@]}" --snapshot_dir "$OUT/smoke_nccl" > "$OUT/smoke_nccl.log" 2>&1; then
     echo "ok   torchrun_nccl ($((SECONDS - t0)) s; $ngpu process(es))"
   else
@@ -52,5 +55,6 @@ if [ "$DEVICE" = cuda ]; then
   fi
 fi
 
-echo "== benchmark"
-timeout 480 "$PY" benchmarks/run_all.py --gpu --out "$OUT/bench" "$@"
+left=$((BUDGET_S - SECONDS)); [ "$left" -lt 60 ] && left=60
+echo "== benchmark (at most $left s)"
+timeout "$left" "$PY" benchmarks/run_all.py --gpu --out "$OUT/bench" "$@"
