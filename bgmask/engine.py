@@ -35,7 +35,7 @@ from tqdm import tqdm
 from bgmask.checkpoint import load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bgmask.data import CUBDataset, MaskSource, build_transform
 from bgmask.data.cub import WATERBIRDS_SUBDIR
-from bgmask.distributed import DistInfo, barrier, cleanup, init_distributed
+from bgmask.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
 from bgmask.errors import UserError, require_dir
 from bgmask.eval import (DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, loader_iter, predict,
                          split_metrics, unblock_sigint)
@@ -84,8 +84,7 @@ def validate_config(cfg: Namespace, model_is_vit: bool | None = None) -> None:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.resume_training and cfg.eval_only:
         raise UserError("--resume_training and --eval_only exclude each other")
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if cfg.use_amp and cfg.amp_dtype == "fp16" and on_cpu:
+    if cfg.use_amp and cfg.amp_dtype == "fp16" and resolve_device(cfg.device).type == "cpu":
         raise UserError("--amp_dtype fp16 needs CUDA; use the default bf16 on CPU")
     if cfg.freeze_backbone and cfg.drop_path > 0:
         raise UserError("--drop_path has no effect with --freeze_backbone (the backbone runs in eval mode)")
@@ -383,7 +382,7 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
         with autocast_context(dist.device, cfg.use_amp, cfg.amp_dtype):
             logits = strategy.forward(model, images, masks)
             loss = loss_fn(logits.float(), targets)
-        if steps % check_every == 0 or steps == n_steps - 1:
+        if steps % check_every == 0:  # the epoch's sum, checked below, covers the steps in between
             if not torch.isfinite(loss):
                 raise UserError(f"loss is {loss.item()} at epoch {epoch + 1}, step {steps}: lower --lr or use "
                                    "--grad_norm_clip")
@@ -460,11 +459,10 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch: int, best: floa
     }
 
 
-def complete_checkpoints(folder: Path, state: dict, cfg: Namespace) -> list[Path]:
+def complete_checkpoints(folder: Path, state: dict, cfg: Namespace) -> None:
     """After a kill between writing last.pt and best.pt / epoch_k.pt of the same epoch: write the missing
-    ones from last.pt (they hold the same state). Returns the files written."""
-    epoch, last, written = state["epoch"], folder / "last.pt", []
-    wanted = []
+    ones from last.pt (they hold the same state)."""
+    epoch, last, wanted = state["epoch"], folder / "last.pt", []
     if state.get("best_epoch") == epoch:
         best = folder / "best.pt"
         if not best.is_file() or load_checkpoint(best, trust=getattr(cfg, "trust_checkpoint", False))["epoch"] != epoch:
@@ -474,10 +472,8 @@ def complete_checkpoints(folder: Path, state: dict, cfg: Namespace) -> list[Path
     for dst in wanted:
         with atomic_path(dst) as tmp:
             shutil.copyfile(last, tmp)
-        written.append(dst)
         print(f"restored {dst} from {last} (the run was stopped while writing the checkpoints of epoch {epoch})",
               flush=True)
-    return written
 
 
 def online_segmenter(cfg: Namespace, dist: DistInfo, data_config: dict):
@@ -545,7 +541,6 @@ def _run(cfg: Namespace, dist: DistInfo, mask_fn) -> dict:
         folder.prepare_resume(start_epoch)
         if dist.is_main:
             complete_checkpoints(Path(cfg.snapshot_dir), state, cfg)
-        if dist.is_main:
             print(f"resumed from {last_path} at epoch {start_epoch}", flush=True)
             saved_world = state.get("world_size", dist.world_size)
             if saved_world != dist.world_size:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from bgmask.checkpoint import sigint_deferred
 from bgmask.distributed import ShardSampler, all_gather_objects
 from bgmask.metrics import accuracy, group_summary
 
@@ -35,8 +36,6 @@ def loader_iter(loader: DataLoader):
     So the signal is blocked (the workers inherit the mask and lift it in `unblock_sigint`, their
     worker_init_fn) and Python's handler is deferred; the interrupt arrives as the usual
     KeyboardInterrupt once the iterator is whole."""
-    from bgmask.checkpoint import sigint_deferred
-
     if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (no signal masks on Windows)
         return iter(loader)
     with sigint_deferred():
