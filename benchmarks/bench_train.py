@@ -251,10 +251,15 @@ def main(argv=None) -> list[dict]:
     for arch in cfg.models:
         bench.clear()  # the previous model's rows are done: free their models
         bench.bare_train(arch, cfg.warmup)  # discarded: first-use kernel set-up (and compilation)
+        # name -> the row it is divided by (what each ratio isolates: the engine, masking, the segmenter,
+        # the JPEG pipeline)
+        refs = {"bare timm model": None}
         measures = {"bare timm model": lambda a=arch: bench.bare_train(a, cfg.steps)}
         for strat in cfg.strategies:
+            refs[f"engine/{strat}"] = "bare timm model" if strat == "baseline" else "engine/baseline"
             measures[f"engine/{strat}"] = lambda a=arch, s=strat: bench.engine_train(a, s, cfg.steps)
         if seg is not None:
+            refs["engine/late + online segmenter"] = "engine/late"
             measures["engine/late + online segmenter"] = lambda a=arch: bench.engine_train(a, "late", cfg.steps,
                                                                                            mask_fn=seg)
         results = interleaved(measures, cfg.repeats, device)
@@ -268,30 +273,19 @@ def main(argv=None) -> list[dict]:
                 factory = lambda r=real: DataLoader(r, batch_size=cfg.batch_size, shuffle=True,  # noqa: E731
                                                     num_workers=cfg.num_workers, drop_last=True,
                                                     pin_memory=device.type == "cuda")
+                refs[f"engine+data/{strat}"] = f"engine/{strat}"
                 results.update(interleaved({f"engine+data/{strat}": lambda a=arch, s=strat, f=factory:
                                             bench.engine_train(a, s, cfg.steps, loader_factory=f)}, 1, device))
+        for name, (count, seconds, mem) in results.items():
+            rows.append(make_row("train", arch, name, count, seconds, mem, ref=refs[name], goal=GOALS.get(name)))
         if not cfg.no_eval:
+            refs = {"bare forward, no grad": None}
             measures = {"bare forward, no grad": lambda a=arch: bench.bare_eval(a, cfg.steps)}
             for strat in cfg.strategies:
+                refs[f"eval/{strat}"] = "bare forward, no grad" if strat == "baseline" else "eval/baseline"
                 measures[f"eval/{strat}"] = lambda a=arch, s=strat: bench.engine_eval(a, s, cfg.steps)
-            evals = interleaved(measures, cfg.repeats, device)
-        for name, (count, seconds, mem) in results.items():
-            if name == "bare timm model":
-                ref = None
-            elif name == "engine/baseline":
-                ref = "bare timm model"
-            elif name.startswith("engine/") and "segmenter" not in name:
-                ref = "engine/baseline"
-            elif "segmenter" in name:
-                ref = "engine/late"
-            else:  # engine+data/<strategy>
-                ref = "engine/" + name.split("/", 1)[1]
-            rows.append(make_row("train", arch, name, count, seconds, mem, ref=ref, goal=GOALS.get(name)))
-        if not cfg.no_eval:
-            for name, (count, seconds, mem) in evals.items():
-                ref = None if name.startswith("bare") else \
-                    ("bare forward, no grad" if name == "eval/baseline" else "eval/baseline")
-                rows.append(make_row("eval", arch, name, count, seconds, mem, ref=ref, goal=GOALS.get(name)))
+            for name, (count, seconds, mem) in interleaved(measures, cfg.repeats, device).items():
+                rows.append(make_row("eval", arch, name, count, seconds, mem, ref=refs[name], goal=GOALS.get(name)))
     header = (f"training / evaluation; device={device} image_size={cfg.image_size} batch={cfg.batch_size} "
               f"steps={cfg.steps} repeats={cfg.repeats} threads={torch.get_num_threads()} amp={cfg.use_amp} "
               f"channels_last(CNN)={cfg.channels_last} torchcompile={cfg.torchcompile}; "
