@@ -41,25 +41,21 @@ train_dataloader = dict(
     persistent_workers=True,
     sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=_split('images/train', 'annotations/train', train_pipeline))
+
+
 # MMSeg batches only images of one size at test time: batch_size 1 for CUB's varied sizes.
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=_split('images/val', 'annotations/val', test_pipeline))
-test_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=_split('images/test', 'annotations/test', test_pipeline))
-waterbird_test_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=_split('images/waterbird_test', 'annotations/test', test_pipeline))
+def _eval_loader(img_dir, ann_dir):
+    return dict(
+        batch_size=1,
+        num_workers=2,
+        persistent_workers=True,
+        sampler=dict(type='DefaultSampler', shuffle=False),
+        dataset=_split(img_dir, ann_dir, test_pipeline))
+
+
+val_dataloader = _eval_loader('images/val', 'annotations/val')
+test_dataloader = _eval_loader('images/test', 'annotations/test')
+waterbird_test_dataloader = _eval_loader('images/waterbird_test', 'annotations/test')
 val_evaluator = dict(type='BinarySegMetric', iou_metrics=['mIoU', 'mDice'])  # + IoU.bird, Dice.bird
 test_evaluator = val_evaluator
 waterbird_test_evaluator = val_evaluator
