@@ -2,43 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
-import signal
-import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bgmask.errors import UserError, require_file
-from bgmask.io import atomic_path
+from bgmask.io import atomic_path, load_weights_only
+from bgmask.signals import sigint_deferred
 
 FORMAT = "bgmask-classifier"
-
-
-@contextlib.contextmanager
-def sigint_deferred():
-    """Hold Ctrl-C until the block ends (main thread only). torch.save interrupted by a
-    KeyboardInterrupt turns it into a RuntimeError from its zip writer; deferring it lets the
-    checkpoint finish and the interrupt arrive as the usual KeyboardInterrupt right after."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:  # None: set outside Python
-        yield
-        return
-    caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, None)
-        elif caught and previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGINT)  # the default action, now
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -54,14 +30,6 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         raise UserError(f"{e} (the previous checkpoint is kept)") from None
     except OSError as e:
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e} (the previous one is kept)") from None
-
-
-def load_weights_only(path: str | Path, map_location="cpu"):
-    """torch.load(weights_only=True), without torch's warning about the pickle protocol of a file that
-    torch.save did not write (the caller turns the refusal into one line; the warning would be a second)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def load_checkpoint(path: str | Path, trust: bool = False, map_location="cpu") -> dict:

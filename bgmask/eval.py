@@ -13,7 +13,6 @@ background colour. The strategy sees the pasted bird's mask as its mask.
 
 from __future__ import annotations
 
-import signal
 from contextlib import nullcontext
 
 import numpy as np
@@ -21,35 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from bgmask.checkpoint import sigint_deferred
 from bgmask.distributed import ShardSampler, all_gather_objects
 from bgmask.metrics import accuracy, group_summary
+from bgmask.signals import loader_iter, unblock_sigint
 
 DIAGNOSTICS = ("fg_only", "bg_only", "mixed_same", "mixed_rand")
-
-
-def loader_iter(loader: DataLoader):
-    """iter(loader), with Ctrl-C held while the DataLoader builds its iterator and forks its workers.
-    Two ways it would go wrong otherwise: a SIGINT landing in Python's at-fork handlers is printed as
-    "Exception ignored" and lost (training would go on), and a Ctrl-C whose flag is already set would
-    raise inside the iterator's __init__, leaving a half-built iterator whose __del__ prints a traceback.
-    So the signal is blocked (the workers inherit the mask and lift it in `unblock_sigint`, their
-    worker_init_fn) and Python's handler is deferred; the interrupt arrives as the usual
-    KeyboardInterrupt once the iterator is whole."""
-    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (no signal masks on Windows)
-        return iter(loader)
-    with sigint_deferred():
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            return iter(loader)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def unblock_sigint(worker_id: int | None = None) -> None:
-    """DataLoader worker_init_fn: Ctrl-C reaches the worker again (see loader_iter)."""
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def autocast_context(device: torch.device, enabled: bool, dtype: str = "bf16"):

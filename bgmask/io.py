@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -95,3 +96,13 @@ def atomic_save_image(path: str | Path, img: Image.Image, **kwargs) -> None:
     data = encode_image(img, fmt, **kwargs)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def load_weights_only(path: str | Path, map_location="cpu"):
+    """torch.load(weights_only=True), without torch's warning about the pickle protocol of a file that
+    torch.save did not write (the caller turns the refusal into one line; the warning would be a second)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)

@@ -570,7 +570,7 @@ def test_ctrl_c_while_the_dataloader_starts_its_workers(monkeypatch):
 
     from torch.utils.data import DataLoader
 
-    from bgmask.eval import loader_iter
+    from bgmask.signals import loader_iter
 
     class InterruptingBatches:
         def __iter__(self):

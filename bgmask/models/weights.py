@@ -27,7 +27,7 @@ import timm
 import torch
 from torch import nn
 
-from bgmask.checkpoint import load_weights_only
+from bgmask.io import load_weights_only
 from bgmask.errors import UserError
 
 _logger = logging.getLogger(__name__)

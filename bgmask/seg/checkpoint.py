@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bgmask.checkpoint import load_weights_only
+from bgmask.io import load_weights_only
 from bgmask.errors import UserError, require_file
 from bgmask.io import atomic_path
 

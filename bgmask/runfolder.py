@@ -1,0 +1,129 @@
+"""The run folder: the one writer of what a run leaves behind, for training, evaluation and the segmenter.
+
+    config.yaml          the resolved flags (training)
+    command.txt          the exact command line (`<name>_command.txt` for the segmenter's train / test)
+    git_revision.txt     the code's revision (`-dirty` when the tree had changes)
+    results.jsonl        one JSON line per evaluation: per epoch, the final one, and `split: "eval"` lines
+                         written by `eval_waterbirds.py` / `--eval_only` / the segmenter's test
+    final_metrics.json   the final record (training)
+    done                 written last: the run finished
+
+Only rank 0 writes (`enabled=False` elsewhere turns every method into a no-op). Files are replaced
+atomically; results.jsonl is appended one whole line at a time. With `--wandb` every numeric value of a
+logged record is mirrored to the wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+from bgmask.errors import UserError
+from bgmask.io import atomic_write_text, remove_stale_temp
+
+RESULTS = "results.jsonl"
+EVAL_SPLIT = "eval"  # the `split` tag of a record written by an evaluation of a saved checkpoint
+
+
+def git_revision() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+class RunFolder:
+    def __init__(self, path: str | Path, enabled: bool = True, flag: str = "--snapshot_dir"):
+        self.path, self.enabled, self.wandb = Path(path), enabled, None
+        if enabled:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                probe = self.path / ".write_test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise UserError(f"cannot write to {flag} {self.path}: {e.strerror or e}") from None
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS
+
+    def holds_run(self) -> bool:
+        return self.results.exists()
+
+    def write_provenance(self, name: str = "") -> None:
+        """command.txt (or NAME_command.txt) and git_revision.txt."""
+        if self.enabled:
+            command = f"{name}_command.txt" if name else "command.txt"
+            atomic_write_text(self.path / command, shlex.join([sys.executable, *sys.argv]) + "\n")
+            atomic_write_text(self.path / "git_revision.txt", git_revision() + "\n")
+
+    def write_config(self, cfg: Namespace) -> None:
+        if self.enabled:
+            import yaml
+
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(vars(cfg), sort_keys=True))
+            self.write_provenance()
+
+    def log(self, record: dict, step: int | None = None) -> None:
+        """Append one line to results.jsonl (and mirror the numbers to wandb at `step`)."""
+        if not self.enabled:
+            return
+        try:
+            with open(self.results, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot append to {self.results}: {e.strerror or e}") from None
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self, record: dict, step: int | None = None) -> None:
+        """The final record: a results.jsonl line, final_metrics.json, then `done`."""
+        if not self.enabled:
+            return
+        self.log(record, step)
+        atomic_write_text(self.path / "final_metrics.json", json.dumps(record, indent=2, sort_keys=True))
+        atomic_write_text(self.path / "done", "")
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+    def start_wandb(self, cfg: Namespace) -> None:
+        if self.enabled and cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, group=cfg.group, job_type=cfg.job_type,
+                                    config=vars(cfg), dir=str(self.path))
+
+    def remove_stale_temp(self) -> None:
+        """Temporary files of a process killed while writing (only when this run owns the folder)."""
+        if self.enabled:
+            remove_stale_temp(self.path)
+
+    def prepare_resume(self, epoch: int) -> None:
+        """Before a run resumed from the checkpoint of `epoch`: drop the results.jsonl lines that the
+        run will write again (epochs after `epoch`, final records, a torn last line)."""
+        if not self.enabled or not self.results.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.results.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if rec.get("split") == "final" or int(rec.get("epoch", 0)) > epoch:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            atomic_write_text(self.results, "".join(kept))
