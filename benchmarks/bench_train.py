@@ -32,7 +32,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bgmask.distributed import DistInfo
-from bgmask.engine import build_loss, build_optimizer, compile_model, train_one_epoch
+from bgmask.build import compile_model
+from bgmask.engine import train_one_epoch
+from bgmask.optim import build_loss, build_optimizer
 from bgmask.eval import autocast_context, predict
 from bgmask.masking import create_strategy
 from bgmask.models import create_classifier

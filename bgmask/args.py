@@ -84,10 +84,17 @@ def model_args(add_help: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def masking_args(add_help: bool = False, strategies=("baseline", "early", "late")) -> argparse.ArgumentParser:
+LATE_FLAG_DEFAULTS = {"late_mask_stage": "last", "late_pool": "mean", "late_drop_cls": False}
+
+
+def masking_args(add_help: bool = False, strategies=None, default: str | None = None) -> argparse.ArgumentParser:
+    """--strategy takes `strategies` (default: every registered one) and `default` (default: the first)."""
+    from bgmask.masking.strategies import STRATEGIES
+
+    strategies = list(strategies or STRATEGIES)
     p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("masking")
-    add(g, "--strategy", default=strategies[0], choices=list(strategies))
+    add(g, "--strategy", default=default or strategies[0], choices=strategies)
     add(g, "--mask_source", default="gt",
         help="'gt' (ROOT/segmentations) or a predicted-mask folder laid out as DIR/<image folder>/<rel>.png")
     add(g, "--mask_dir", default=None, help="alias of --mask_source DIR (late-masking spelling)")
@@ -96,12 +103,12 @@ def masking_args(add_help: bool = False, strategies=("baseline", "early", "late"
     add(g, "--seg_model_config_path", default=None,
         help="online segmenter: MMSeg config; masks are predicted on each (augmented) batch")
     add(g, "--seg_model_checkpoint_path", default=None, help="online segmenter: checkpoint (slim or full)")
-    if "late" in strategies:
-        add(g, "--late_mask_stage", "--late_mask_block", default="last", choices=["last", "second_last"],
-            help="mask the last stage/block output, or the second-last and run the last on it")
-        add(g, "--late_pool", default="mean", choices=["mean", "masked_mean"],
-            help="mean over the whole grid (the paper) or over bird cells only")
-        add(g, "--late_drop_cls", action="store_true", help="ViT: head on masked patch tokens only")
+    late = p.add_argument_group("late masking (--strategy late)")
+    add(late, "--late_mask_stage", "--late_mask_block", default=LATE_FLAG_DEFAULTS["late_mask_stage"],
+        choices=["last", "second_last"], help="mask the last stage/block output, or the second-last and run the last on it")
+    add(late, "--late_pool", default=LATE_FLAG_DEFAULTS["late_pool"], choices=["mean", "masked_mean"],
+        help="mean over the whole grid (the paper) or over bird cells only")
+    add(late, "--late_drop_cls", action="store_true", help="ViT: head on masked patch tokens only")
     return p
 
 
@@ -170,10 +177,11 @@ def run_args(add_help: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def train_parser(description: str, strategies=("baseline", "early", "late")) -> argparse.ArgumentParser:
+def train_parser(description: str, strategies=None, default: str | None = None) -> argparse.ArgumentParser:
     return ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[data_args(), model_args(), masking_args(strategies=strategies), optim_args(), run_args()],
+        parents=[data_args(), model_args(), masking_args(strategies=strategies, default=default), optim_args(),
+                 run_args()],
     )
 
 
@@ -194,18 +202,15 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
             raise UserError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
         if not isinstance(values, dict):
             raise UserError(f"--config {path}: expected a mapping of flag names to values")
-        dests = {a.dest for a in parser._actions}
-        # A run's config.yaml records every training flag; the flags of the other strategies' script
-        # (e.g. late_pool in an early-masking run written by `bgmask demo`) are inert at their defaults.
-        inert = {a.dest: a.default for a in train_parser("all")._actions if a.dest not in dests}
-        used = sorted(k for k in set(values) & set(inert) if values[k] != inert[k])
-        if used:
-            raise UserError(f"--config {path}: {', '.join(f'{k}={values[k]!r}' for k in used)} is not a flag of "
-                            f"this script (late masking flags belong to late_masking/train.py)")
-        values = {k: v for k, v in values.items() if k not in inert}
-        unknown = sorted(set(values) - dests)
+        actions = {a.dest: a for a in parser._actions}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
             raise UserError(f"--config {path}: unknown keys {', '.join(unknown)}")
+        for key, value in values.items():  # argparse checks choices on the command line only
+            choices = actions[key].choices
+            if choices is not None and value is not None and value not in choices:
+                raise UserError(f"--config {path}: {key}={value!r} is not one of {', '.join(map(str, choices))} "
+                                "(for this script)")
         parser.set_defaults(**values)
     return parser.parse_args(argv)
 
@@ -217,3 +222,44 @@ def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add(parser, "--mask_fill", default="black", choices=["black", "mean", "blur"])
     add(parser, "--mask_threshold", type=int, default=0)
     return parser
+
+
+def validate_config(cfg: argparse.Namespace) -> None:
+    """Flag combinations that cannot work, caught before anything is built or written."""
+    from bgmask.distributed import resolve_device
+    from bgmask.errors import UserError, require_dir
+    from bgmask.masking.strategies import create_strategy
+
+    if not cfg.data_path:
+        raise UserError("--data_path is required (a CUB_200_2011 root, e.g. from `bgmask make-synthetic`)")
+    require_dir(cfg.data_path, "--data_path")  # before the run folder is made
+    strategy = create_strategy(cfg.strategy)
+    if cfg.mask_dir:
+        if cfg.mask_source not in ("gt", cfg.mask_dir):
+            raise UserError(f"--mask_dir {cfg.mask_dir} conflicts with --mask_source {cfg.mask_source}")
+        cfg.mask_source = cfg.mask_dir
+    online = (cfg.seg_model_config_path, cfg.seg_model_checkpoint_path)
+    if any(online) and not cfg.seg_model_checkpoint_path:
+        raise UserError("--seg_model_config_path needs --seg_model_checkpoint_path")
+    if any(online) and not strategy.needs_mask:
+        raise UserError(f"an online segmenter is given but --strategy {cfg.strategy} uses no masks (use early or late)")
+    late_set = [f"--{k} {getattr(cfg, k)}" for k, v in LATE_FLAG_DEFAULTS.items() if getattr(cfg, k) != v]
+    if late_set and not strategy.masks_features:
+        raise UserError(f"{late_set[0]} applies to feature-level masking (--strategy late), not --strategy "
+                        f"{cfg.strategy}")
+    if cfg.epochs < 1 and not cfg.eval_only:
+        raise UserError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.resume_training and cfg.eval_only:
+        raise UserError("--resume_training and --eval_only exclude each other")
+    if cfg.use_amp and cfg.amp_dtype == "fp16" and resolve_device(cfg.device).type == "cpu":
+        raise UserError("--amp_dtype fp16 needs CUDA; use the default bf16 on CPU")
+    if cfg.freeze_backbone and cfg.drop_path > 0:
+        raise UserError("--drop_path has no effect with --freeze_backbone (the backbone runs in eval mode)")
+    if cfg.turn_on_mixup_or_cutmix and cfg.mixup <= 0 and cfg.cutmix <= 0:
+        raise UserError("--turn_on_mixup_or_cutmix needs --mixup > 0 or --cutmix > 0")
+    if cfg.scheduler_warmup_epochs >= cfg.epochs and cfg.scheduler_type != "none" and not cfg.eval_only:
+        raise UserError(f"--scheduler_warmup_epochs ({cfg.scheduler_warmup_epochs}) must be < --epochs ({cfg.epochs})")
+    if cfg.scheduler_type in ("cosine_with_warmup", "cosine_warmup_restart") and cfg.scheduler_warmup_epochs == 0:
+        raise UserError(f"--scheduler_type {cfg.scheduler_type} needs --scheduler_warmup_epochs > 0")

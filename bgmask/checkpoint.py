@@ -1,4 +1,6 @@
-"""Classifier checkpoints: written atomically, loaded with `torch.load(weights_only=True)`."""
+"""Classifier checkpoints: written atomically, loaded with `torch.load(weights_only=True)`, each carrying
+the keyword arguments that rebuild its model (`create_classifier(**state["model_kwargs"])`), and the
+rules for resuming a run from one (see `bgmask.resume`)."""
 
 from __future__ import annotations
 
@@ -50,36 +52,44 @@ def load_checkpoint(path: str | Path, trust: bool = False, map_location="cpu") -
     return state
 
 
-# What a checkpoint's own config decides about the model it holds (and the strategy it was trained
-# with); the data, batch size, device... may be pointed elsewhere by the caller's cfg.
-MODEL_KEYS = ("model_arch", "strategy", "mask_fill", "class_token_only", "patch_tokens_only", "late_mask_stage",
-              "late_pool", "late_drop_cls", "image_size")
+# Weights come from the checkpoint itself, and a rebuilt model is for evaluation: no hub or file
+# weights, no frozen parameters, no drop path.
+REBUILD = dict(pretrained=False, pretrained_file=None, freeze_backbone=False, drop_path=0.0)
 
 
-def model_from_checkpoint(cfg, state: dict, path: str | Path) -> torch.nn.Module:
-    """The classifier held by `state` (what load_checkpoint(path) returned). `cfg` takes the checkpoint's
-    MODEL_KEYS and loses hub / file weights, freezing and drop path; the model is built from it and gets
-    the saved weights. Weights of another architecture are one UserError naming `path`. Returns the model
-    on the CPU in train mode: the caller moves it and calls `.eval()` where it needs to."""
-    from bgmask.engine import build_model  # engine imports this module
+def saved_model_kwargs(state: dict) -> dict:
+    """The `create_classifier` keyword arguments of the model in `state`. Checkpoints written before
+    they were stored carry only the run's flags, from which the same arguments are derived."""
+    if "model_kwargs" in state:
+        return dict(state["model_kwargs"])
+    from bgmask.build import model_kwargs
 
-    saved = state["config"]
-    for key in MODEL_KEYS:
-        if key in saved:
-            setattr(cfg, key, saved[key])
-    cfg.pretrained, cfg.pretrained_file, cfg.freeze_backbone, cfg.drop_path = False, None, False, 0.0
-    model = build_model(cfg, state["num_classes"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        ours, theirs = model.state_dict(), state["model"]
-        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-        shape = [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape]
-        example = (missing or unexpected or shape)[0]
-        raise UserError(f"checkpoint {path} does not fit model {cfg.model_arch} ({len(missing)} tensors missing, "
-                        f"{len(unexpected)} unexpected, {len(shape)} of another shape, e.g. {example!r}): "
-                        "weights of another architecture?") from None
+    return model_kwargs(state["config"], state["num_classes"])
+
+
+def model_from_checkpoint(state: dict, path: str | Path) -> torch.nn.Module:
+    """The classifier held by `state` (what load_checkpoint(path) returned), rebuilt with
+    `create_classifier(**model_kwargs)` and given the saved weights. Weights of another architecture
+    are one UserError naming `path`. Returns the model on the CPU in train mode."""
+    from bgmask.models import create_classifier
+
+    kwargs = {**saved_model_kwargs(state), **REBUILD}
+    model = create_classifier(**kwargs)
+    load_model_state(model, state["model"], f"checkpoint {path} does not fit model {kwargs['model_arch']}")
     return model
+
+
+def load_model_state(model: torch.nn.Module, weights: dict, what: str) -> None:
+    """model.load_state_dict(weights); a mismatch is one UserError starting with `what`."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        ours = model.state_dict()
+        missing, unexpected = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
+        shape = [k for k in ours if k in weights and ours[k].shape != weights[k].shape]
+        example = (missing or unexpected or shape)[0]
+        raise UserError(f"{what} ({len(missing)} tensors missing, {len(unexpected)} unexpected, {len(shape)} of "
+                        f"another shape, e.g. {example!r}): weights of another architecture?") from None
 
 
 def rng_state() -> dict:

@@ -23,7 +23,7 @@ def _predict_examples(run_dir: Path, ids: list[int]) -> dict[int, int]:
     cfg = Namespace(**yaml.safe_load((run_dir / "config.yaml").read_text()))
     ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     state = load_checkpoint(ckpt)
-    model = model_from_checkpoint(cfg, state, ckpt).eval()
+    model = model_from_checkpoint(state, ckpt).eval()
     dc = state["data_config"]
     strategy = create_strategy(cfg.strategy, mean=tuple(dc["mean"]), std=tuple(dc["std"]), mask_fill=cfg.mask_fill)
     tf = build_transform(False, dc["image_size"], mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"])

@@ -36,10 +36,20 @@ def metrics_markdown(record: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_main(argv, strategies, description: str) -> int:
+def script_strategies(feature_level: bool) -> list[str]:
+    """--strategy choices of a script: early_masking_and_baseline/ takes the strategies that work on
+    pixels, late_masking/ every strategy, feature-level ones first (its default)."""
+    from bgmask.masking.strategies import STRATEGIES
+
+    pixel = [n for n, s in STRATEGIES.items() if not s.masks_features]
+    features = [n for n, s in STRATEGIES.items() if s.masks_features]
+    return features + pixel if feature_level else pixel
+
+
+def train_main(argv, feature_level: bool, description: str) -> int:
     from bgmask.engine import run
 
-    parser = A.train_parser(description, strategies)
+    parser = A.train_parser(description, script_strategies(feature_level))
     cfg = A.parse_with_config(parser, argv)
     try:
         record = run(cfg)
@@ -55,26 +65,17 @@ def train_main(argv, strategies, description: str) -> int:
     return 0
 
 
-def eval_main(argv, strategies, description: str) -> int:
-    from bgmask.distributed import cleanup, init_distributed, is_main_process
-    from bgmask.engine import evaluate_checkpoint, validate_config
+def eval_main(argv, feature_level: bool, description: str) -> int:
+    from bgmask.distributed import is_main_process
+    from bgmask.engine import run
 
-    parser = A.train_parser(description, strategies)
+    parser = A.train_parser(description, script_strategies(feature_level))
     A.add(parser, "--out", default=None, help="output prefix (default: beside the checkpoint, waterbirds_eval)")
     cfg = A.parse_with_config(parser, argv)
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a best.pt / last.pt written by train.py)")
     cfg.eval_only = True
-    validate_config(cfg)
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    dist = init_distributed(cfg.device)
-    try:
-        record = evaluate_checkpoint(cfg, dist)
-    finally:
-        cleanup()
+    record = run(cfg)
     if is_main_process():
         out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / "waterbirds_eval"
         md = metrics_markdown(record, f"{cfg.model_arch} / {cfg.strategy} ({cfg.checkpoint})")
@@ -85,11 +86,8 @@ def eval_main(argv, strategies, description: str) -> int:
     return 0
 
 
-train_early = run_cli(lambda argv=None: train_main(argv, ("baseline", "early"),
-                                                   "Train a classifier: baseline or early masking."))
-eval_early = run_cli(lambda argv=None: eval_main(argv, ("baseline", "early"),
+train_early = run_cli(lambda argv=None: train_main(argv, False, "Train a classifier: baseline or early masking."))
+eval_early = run_cli(lambda argv=None: eval_main(argv, False,
                                                  "Evaluate a baseline / early-masking classifier on CUB and Waterbirds."))
-train_late = run_cli(lambda argv=None: train_main(argv, ("late", "baseline", "early"),
-                                                  "Train a classifier with late (feature-map) masking."))
-eval_late = run_cli(lambda argv=None: eval_main(argv, ("late", "baseline", "early"),
-                                                "Evaluate a late-masking classifier on CUB and Waterbirds."))
+train_late = run_cli(lambda argv=None: train_main(argv, True, "Train a classifier with late (feature-map) masking."))
+eval_late = run_cli(lambda argv=None: eval_main(argv, True, "Evaluate a late-masking classifier on CUB and Waterbirds."))

@@ -18,7 +18,7 @@ import torch
 from bgmask import args as A
 from bgmask.checkpoint import load_checkpoint
 from bgmask.distributed import ShardSampler
-from bgmask.engine import EpochScheduler, build_optimizer, mix_batch
+from bgmask.optim import EpochScheduler, build_optimizer, mix_batch
 from bgmask.errors import UserError
 from bgmask.eval import diagnostic_metrics
 from bgmask.masking import apply_early_mask, create_strategy
@@ -148,8 +148,8 @@ def test_yaml_config_defaults_and_override(tmp_path):
 
 def test_a_runs_config_yaml_reruns_with_the_script_of_its_strategy(cub, tmp_path, capsys):
     """config.yaml of a run made by the all-strategies parser (as `bgmask demo` does) is a valid --config
-    of early_masking_and_baseline/train.py: the late-masking keys at their defaults are inert; a
-    late-masking key set to something else is one clear line."""
+    of early_masking_and_baseline/train.py; a late-masking key set away from its default with a
+    pixel-level strategy, or a strategy the script does not train, is one clear line."""
     import yaml
 
     first = tmp_path / "first"
@@ -159,13 +159,18 @@ def test_a_runs_config_yaml_reruns_with_the_script_of_its_strategy(cub, tmp_path
     assert train_early(["--config", str(tmp_path / "c.yaml"), "--snapshot_dir", str(again), "--mask_threshold",
                         "127"]) == 0
     rerun = yaml.safe_load((again / "config.yaml").read_text())
-    assert rerun["strategy"] == "early" and rerun["mask_threshold"] == 127 and "late_pool" not in rerun
+    assert rerun["strategy"] == "early" and rerun["mask_threshold"] == 127 and rerun["late_pool"] == "mean"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({**vars(cfg), "late_pool": "masked_mean"}))
     capsys.readouterr()
     assert train_early(["--config", str(tmp_path / "c.yaml"), "--snapshot_dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: --config {tmp_path / 'c.yaml'}: late_pool='masked_mean' is not a flag of this script "
-                   "(late masking flags belong to late_masking/train.py)"), err
+    assert err == ("error: --late_pool masked_mean applies to feature-level masking (--strategy late), not "
+                   "--strategy early"), err
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**vars(cfg), "strategy": "late"}))
+    assert train_early(["--config", str(tmp_path / "c.yaml"), "--snapshot_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --config {tmp_path / 'c.yaml'}: strategy='late' is not one of baseline, early "
+                   "(for this script)"), err
 
 
 def test_resolve_device():
@@ -268,31 +273,40 @@ def test_eval_only_script_writes_json_and_table(cub, tmp_path):
     assert eval_early(["--checkpoint", str(run / "last.pt"), "--data_path", str(cub), "--num_workers", "0",
                        "--no_progress", "--out", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev.json").read_text())
-    final = read_jsonl(run / "results.jsonl")[-1]
+    *_, final, logged = read_jsonl(run / "results.jsonl")
+    assert final["split"] == "final" and logged == ev and ev["split"] == "eval"  # tagged line in the run's log
     assert ev["test/acc"] == final["test/acc"] and ev["waterbirds/acc"] == final["waterbirds/acc"]
     assert "| CUB test accuracy" in (tmp_path / "ev.md").read_text()
+    # --eval_only through train.py logs the same way
+    assert train_early(base_argv(cub, run, "--eval_only")) == 0
+    assert [r["split"] for r in read_jsonl(run / "results.jsonl")][-3:] == ["final", "eval", "eval"]
 
 
 def test_model_from_checkpoint(cub, tmp_path):
-    """The one builder of a saved classifier (eval_waterbirds.py and the demo's pictures): the model
-    settings come from the checkpoint, the weights load exactly, other weights are one UserError."""
+    """The one builder of a saved classifier (eval_waterbirds.py and the demo's pictures): the checkpoint
+    holds the exact `create_classifier` keyword arguments and is rebuilt from them (no hub or file
+    weights, nothing frozen, no drop path), the weights load exactly, other weights are one UserError;
+    a checkpoint written before `model_kwargs` were stored rebuilds the same model from its flags."""
+    from bgmask.build import model_kwargs
     from bgmask.checkpoint import model_from_checkpoint
     from bgmask.models import create_classifier
 
     run = tmp_path / "run"
     assert train_early(base_argv(cub, run, "--epochs", "1", "--strategy", "early", "--drop_path", "0.1")) == 0
     state = load_checkpoint(run / "last.pt")
-    cfg = A.parse_with_config(A.train_parser("t"), ["--model_arch", "bgmask_vit_tiny", "--pretrained",
-                                                    "--freeze_backbone", "--image_size", "64"])
-    model = model_from_checkpoint(cfg, state, run / "last.pt")
-    assert (cfg.model_arch, cfg.strategy, cfg.image_size) == ("bgmask_resnet_tiny", "early", 32)
-    assert not cfg.pretrained and not cfg.freeze_backbone and cfg.drop_path == 0.0
-    assert all(p.requires_grad for p in model.parameters())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state["model"][k]), k
+    assert state["model_kwargs"] == model_kwargs(state["config"], 3)
+    assert state["model_kwargs"] == dict(model_arch="bgmask_resnet_tiny", num_classes=3, head=None, pretrained=False,
+                                         pretrained_file=None, drop_path=0.1, image_size=32, freeze_backbone=False,
+                                         late_mask_stage="last", late_pool="mean", late_drop_cls=False)
+    for saved in (state, {k: v for k, v in state.items() if k != "model_kwargs"}):  # today's and older files
+        model = model_from_checkpoint(saved, run / "last.pt")
+        assert model.model_arch == "bgmask_resnet_tiny" and all(p.requires_grad for p in model.parameters())
+        assert all(getattr(m, "drop_prob", 0.0) == 0.0 for m in model.modules())
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state["model"][k]), k
     state["model"] = create_classifier("bgmask_vit_tiny", 3).state_dict()
     with pytest.raises(UserError, match=re.escape(f"checkpoint {run / 'other.pt'} does not fit model bgmask_resnet_tiny")):
-        model_from_checkpoint(cfg, state, run / "other.pt")
+        model_from_checkpoint(state, run / "other.pt")
 
 
 def test_torchrun_two_processes_counts_every_sample_once(cub, tmp_path, capsys):

@@ -269,7 +269,7 @@ def test_training_killed_ten_times_resumes_exactly(zygote, cub, tmp_path):
 
 
 def test_resume_drops_log_lines_of_epochs_that_run_again(tmp_path):
-    from bgmask.engine import RunFolder
+    from bgmask.runfolder import RunFolder
 
     folder = RunFolder(tmp_path / "run", enabled=True)
     for rec in ({"epoch": 1, "split": "val"}, {"epoch": 2, "split": "val"}, {"epoch": 3, "split": "val"},
@@ -338,11 +338,12 @@ def test_unwritable_snapshot_folder_is_one_line_and_keeps_the_checkpoint(cub, tm
     """The folder turns read-only (or the disk fills) after epoch 1: one `error:` line naming the file,
     exit 2, last.pt of epoch 1 intact, no temporary file. As root, chmod does not stop writes, so the
     failure is injected where the OS would raise it (creating the temporary file, or fsync)."""
-    import bgmask.engine as engine
     import bgmask.io as bio
+    import bgmask.resume as resume
+    import bgmask.runfolder as runfolder
 
     run = tmp_path / "run"
-    real_save, real_write = engine.save_checkpoint, engine.atomic_write_text
+    real_save, real_write = resume.save_checkpoint, runfolder.atomic_write_text
     chmodded = []
 
     def break_disk():
@@ -368,8 +369,8 @@ def test_unwritable_snapshot_folder_is_one_line_and_keeps_the_checkpoint(cub, tm
             break_disk()
         real_write(path, text)
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_checkpoint)
-    monkeypatch.setattr(engine, "atomic_write_text", atomic_write_text)
+    monkeypatch.setattr(resume, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(runfolder, "atomic_write_text", atomic_write_text)
     argv = [str(a) for a in train_argv(cub, run)]
     argv[argv.index("--epochs") + 1] = "2"
     argv[argv.index("--train_split") + 1] = "1.0"

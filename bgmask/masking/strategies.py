@@ -32,8 +32,13 @@ def create_strategy(name: str, **kwargs) -> "Strategy":
 
 @dataclass
 class Strategy:
+    """A registered strategy: `name` is its key in tables, the CLI and run folders; `needs_mask` says
+    whether batches must carry masks; `masks_features` whether the model itself applies them (such
+    strategies are trained with late_masking/train.py, the others with early_masking_and_baseline/)."""
+
     name = "base"
     needs_mask = False
+    masks_features = False
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     mask_fill: str = "black"
@@ -76,6 +81,7 @@ class LateMasking(Strategy):
 
     name = "late"
     needs_mask = True
+    masks_features = True
 
     def forward(self, model, images, masks):
         self._require(masks)

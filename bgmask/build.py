@@ -1,0 +1,136 @@
+"""What a run is made of, built from its flags: datasets, the classifier, the mask source (files or an
+online segmenter), the strategy, and the training model (DDP, torch.compile)."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bgmask.data import CUBDataset, MaskSource, build_transform
+from bgmask.data.cub import WATERBIRDS_SUBDIR
+from bgmask.distributed import DistInfo
+from bgmask.errors import UserError, require_dir
+from bgmask.masking.strategies import Strategy, create_strategy
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def head_type(flags: dict) -> str | None:
+    if flags.get("class_token_only"):
+        return "cls"
+    if flags.get("patch_tokens_only"):
+        return "gap"
+    return None
+
+
+def model_kwargs(flags: dict, num_classes: int) -> dict:
+    """The keyword arguments of `create_classifier` that a run's flags ask for. A checkpoint stores them
+    and rebuilds its model with `create_classifier(**model_kwargs)`."""
+    return dict(model_arch=flags["model_arch"], num_classes=num_classes, head=head_type(flags),
+                pretrained=bool(flags.get("pretrained", False)), pretrained_file=flags.get("pretrained_file"),
+                drop_path=float(flags.get("drop_path", 0.0)), image_size=flags.get("image_size"),
+                freeze_backbone=bool(flags.get("freeze_backbone", False)),
+                late_mask_stage=flags.get("late_mask_stage", "last"), late_pool=flags.get("late_pool", "mean"),
+                late_drop_cls=bool(flags.get("late_drop_cls", False)))
+
+
+def build_model(kwargs: dict) -> nn.Module:
+    from bgmask.models import create_classifier
+
+    return create_classifier(**kwargs)
+
+
+def compile_model(model, backend: str):
+    """`torch.compile`, with a clear line when the backend is unknown."""
+    try:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+    except Exception:  # listing is best effort; torch.compile itself is the judge
+        known = None
+    if known is not None and backend not in known:
+        raise UserError(f"unknown --torchcompile backend {backend!r} (expected one of {', '.join(sorted(known))})")
+    return torch.compile(model, backend=backend)
+
+
+def training_model(model: nn.Module, cfg: Namespace, dist: DistInfo) -> nn.Module:
+    """The module the training loop calls: DDP under torchrun, compiled with --torchcompile. Only the
+    training model is compiled; checkpoints keep the plain module's keys (no `_orig_mod.`) and evaluation
+    runs the plain module (compiling no-grad evaluation would be a second graph)."""
+    if dist.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if cfg.torchcompile:
+        model = compile_model(model, cfg.torchcompile)
+    return model
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def data_config(model, cfg: Namespace) -> dict:
+    """The normalisation and geometry a checkpoint records (evaluation reuses them)."""
+    return {"mean": list(model.data_config["mean"]), "std": list(model.data_config["std"]),
+            "image_size": cfg.image_size, "crop_pct": cfg.crop_pct}
+
+
+def strategy_of(cfg: Namespace, data_cfg: dict) -> Strategy:
+    return create_strategy(cfg.strategy, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
+                           mask_fill=cfg.mask_fill)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_masks: bool = True) -> dict[str, CUBDataset]:
+    """train (when `train`), val (when train_split < 1), test and waterbirds (when that folder exists).
+    Masks are read from disk when the strategy needs them and no online segmenter supplies them."""
+    root = require_dir(cfg.data_path, "--data_path")
+    mean, std = data_cfg["mean"], data_cfg["std"]
+    needs_mask = create_strategy(cfg.strategy).needs_mask and with_masks
+    masks = MaskSource(cfg.mask_source, cfg.mask_threshold) if needs_mask else None
+    eval_tf = build_transform(False, cfg.image_size, mean=mean, std=std, crop_pct=cfg.crop_pct)
+    common = dict(root=root, train_split=cfg.train_split, split_seed=cfg.split_seed)
+    out = {}
+    if train:
+        train_tf = build_transform(True, cfg.image_size, cfg.augmentations_to_use, mean, std, cfg.crop_pct,
+                                   cfg.color_jitter, cfg.reprob)
+        out["train"] = CUBDataset(split="train", image_subdir=cfg.image_sub_path_train, masks=masks,
+                                  transform=train_tf, **common)
+    if cfg.train_split < 1.0:
+        out["val"] = CUBDataset(split="val", image_subdir=cfg.image_sub_path_train, masks=masks,
+                                transform=eval_tf, **common)
+    out["test"] = CUBDataset(split="test", image_subdir=cfg.image_sub_path_train, masks=masks,
+                             transform=eval_tf, **common)
+    if (root / cfg.image_sub_path_test).is_dir():
+        out["waterbirds"] = CUBDataset(split="test", image_subdir=cfg.image_sub_path_test, masks=masks,
+                                       transform=eval_tf, **common)
+    elif cfg.image_sub_path_test != WATERBIRDS_SUBDIR:
+        raise UserError(f"--image_sub_path_test folder not found: {root / cfg.image_sub_path_test}")
+    return out
+
+
+def diagnostics_base(cfg: Namespace, data_cfg: dict) -> CUBDataset | None:
+    """The in-distribution test split with GT masks (diagnostics need the true bird)."""
+    root = Path(cfg.data_path)
+    if not (root / "segmentations").is_dir():
+        return None
+    eval_tf = build_transform(False, cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
+                              crop_pct=cfg.crop_pct)
+    return CUBDataset(root, "test", image_subdir=cfg.image_sub_path_train, masks=MaskSource("gt", cfg.mask_threshold),
+                      transform=eval_tf, train_split=cfg.train_split, split_seed=cfg.split_seed)
+
+
+def online_segmenter(cfg: Namespace, dist: DistInfo, data_cfg: dict):
+    """The mask function of --seg_model_config_path/--seg_model_checkpoint_path, or None."""
+    if not cfg.seg_model_checkpoint_path:
+        return None
+    from bgmask.masking.segmenter import load_segmenter
+
+    return load_segmenter(cfg.seg_model_config_path, cfg.seg_model_checkpoint_path, device=dist.device,
+                          input_mean=tuple(data_cfg["mean"]), input_std=tuple(data_cfg["std"]),
+                          trust_full_checkpoint=cfg.trust_checkpoint)
