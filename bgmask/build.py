@@ -4,6 +4,7 @@ online segmenter), the strategy, and the training model (DDP, torch.compile)."""
 from __future__ import annotations
 
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from bgmask.data.cub import WATERBIRDS_SUBDIR
 from bgmask.distributed import DistInfo
 from bgmask.errors import UserError, require_dir
 from bgmask.masking.strategies import Strategy, create_strategy
+from bgmask.optim import EpochScheduler, build_loss, build_mixup, build_optimizer
 
 # ------------------------------------------------------------------------------------------ model
 
@@ -134,3 +136,46 @@ def online_segmenter(cfg: Namespace, dist: DistInfo, data_cfg: dict):
     return load_segmenter(cfg.seg_model_config_path, cfg.seg_model_checkpoint_path, device=dist.device,
                           input_mean=tuple(data_cfg["mean"]), input_std=tuple(data_cfg["std"]),
                           trust_full_checkpoint=cfg.trust_checkpoint)
+
+
+# ---------------------------------------------------------------------------------------- a run
+
+@dataclass
+class Parts:
+    """Everything a training run is built from (see `build_parts`)."""
+
+    model: torch.nn.Module
+    model_kwargs: dict
+    data_config: dict
+    datasets: dict
+    strategy: object
+    mask_fn: object
+    optimizer: torch.optim.Optimizer
+    scheduler: EpochScheduler
+    scaler: object
+    loss_fn: torch.nn.Module
+    mixup: object
+    meta: dict
+
+
+def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
+    """The model (built right after seeding: its initial weights depend on the seed only), the data,
+    the strategy and the optimisation."""
+    probe = CUBDataset(cfg.data_path, "test", check_files=False)
+    kwargs = model_kwargs(vars(cfg), probe.num_classes)
+    model = build_model(kwargs)
+    data_cfg = data_config(model, cfg)
+    mask_fn = mask_fn or online_segmenter(cfg, dist, data_cfg)
+    datasets = build_datasets(cfg, data_cfg, with_masks=mask_fn is None)
+    model.to(dist.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    mixup = build_mixup(cfg, probe.num_classes)
+    if mixup is not None and cfg.batch_size % 2:
+        raise UserError(f"mixup/cutmix needs an even --batch_size, got {cfg.batch_size}")
+    return Parts(model, kwargs, data_cfg, datasets, strategy_of(cfg, data_cfg), mask_fn, optimizer,
+                 EpochScheduler(optimizer, cfg),
+                 torch.amp.GradScaler("cuda") if cfg.use_amp and cfg.amp_dtype == "fp16" else None,
+                 build_loss(cfg, cfg.turn_on_mixup_or_cutmix), mixup,
+                 {"num_classes": probe.num_classes, "class_names": probe.class_names, "data_config": data_cfg})

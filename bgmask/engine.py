@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import time
 from argparse import Namespace
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,29 +30,11 @@ from bgmask.data import CUBDataset
 from bgmask.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from bgmask.errors import UserError
 from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
-from bgmask.optim import EpochScheduler, build_loss, build_mixup, build_optimizer, mix_batch
+from bgmask.optim import mix_batch
 from bgmask.resume import Progress, resume, save_epoch, training_state
 from bgmask.runfolder import EVAL_SPLIT, RunFolder
 from bgmask.seeding import epoch_seed, seed_everything, worker_init
 from bgmask.signals import loader_iter
-
-
-@dataclass
-class Parts:
-    """Everything a training run is built from (see `build_parts`)."""
-
-    model: torch.nn.Module
-    model_kwargs: dict
-    data_config: dict
-    datasets: dict
-    strategy: object
-    mask_fn: object
-    optimizer: torch.optim.Optimizer
-    scheduler: EpochScheduler
-    scaler: object
-    loss_fn: torch.nn.Module
-    mixup: object
-    meta: dict
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -158,29 +139,6 @@ def final_splits(model, datasets: dict, strategy, dist, cfg, mask_fn, data_confi
 
 # ------------------------------------------------------------------------------------------- fit
 
-def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
-    """The model (built right after seeding: its initial weights depend on the seed only), the data,
-    the strategy and the optimisation."""
-    probe = CUBDataset(cfg.data_path, "test", check_files=False)
-    kwargs = build.model_kwargs(vars(cfg), probe.num_classes)
-    model = build.build_model(kwargs)
-    data_cfg = build.data_config(model, cfg)
-    mask_fn = mask_fn or build.online_segmenter(cfg, dist, data_cfg)
-    datasets = build.build_datasets(cfg, data_cfg, with_masks=mask_fn is None)
-    model.to(dist.device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    mixup = build_mixup(cfg, probe.num_classes)
-    if mixup is not None and cfg.batch_size % 2:
-        raise UserError(f"mixup/cutmix needs an even --batch_size, got {cfg.batch_size}")
-    return Parts(model, kwargs, data_cfg, datasets, build.strategy_of(cfg, data_cfg), mask_fn, optimizer,
-                 EpochScheduler(optimizer, cfg),
-                 torch.amp.GradScaler("cuda") if cfg.use_amp and cfg.amp_dtype == "fp16" else None,
-                 build_loss(cfg, cfg.turn_on_mixup_or_cutmix), mixup,
-                 {"num_classes": probe.num_classes, "class_names": probe.class_names, "data_config": data_cfg})
-
-
 def open_run_folder(cfg: Namespace, dist: DistInfo) -> RunFolder:
     folder = RunFolder(cfg.snapshot_dir, dist.is_main)
     if not cfg.resume_training and dist.is_main and folder.holds_run():
@@ -203,7 +161,8 @@ def epoch_loader(dataset, sampler, cfg: Namespace, dist: DistInfo, epoch: int) -
                       pin_memory=dist.device.type == "cuda", persistent_workers=False)
 
 
-def end_epoch(parts: Parts, progress: Progress, stats: dict, folder: RunFolder, cfg: Namespace, dist: DistInfo) -> None:
+def end_epoch(parts: build.Parts, progress: Progress, stats: dict, folder: RunFolder, cfg: Namespace,
+              dist: DistInfo) -> None:
     """Evaluate after an epoch, log it, write the checkpoints."""
     eval_split = "val" if cfg.eval_mode == "val" and "val" in parts.datasets else "test"
     metrics = evaluate_splits(parts.model, parts.datasets, parts.strategy, dist, cfg, [eval_split], parts.mask_fn)
@@ -218,7 +177,8 @@ def end_epoch(parts: Parts, progress: Progress, stats: dict, folder: RunFolder, 
     barrier()
 
 
-def final_report(parts: Parts, progress: Progress, folder: RunFolder, cfg: Namespace, dist: DistInfo) -> dict:
+def final_report(parts: build.Parts, progress: Progress, folder: RunFolder, cfg: Namespace,
+                 dist: DistInfo) -> dict:
     """Test, Waterbirds and diagnostics of the best-on-val model when there is a val split, else the last."""
     final_from, best = "last", Path(cfg.snapshot_dir) / "best.pt"
     if progress.best is not None and best.is_file():
@@ -237,7 +197,7 @@ def fit(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     """Train as configured; returns the final metrics."""
     folder = open_run_folder(cfg, dist)
     seed_everything(cfg.seed)
-    parts = build_parts(cfg, dist, mask_fn)
+    parts = build.build_parts(cfg, dist, mask_fn)
     progress = resume(parts, cfg, dist.world_size, dist.is_main) if cfg.resume_training else Progress()
     if cfg.resume_training:
         folder.prepare_resume(progress.epoch)

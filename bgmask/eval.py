@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from bgmask.distributed import ShardSampler, all_gather_objects
+from bgmask.masking.strategies import apply_early_mask
 from bgmask.metrics import accuracy, group_summary
 from bgmask.signals import loader_iter, unblock_sigint
 
@@ -81,8 +82,7 @@ class BackgroundDiagnostic(Dataset):
     def __init__(self, base: Dataset, variant: str, mean, std, seed: int = 0):
         if variant not in DIAGNOSTICS:
             raise ValueError(f"unknown diagnostic {variant!r}")
-        self.base, self.variant = base, variant
-        self.black = (-torch.as_tensor(mean) / torch.as_tensor(std)).view(3, 1, 1)
+        self.base, self.variant, self.mean, self.std = base, variant, mean, std
         labels = np.asarray(base.labels())
         rng = np.random.default_rng(seed)
         self.partner = np.arange(len(labels))
@@ -108,10 +108,9 @@ class BackgroundDiagnostic(Dataset):
     def __getitem__(self, i):
         rec = dict(self.base[i])
         img, m = rec["image"], rec["mask"]
-        if self.variant == "fg_only":
-            rec["image"] = img * m + self.black * (1 - m)
-        elif self.variant == "bg_only":
-            rec["image"] = img * (1 - m) + self.black * m
+        if self.variant in ("fg_only", "bg_only"):  # the bird (or the background) on black, as early masking fills
+            keep = m if self.variant == "fg_only" else 1 - m
+            rec["image"] = apply_early_mask(img[None], keep[None], "black", self.mean, self.std)[0]
         else:
             bg = self._background(self.base[int(self.partner[i])])
             rec["image"] = img * m + bg * (1 - m)

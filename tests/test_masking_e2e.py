@@ -46,6 +46,35 @@ def test_make_masked_black_background_and_resume(cub, capsys):
     assert "--out_subdir must be a new folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fill", ["black", "mean", "blur"])
+def test_masked_copy_pixels_equal_on_the_fly_early_masking(cub, fill):
+    """One background fill: the pixels `make-masked` writes are early masking's on-the-fly result for the
+    same image, mask and fill (ImageNet normalisation, native size), up to 8-bit rounding."""
+    from bgmask.data import CUBDataset, build_transform
+    from bgmask.data.cub import load_mask, load_rgb
+    from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from bgmask.masking import create_strategy
+    from bgmask.masking.make_masked import masked_pixels
+
+    tf = build_transform(False, 32, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0)
+    ds = CUBDataset(cub, "test")
+    strategy = create_strategy("early", mean=IMAGENET_MEAN, std=IMAGENET_STD, mask_fill=fill)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for k in range(3):
+        rel = ds.meta.relpaths[ds.ids[k]]
+        image = load_rgb(cub / "images" / rel).crop((4, 0, 36, 32))  # square: the eval transform keeps every pixel
+        mask = load_mask(cub / "segmentations" / Path(rel).with_suffix(".png"), (40, 32), 0)[:, 4:36]
+        on_disk = torch.from_numpy(np.asarray(masked_pixels(image, mask, fill)).astype(np.float32)).permute(2, 0, 1)
+        x, m = tf(image, mask)  # the dataset's own pipeline: (3, 32, 32), (1, 32, 32)
+        on_the_fly = strategy.preprocess(x[None], m[None])[0] * std + mean
+        assert (on_disk - on_the_fly * 255).abs().max() <= 0.5 + 1e-3, (fill, k)
+        background = on_disk[:, ~torch.from_numpy(mask.astype(bool))]  # (3, n)
+        if fill == "black":
+            assert background.max() == 0
+        elif fill == "mean":
+            assert torch.equal(background, (mean * 255).round().view(3, 1).expand_as(background))
+
+
 def test_train_on_masked_copies(cub, tmp_path):
     make_masked(cub, "gt", "masked2", progress=False)
     run_dir = tmp_path / "run"

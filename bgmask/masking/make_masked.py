@@ -12,28 +12,26 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+import torch
+from PIL import Image
 from tqdm import tqdm
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, load_mask, load_rgb, read_cub_metadata
-from bgmask.data.transforms import IMAGENET_MEAN
+from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgmask.errors import UserError, require_dir
+from bgmask.masking.strategies import apply_early_mask
 from bgmask.io import atomic_path, atomic_save_image, atomic_write_text, remove_stale_temp
 
 
 def masked_pixels(image: Image.Image, mask: np.ndarray, fill: str = "black") -> Image.Image:
-    """image * mask + fill * (1 - mask); mask (H, W) in {0, 1}, 1 = bird."""
-    arr = np.asarray(image, dtype=np.float32)
-    if fill == "black":
-        bg = np.zeros_like(arr)
-    elif fill == "mean":
-        bg = np.broadcast_to(np.array(IMAGENET_MEAN, np.float32) * 255, arr.shape)
-    elif fill == "blur":
-        bg = np.asarray(image.filter(ImageFilter.GaussianBlur(max(image.size) / 16)), dtype=np.float32)
-    else:
-        raise UserError(f"unknown --mask_fill {fill!r} (expected black, mean or blur)")
-    m = mask.astype(np.float32)[..., None]
-    return Image.fromarray(np.clip(arr * m + bg * (1 - m), 0, 255).round().astype(np.uint8))
+    """image * mask + fill * (1 - mask) with early masking's own fill (`apply_early_mask`), computed on
+    the image normalised with the ImageNet mean / std and turned back into 8-bit pixels; mask (H, W) in
+    {0, 1}, 1 = bird."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = (torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255 - mean) / std  # (3, H, W)
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
+    y = apply_early_mask(x[None], m, fill, IMAGENET_MEAN, IMAGENET_STD)[0] * std + mean
+    return Image.fromarray((y * 255).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def check_out_subdir(root: Path, out_subdir: str) -> None:

@@ -89,20 +89,23 @@ class LateMasking(Strategy):
 
 
 def fill_values(images: torch.Tensor, fill: str, mean, std) -> torch.Tensor:
-    """What replaces the background, in normalised space, broadcastable to images."""
+    """What replaces the background, in normalised space, broadcastable to images (B, 3, H, W):
+    black = the normalised value of a 0 pixel; mean = the normalisation mean colour (0 once normalised);
+    blur = a Gaussian blur of the image (sigma = width / 16)."""
     if fill == "black":
         m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
         s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        return -m / s  # the normalised value of a 0 pixel
+        return -m / s
     if fill == "mean":
-        return torch.zeros(1, 3, 1, 1, dtype=images.dtype, device=images.device)  # normalisation mean colour
+        return torch.zeros(1, 3, 1, 1, dtype=images.dtype, device=images.device)
     if fill == "blur":
         return gaussian_blur(images, sigma=max(images.shape[-1] / 16, 1.0))
     raise UserError(f"unknown --mask_fill {fill!r} (expected one of {', '.join(MASK_FILLS)})")
 
 
 def apply_early_mask(images: torch.Tensor, masks: torch.Tensor, fill: str = "black", mean=None, std=None):
-    """images (B, 3, H, W), masks (B, 1, H, W) -> images * m + fill * (1 - m)."""
+    """The one background fill of early masking (on-the-fly, the masked copies on disk, the diagnostics).
+    images (B, 3, H, W) normalised with (mean, std), masks (B, 1, H, W) -> images * m + fill * (1 - m)."""
     if masks.shape[-2:] != images.shape[-2:] or masks.shape[0] != images.shape[0]:
         raise UserError(f"mask batch {tuple(masks.shape)} does not match image batch {tuple(images.shape)}")
     masks = masks.to(images.dtype)
@@ -110,7 +113,8 @@ def apply_early_mask(images: torch.Tensor, masks: torch.Tensor, fill: str = "bla
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = int(3 * sigma)
+    """Separable Gaussian blur with reflected borders (the kernel is cut to fit images thinner than 3 sigma)."""
+    radius = min(int(3 * sigma), min(images.shape[-2:]) - 1)
     x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     k = torch.exp(-(x**2) / (2 * sigma**2))
     k = (k / k.sum()).view(1, 1, 1, -1).repeat(images.shape[1], 1, 1, 1)
