@@ -52,23 +52,31 @@ def images():
 # ------------------------------------------------------------------------------ reference by hooks
 
 
+def is_vit(clf) -> bool:
+    return clf.family.name == "vit"
+
+
+# per family: the modules whose outputs late masking multiplies by the mask at stage ("last", "second_last")
+MASKED_MODULES = {
+    "vit": lambda net: (net.norm, net.blocks[-2]),  # "last": the tokens after the final norm
+    "resnet": lambda net: (net.layer4, net.layer3),
+    "convnext": lambda net: (net.stages[-1], net.stages[-2]),
+}
+
+
 def masked_module(clf, stage):
     """The module whose output late masking multiplies by the mask."""
-    net = clf.backbone
-    if clf.is_vit:
-        return net.norm if stage == "last" else net.blocks[-2]  # "last": the tokens after the final norm
-    if isinstance(net, ResNet):
-        return net.layer4 if stage == "last" else net.layer3
-    return net.stages[-1] if stage == "last" else net.stages[-2]
+    last, second_last = MASKED_MODULES[clf.family.name](clf.backbone)
+    return last if stage == "last" else second_last
 
 
 def grid_hw(clf, out):
-    return clf.backbone.patch_embed.grid_size if clf.is_vit else out.shape[-2:]
+    return clf.backbone.patch_embed.grid_size if is_vit(clf) else out.shape[-2:]
 
 
 def mul_map(clf, out, m):
     """Multiply the spatial map by m (B, 1, h, w): a CNN map, or the patch tokens of a ViT (prefix kept)."""
-    if not clf.is_vit:
+    if not is_vit(clf):
         return out * m
     P = clf.backbone.num_prefix_tokens
     return torch.cat([out[:, :P], out[:, P:] * m.flatten(2).transpose(1, 2)], dim=1)
@@ -82,7 +90,7 @@ def mean_scale(m):
 def cells(clf, like, cond):
     """Bool tensor shaped like a map / token tensor: True at the spatial positions where cond (B, 1, h, w)."""
     c = cond.float()
-    if not clf.is_vit:
+    if not is_vit(clf):
         return c.expand_as(like) > 0
     z = torch.zeros_like(like)
     z[:, clf.backbone.num_prefix_tokens:] = c.flatten(2).transpose(1, 2)
@@ -148,7 +156,7 @@ def test_last_stage_by_hand(arch, pool, kind):
     x, mask = images(), block_mask(kind)
     m = on_grid(mask, (8, 8))[:, 0]  # (B, 8, 8)
     with torch.no_grad():
-        if clf.is_vit:
+        if is_vit(clf):
             tokens = clf.backbone.forward_features(x)  # (B, N, D)
             P = clf.backbone.num_prefix_tokens
             patches, w = tokens[:, P:], m.flatten(1)[..., None]  # (B, 64, D), (B, 64, 1), row-major cells
@@ -165,7 +173,7 @@ def test_last_stage_by_hand(arch, pool, kind):
             expected = cnn_logits(clf.backbone, pooled)
         out = clf(x, feature_mask=mask)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    if kind == "empty" and pool == "mean" and not clf.is_vit:  # all cells zero: only the head's constants
+    if kind == "empty" and pool == "mean" and not is_vit(clf):  # all cells zero: only the head's constants
         torch.testing.assert_close(out, cnn_logits(clf.backbone, torch.zeros_like(pooled)), rtol=1e-5, atol=1e-6)
 
 

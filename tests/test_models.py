@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from bgmask.errors import UserError
-from bgmask.models import HEADS, SMALL_MODELS, create_classifier, weights
+from bgmask.models import FAMILIES, HEADS, SMALL_MODELS, create_classifier, weights
 
 VITS = [a for a in SMALL_MODELS if "vit" in a]
 CNNS = [a for a in SMALL_MODELS if "vit" not in a]
@@ -42,7 +42,8 @@ def test_small_models_registered_with_fine_grid(arch):
     clf = create_classifier(arch, 7)
     assert clf.feature_grid_size(64) == (8, 8)
     assert clf.model_arch == arch and clf.num_classes == 7
-    assert clf.is_vit == ("vit" in arch)
+    assert (clf.family.name == "vit") == ("vit" in arch)
+    assert clf.family is FAMILIES[arch.split("_")[1]]  # bgmask_<family>_tiny
     assert clf.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))
     assert clf.data_config["std"] == pytest.approx((0.229, 0.224, 0.225))
 
@@ -56,7 +57,7 @@ def test_reg4_model_has_register_tokens():
 def test_forward_shapes_and_parameter_split(arch, head):
     clf = create_classifier(arch, 5, head=head)
     assert clf(images()).shape == (2, 5)
-    assert clf.head_type == (head if clf.is_vit else "timm")
+    assert clf.head_type == (head if clf.family.name == "vit" else "timm")
     hp, bp = clf.head_parameters(), clf.backbone_parameters()
     ids_h, ids_b = {id(p) for p in hp}, {id(p) for p in bp}
     assert not ids_h & ids_b

@@ -5,12 +5,14 @@
     logits = clf(images)                         # (B, 3, H, W) -> (B, K)
     logits = clf(images, feature_mask=masks)     # late masking; masks (B, 1, H, W), 1 = bird, 0 = background
 
-Importing this package registers the tiny demo backbones (`small.py`) with timm.
+Importing this package registers the tiny demo backbones (`small.py`) with timm. What late masking needs to
+know about a kind of backbone (ViT, ResNet, ConvNeXt, any other timm CNN) is its registered family
+(`families.FAMILIES`); the ViT heads are registered in `heads.HEADS`.
 """
 
 from bgmask.models import small  # noqa: F401  (registers bgmask_* models with timm)
 from bgmask.models.classifier import LATE_MASK_STAGES, Classifier, create_classifier, resize_mask  # noqa: F401
-from bgmask.models.cnn_stages import CNN_STAGE_SPLITS, StageSplit, register_stage_split  # noqa: F401
+from bgmask.models.families import FAMILIES, BackboneFamily, CNNFamily, family_of, register_family  # noqa: F401
 from bgmask.models.heads import HEADS, LATE_POOLS, TokenHead, register_head  # noqa: F401
 from bgmask.models.weights import load_pretrained_file, read_state_dict  # noqa: F401
 

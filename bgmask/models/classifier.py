@@ -4,20 +4,18 @@
     logits = clf(x)                       # baseline / early masking: x (B, 3, H, W) -> (B, K)
     logits = clf(x, feature_mask=mask)    # late masking: mask (B, 1, H, W), 1 = bird, 0 = background
 
-Late masking: the mask is resized to the feature grid with `F.interpolate(mode="nearest-exact")` and
-multiplies the map before pooling (the product is an ordinary autograd op, so the gradient reaching the
-map is the upstream gradient times the mask).
-  CNN, stage "last":         f = forward_features(x) * m; logits = forward_head(f)  (its average pool: the mean
-                             over all cells, zeros included); "masked_mean" rescales f * m by h*w / sum(m)
-                             first, so the same pool gives the mean over bird cells.
-  CNN, stage "second_last":  the output of the second-last stage is masked, then the last stage and the head
-                             run; "masked_mean" pools the final map over the bird cells (mask resized again).
-  ViT, stage "last":         tokens = forward_features(x) (after the final norm); the patch tokens, as a grid
-                             (B, D, gh, gw), are multiplied by m; the gap feature is their mean over all cells
-                             ("mean") or over bird cells ("masked_mean"); the CLS token is used unchanged.
-  ViT, stage "second_last":  the patch tokens after block N-1 are masked, block N and the final norm run on
-                             all tokens, then the head pools with the same rule ("mean": plain mean of the
-                             final patch tokens; "masked_mean": mean over bird cells).
+What differs between backbones (ViT, ResNet, ConvNeXt, any other timm CNN) lives in their registered
+family (`families.FAMILIES`, `clf.family`); the forward here is one path for all of them. Late masking:
+the mask is resized to the feature grid with `F.interpolate(mode="nearest-exact")` and multiplies the grid
+(the product is an ordinary autograd op, so the gradient reaching the grid is the upstream gradient times
+the mask).
+  stage "last":         grid = features(x) * m, then the head pools it: "mean" averages over all cells
+                        (zeros included); "masked_mean" over the bird cells (sum(grid * m) / sum(m)).
+                        A ViT's grid is its patch tokens after the final norm; the CLS token is unchanged.
+  stage "second_last":  the output of the second-last stage / block is masked, the rest of the backbone runs
+                        (a ViT's last block and final norm on all tokens), then "mean" pools the final grid
+                        as it is; "masked_mean" multiplies it by the mask (resized again) and pools over the
+                        bird cells.
 `late_drop_cls=True` builds a ViT with the "gap" head (the CLS token is never used).
 """
 
@@ -30,18 +28,16 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model_data_config
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from bgmask.errors import UserError
-from bgmask.models.cnn_stages import CNN_STAGE_SPLITS, find_stage_split, head_avg_pool_problem
-from bgmask.models.heads import check_late_pool, get_head, masked_mean_rescale, pool_grid
+from bgmask.models.families import family_of
+from bgmask.models.heads import check_late_pool
 from bgmask.models.weights import check_model_arch, create_timm_model, load_pretrained_file
 
 _logger = logging.getLogger(__name__)
 
 LATE_MASK_STAGES = ("last", "second_last")
-CNN_HEAD_TYPE = "timm"  # head_type of CNNs: the model's own pooled head
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -55,8 +51,9 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -
 class Classifier(nn.Module):
     """A timm backbone plus head; see the module docstring for the late-masking forward.
 
-    backbone: a timm model. CNNs keep their own classifier (built with num_classes=K); ViTs are
-    `VisionTransformer`s built with num_classes=0 and get a registered `TokenHead` (`heads.HEADS`).
+    backbone: a timm model; its family (`clf.family`) builds the head: CNNs keep their own classifier
+    (built with num_classes=K); ViTs are `VisionTransformer`s built with num_classes=0 and get a registered
+    `TokenHead` (`heads.HEADS`) as `clf.head`.
     """
 
     def __init__(self, backbone: nn.Module, model_arch: str, num_classes: int, *, head: str | None = None,
@@ -71,26 +68,12 @@ class Classifier(nn.Module):
         self.model_arch = model_arch
         self.num_classes = num_classes
         self.backbone = backbone
-        self.is_vit = isinstance(backbone, VisionTransformer)
+        self.family = family_of(backbone)
         self._grid_cache: dict[tuple[int, int], tuple[int, int]] = {}
-        if self.is_vit:
-            self._init_vit_head(head, late_drop_cls)
-            self.num_features = backbone.embed_dim
-            self._late_problem = None
-        else:
-            if head is not None or late_drop_cls:
-                flag = f"head={head!r}" if head is not None else "late_drop_cls=True"
-                raise UserError("--class_token_only/--patch_tokens_only/--late_drop_cls apply to ViT models only; "
-                                f"got model_arch={model_arch} ({type(backbone).__name__}) with {flag}")
-            self.head_type = CNN_HEAD_TYPE
-            self.head = None
-            self.num_features = backbone.num_features
-            self._stage_split = find_stage_split(backbone)
-            self._late_problem = head_avg_pool_problem(backbone)
-            if late_mask_stage == "second_last" and self._stage_split is None:
-                raise UserError(f"late_mask_stage='second_last' is not supported for model_arch={model_arch} "
-                                f"({type(backbone).__name__}); supported CNN families: "
-                                f"{', '.join(c.__name__ for c in CNN_STAGE_SPLITS)}")
+        self.head_type, self.head = self.family.build_head(backbone, model_arch, num_classes, head, late_drop_cls)
+        self.family.check_stage(backbone, model_arch, late_mask_stage)
+        self.num_features = self.family.num_features(backbone)
+        self._late_problem = self.family.late_problem(backbone)
         self.data_config = self._resolve_data_config(image_size)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
@@ -99,26 +82,6 @@ class Classifier(nn.Module):
                 if id(p) not in head_ids:
                     p.requires_grad_(False)
             self.train(self.training)
-
-    # ------------------------------------------------------------------ construction helpers
-    def _init_vit_head(self, head: str | None, late_drop_cls: bool) -> None:
-        vit = self.backbone
-        if vit.attn_pool is not None or not isinstance(vit.fc_norm, nn.Identity):
-            raise UserError(f"model_arch={self.model_arch} pools with an attention pool or a norm after pooling; "
-                            "expected a ViT with the final norm on the tokens (e.g. DINOv2)")
-        if head is None:
-            head = "both"
-        if late_drop_cls:
-            if head == "cls":
-                raise UserError("late_drop_cls=True drops the CLS token, but head='cls' uses only the CLS token; "
-                                "use head='gap' or 'both'")
-            head = "gap"
-        head_cls = get_head(head)
-        if "cls" in head_cls.parts and not vit.has_class_token:
-            raise UserError(f"head={head!r} needs a CLS token but model_arch={self.model_arch} has none; "
-                            "use head='gap'")
-        self.head_type = head
-        self.head = head_cls(vit.embed_dim, self.num_classes)
 
     def _resolve_data_config(self, image_size: int | None) -> dict:
         try:
@@ -133,24 +96,20 @@ class Classifier(nn.Module):
         return cfg
 
     # ------------------------------------------------------------------ parameters / modes
-    def _head_module(self) -> nn.Module:
-        return self.head if self.is_vit else self.backbone.get_classifier()
-
     def head_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the (newly initialised) classification head."""
-        return [p for p in self._head_module().parameters() if p.requires_grad]
+        return [p for p in self.family.head_module(self).parameters() if p.requires_grad]
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of everything else (empty with freeze_backbone)."""
-        head_ids = {id(p) for p in self._head_module().parameters()}
+        head_ids = {id(p) for p in self.family.head_module(self).parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
 
     def head_state_keys(self) -> list[str]:
         """state_dict keys of the classification head (dropped on load when their shape does not fit)."""
-        if self.is_vit:
-            return [f"head.{k}" for k in self.head.state_dict()]
-        name = next(n for n, m in self.backbone.named_modules() if m is self.backbone.get_classifier())
-        return [f"backbone.{name}.{k}" for k in self.backbone.get_classifier().state_dict()]
+        head = self.family.head_module(self)
+        name = next(n for n, m in self.named_modules() if m is head)
+        return [f"{name}.{k}" for k in head.state_dict()]
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
@@ -162,92 +121,39 @@ class Classifier(nn.Module):
     def feature_grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the final feature grid (the grid the late mask is resized to) for an input size."""
         H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if self.is_vit:
-            ph, pw = self.backbone.patch_embed.patch_size
-            if H % ph or W % pw:
-                raise UserError(f"image_size {H}x{W} is not a multiple of the patch size {ph} of {self.model_arch}")
-            return H // ph, W // pw
         if (H, W) not in self._grid_cache:
-            modes = [(m, m.training) for m in self.backbone.modules()]
-            try:
-                self.backbone.eval()
-                p = next(self.backbone.parameters())
-                with torch.no_grad():
-                    f = self.backbone.forward_features(torch.zeros(1, 3, H, W, device=p.device, dtype=p.dtype))
-            finally:
-                for m, was in modes:
-                    m.training = was
-            self._grid_cache[(H, W)] = tuple(f.shape[-2:])
+            self._grid_cache[(H, W)] = self.family.grid_size(self.backbone, self.model_arch, H, W)
         return self._grid_cache[(H, W)]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, feature_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, 3, H, W) normalised images; feature_mask None or (B, 1, H, W) in [0, 1] -> logits (B, K)."""
-        if feature_mask is not None:
-            if feature_mask.ndim != 4 or feature_mask.shape[1] != 1 or feature_mask.shape[0] != x.shape[0]:
-                raise UserError(f"feature_mask must have shape (B, 1, H, W) with B={x.shape[0]}; "
-                                f"got {tuple(feature_mask.shape)}")
-        if self.is_vit:
-            return self._forward_vit(x, feature_mask)
-        return self._forward_cnn(x, feature_mask)
+        fam, net = self.family, self.backbone
+        if feature_mask is None:
+            grid, aside = fam.features(net, x)  # (B, C, h, w)
+            return fam.classify(self, grid, aside, None)  # (B, K)
+        self._check_late_input(x, feature_mask)
+        if self.late_mask_stage == "second_last":
+            grid, aside = fam.to_second_last(net, x)  # (B, C', h', w')
+            grid = grid * resize_mask(feature_mask, grid.shape[-2:], grid.dtype)
+            grid, aside = fam.after_second_last(net, grid, aside)  # (B, C, h, w)
+            if self.late_pool == "mean":
+                return fam.classify(self, grid, aside, None)  # (B, K)
+        else:
+            grid, aside = fam.features(net, x)  # (B, C, h, w)
+            if grid.ndim != 4 or grid.shape[1] != self.num_features:
+                raise UserError(f"late masking needs a (B, C, h, w) feature map; {self.model_arch} gives "
+                                f"{tuple(grid.shape)}")
+        m = resize_mask(feature_mask, grid.shape[-2:], grid.dtype)  # (B, 1, h, w)
+        pool_mask = m if self.late_pool == "masked_mean" else None
+        return fam.classify(self, grid * m, aside, pool_mask)  # (B, K)
 
-    def _forward_cnn(self, x, mask):
-        net = self.backbone
-        if mask is None:
-            return net.forward_head(net.forward_features(x))  # (B, K)
+    def _check_late_input(self, x: torch.Tensor, feature_mask: torch.Tensor) -> None:
+        if feature_mask.ndim != 4 or feature_mask.shape[1] != 1 or feature_mask.shape[0] != x.shape[0]:
+            raise UserError(f"feature_mask must have shape (B, 1, H, W) with B={x.shape[0]}; "
+                            f"got {tuple(feature_mask.shape)}")
         if self._late_problem is not None:
             raise UserError(f"late masking is not supported for model_arch={self.model_arch}: {self._late_problem}")
-        if self.late_mask_stage == "second_last":
-            f = self._stage_split.to_second_last(net, x)  # (B, C', h', w')
-            f = f * resize_mask(mask, f.shape[-2:], f.dtype)
-            f = self._stage_split.after_second_last(net, f)  # (B, C, h, w)
-            if self.late_pool == "masked_mean":
-                m = resize_mask(mask, f.shape[-2:], f.dtype)
-                f = masked_mean_rescale(f * m, m)
-            return net.forward_head(f)
-        f = net.forward_features(x)  # (B, C, h, w)
-        if f.ndim != 4 or f.shape[1] != self.num_features:
-            raise UserError(f"late masking needs a (B, C, h, w) feature map; {self.model_arch} gives {tuple(f.shape)}")
-        m = resize_mask(mask, f.shape[-2:], f.dtype)
-        f = f * m
-        if self.late_pool == "masked_mean":
-            f = masked_mean_rescale(f, m)
-        return net.forward_head(f)  # (B, K)
-
-    def _patch_grid(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) tokens -> (B, D, gh, gw) grid of the patch tokens (prefix tokens dropped)."""
-        B, _, D = tokens.shape
-        gh, gw = self.backbone.patch_embed.grid_size
-        return tokens[:, self.backbone.num_prefix_tokens:].transpose(1, 2).reshape(B, D, gh, gw)
-
-    def _forward_vit(self, x, mask):
-        vit = self.backbone
-        pool_mask = None  # the mask the gap pooling applies (None: plain mean)
-        if mask is None:
-            tokens = vit.forward_features(x)  # (B, N, D), after the final norm
-            grid = self._patch_grid(tokens)
-        elif self.late_mask_stage == "last":
-            tokens = vit.forward_features(x)
-            m = resize_mask(mask, vit.patch_embed.grid_size, tokens.dtype)  # (B, 1, gh, gw)
-            if self.late_pool == "masked_mean":
-                grid, pool_mask = self._patch_grid(tokens), m  # pool_grid multiplies by m (once)
-            else:
-                grid = self._patch_grid(tokens) * m
-        else:
-            t = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # (B, N, D)
-            for blk in vit.blocks[:-1]:
-                t = blk(t)
-            P = vit.num_prefix_tokens
-            m = resize_mask(mask, vit.patch_embed.grid_size, t.dtype)
-            patches = t[:, P:] * m.flatten(2).transpose(1, 2)  # (B, gh*gw, D) * (B, gh*gw, 1)
-            t = torch.cat([t[:, :P], patches], dim=1)
-            tokens = vit.norm(vit.blocks[-1](t))
-            grid = self._patch_grid(tokens)
-            if self.late_pool == "masked_mean":
-                pool_mask = m
-        cls = tokens[:, 0] if self.head.uses_cls else None  # (B, D)
-        gap = pool_grid(grid, pool_mask, self.late_pool) if self.head.uses_gap else None  # (B, D)
-        return self.head(cls, gap)  # (B, K)
 
 
 def create_classifier(model_arch: str, num_classes: int, *, head: str | None = None, pretrained: bool = False,
@@ -270,21 +176,16 @@ def create_classifier(model_arch: str, num_classes: int, *, head: str | None = N
     check_model_arch(model_arch)
 
     def build(pretrained: bool) -> nn.Module:
-        kwargs: dict = {"drop_path_rate": drop_path} if drop_path else {}
-        kwargs["num_classes"] = 0 if is_vit else num_classes
-        if is_vit and image_size is not None:
-            kwargs["img_size"] = image_size
+        kwargs = family.timm_kwargs(num_classes, image_size)
+        if drop_path:
+            kwargs["drop_path_rate"] = drop_path
         return create_timm_model(model_arch, pretrained=pretrained, **kwargs)
 
     # Validate every flag on a weightless meta-device copy first: errors come before any download.
     with torch.device("meta"):
-        meta = timm.create_model(model_arch, pretrained=False, num_classes=0)
-        is_vit = isinstance(meta, VisionTransformer)
+        family = family_of(timm.create_model(model_arch, pretrained=False, num_classes=0))
         meta = build(pretrained=False)
-        if is_vit and image_size is not None:
-            ph, pw = meta.patch_embed.patch_size
-            if image_size % ph or image_size % pw:
-                raise UserError(f"image_size={image_size} is not a multiple of the patch size {ph} of {model_arch}")
+        family.check_image_size(meta, model_arch, image_size)
         kwargs = dict(head=head, freeze_backbone=freeze_backbone, late_mask_stage=late_mask_stage,
                       late_pool=late_pool, late_drop_cls=late_drop_cls, image_size=image_size)
         Classifier(meta, model_arch, num_classes, **kwargs)

@@ -1,4 +1,4 @@
-"""ViT classification heads (registry `HEADS`) and the pooling rules shared by ViT and CNN late masking.
+"""ViT classification heads (registry `HEADS`) and the pooling rules shared by all backbone families.
 
 A head is a Linear on pooled ViT tokens. Its `parts` name what it reads:
   "cls"  the CLS token after the final norm;
@@ -92,24 +92,20 @@ def check_late_pool(late_pool: str) -> str:
     return late_pool
 
 
-def masked_mean(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """sum(f * m) / max(sum(m), eps) over the grid. f (B, C, h, w), m (B, 1, h, w) -> (B, C)."""
-    denom = m.float().sum(dim=(2, 3)).clamp_min(MASK_EPS).to(f.dtype)  # (B, 1)
-    return (f * m).sum(dim=(2, 3)) / denom
+def masked_mean(fm: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean over bird cells of an already-masked map fm = f * m: sum(fm) / max(sum(m), eps) over the grid.
+    fm (B, C, h, w), m (B, 1, h, w) -> (B, C)."""
+    denom = m.float().sum(dim=(2, 3)).clamp_min(MASK_EPS).to(fm.dtype)  # (B, 1)
+    return fm.sum(dim=(2, 3)) / denom
 
 
-def pool_grid(grid: torch.Tensor, m: torch.Tensor | None, late_pool: str) -> torch.Tensor:
-    """Pool a feature grid (B, C, h, w) to (B, C).
-
-    m is None: plain mean. Otherwise `grid` is multiplied by m here: "mean" averages grid * m over all
-    cells, "masked_mean" over the bird cells (weights m). Callers pass an already-masked map with
-    m=None for "mean", or the unmasked map with m for either rule -- never mask twice.
-    """
+def pool_grid(fm: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool a feature grid (B, C, h, w) to (B, C). `fm` is already multiplied by the mask where one applies
+    (never mask twice). m None: the mean over all cells ("mean"); m (B, 1, h, w): the mean over the bird
+    cells ("masked_mean", weights m)."""
     if m is None:
-        return grid.mean(dim=(2, 3))
-    if late_pool == "masked_mean":
-        return masked_mean(grid, m)
-    return (grid * m).mean(dim=(2, 3))
+        return fm.mean(dim=(2, 3))
+    return masked_mean(fm, m)
 
 
 def masked_mean_rescale(fm: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
