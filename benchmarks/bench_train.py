@@ -36,7 +36,7 @@ from bgmask.build import compile_model
 from bgmask.engine import train_one_epoch
 from bgmask.optim import build_loss, build_optimizer
 from bgmask.eval import autocast_context, predict
-from bgmask.masking import create_strategy
+from bgmask.masking import STRATEGIES, create_strategy
 from bgmask.models import create_classifier
 
 GOALS = {"engine/baseline": 0.90, "engine/early": 0.90, "engine/late": 0.85,
@@ -210,8 +210,8 @@ class Bench:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["bgmask_resnet_tiny", "bgmask_vit_tiny"])
-    p.add_argument("--strategies", nargs="+", default=["baseline", "early", "late"],
-                   choices=["baseline", "early", "late"])
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
+                   help="default: every registered strategy")
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
@@ -245,7 +245,7 @@ def main(argv=None) -> list[dict]:
         images, masks, labels = images.pin_memory(), masks.pin_memory(), labels.pin_memory()
     bench = Bench(cfg, device, images, masks, labels)
     seg = None
-    if cfg.seg_checkpoint and "late" in cfg.strategies:
+    if cfg.seg_checkpoint and "late" in cfg.strategies:  # the online segmenter row is late masking's
         from bgmask.masking.segmenter import load_segmenter
 
         seg = load_segmenter(cfg.seg_config, cfg.seg_checkpoint, device=device)
@@ -270,8 +270,8 @@ def main(argv=None) -> list[dict]:
 
             tf = build_transform(True, cfg.image_size, "flip")
             for strat in cfg.strategies:
-                real = CUBDataset(cfg.data_path, "train", masks=MaskSource("gt") if strat != "baseline" else None,
-                                  transform=tf)
+                real = CUBDataset(cfg.data_path, "train", masks=MaskSource("gt") if STRATEGIES[strat].needs_mask
+                                  else None, transform=tf)
                 factory = lambda r=real: DataLoader(r, batch_size=cfg.batch_size, shuffle=True,  # noqa: E731
                                                     num_workers=cfg.num_workers, drop_last=True,
                                                     pin_memory=device.type == "cuda")

@@ -17,6 +17,7 @@ import yaml
 
 from bgmask.errors import UserError
 from bgmask.io import atomic_write_text
+from bgmask.masking.strategies import STRATEGIES, EarlyMasking
 
 COLUMNS = [
     ("test/acc", "in-dist. acc"),
@@ -32,15 +33,16 @@ KEY_FIELDS = ("model", "strategy", "masks", "init")
 def describe_run(cfg: dict) -> dict[str, str]:
     """The row key of a run, from its resolved config."""
     strategy = cfg.get("strategy", "baseline")
+    needs_mask = strategy in STRATEGIES and STRATEGIES[strategy].needs_mask
     masks = "-"
     root = Path(cfg.get("data_path") or ".")
     sub = cfg.get("image_sub_path_train", "images")
     provenance = root / sub / "masked_copy.json"
     if sub != "images" and provenance.is_file():
         info = json.loads(provenance.read_text())
-        strategy = "early (copies)" if strategy == "baseline" else strategy
+        strategy = strategy if needs_mask else f"{EarlyMasking.name} (copies)"  # masked on disk
         masks = "GT" if info.get("masks") == "gt" else "predicted"
-    elif strategy != "baseline":
+    elif needs_mask:
         masks = "GT" if cfg.get("mask_source", "gt") == "gt" else "predicted"
     if cfg.get("pretrained_file") or cfg.get("pretrained"):
         init = "pretrained, frozen" if cfg.get("freeze_backbone") else "pretrained, fine-tuned"
