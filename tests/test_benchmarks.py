@@ -38,6 +38,7 @@ def test_ratios_and_goals_by_hand():
         resolve([make_row("train", "m", "x", 1, 1.0, None, ref="nope")])
 
 
+@pytest.mark.slow
 def test_run_all_quick_prints_one_table_of_every_part(tmp_path):
     out = tmp_path / "bench"
     p = subprocess.run([sys.executable, str(REPO / "benchmarks/run_all.py"), "--quick", "--out", str(out)],
@@ -68,6 +69,7 @@ def test_run_all_quick_prints_one_table_of_every_part(tmp_path):
     assert (out / "bench.md").read_text().count("\n| ") == len(rows) + 1
 
 
+@pytest.mark.slow
 def test_bench_train_torchcompile_and_gpu_preset_without_cuda(tmp_path):
     rows_file = tmp_path / "rows.json"
     p = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_train.py"), "--models", "bgmask_resnet_tiny",
@@ -87,6 +89,7 @@ def test_bench_train_torchcompile_and_gpu_preset_without_cuda(tmp_path):
             "error: --gpu needs a CUDA device, and torch.cuda.is_available() is False"
 
 
+@pytest.mark.slow
 def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh, the one command a GPU session runs, dry-run on the CPU: its smoke runs
     train (fp16 stops with its one-line 'needs CUDA' error, as it must without CUDA) and the benchmark

@@ -189,6 +189,7 @@ def assert_same_state(a: dict, b: dict, what: str) -> None:
             assert torch.equal(v, sb[i][k]) if torch.is_tensor(v) else v == sb[i][k], f"{what}: optimizer {i}.{k}"
 
 
+@pytest.mark.slow
 def test_training_killed_ten_times_resumes_exactly(zygote, cub, tmp_path):
     """10 SIGKILLs at seeded random points (in an epoch, in evaluation, while a checkpoint is written,
     after random delays, as soon as a checkpoint's temporary file appears), each followed by a rerun with
@@ -285,6 +286,7 @@ def test_resume_drops_log_lines_of_epochs_that_run_again(tmp_path):
     assert temp_files(tmp_path / "run") == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training(cub, tmp_path):
     """SIGINT to the whole process group (what Ctrl-C does; DataLoader workers included): exit 130, a
     message naming --resume_training, no traceback, a whole last.pt and no temporary file."""
@@ -417,6 +419,7 @@ def synth_argv(out: Path) -> list[str]:
             "--test_per_class", "30", "--correlation", "0.9", "--seed", "5"]
 
 
+@pytest.mark.slow
 def test_synthetic_generator_killed_midway(zygote, tmp_path):
     """`bgmask make-synthetic` killed halfway through its first file (its config, so that the folder
     holds nothing but a temporary file), a real `python -m bgmask make-synthetic` killed from outside
@@ -456,6 +459,7 @@ def synth(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_make_masked_killed_midway(zygote, synth, tmp_path):
     """`bgmask make-masked` killed from outside, then halfway through a file, then rerun: the same bytes
     as an uninterrupted run, no half-written image."""
@@ -481,6 +485,7 @@ def test_make_masked_killed_midway(zygote, synth, tmp_path):
         assert tree(synth / f"images_masked{sub}") == tree(synth / f"ref_masked{sub}")
 
 
+@pytest.mark.slow
 def test_make_binary_seg_killed_midway(zygote, synth, tmp_path):
     """`bgmask make-binary-seg` killed halfway through its first file (split_info.json, so that the
     folder holds nothing but a temporary file), from outside once a third of the images exist, then
@@ -527,6 +532,7 @@ save_slim(sys.argv[2], model.state_dict(), {"classes": ["background", "bird"], "
 """
 
 
+@pytest.mark.slow
 def test_predict_masks_killed_midway(zygote, synth, tmp_path):
     """mmsegmentation/predict_masks.py (a randomly initialised small U-Net: only the files matter)
     killed halfway through a file, then from outside, then rerun: the same bytes as one uninterrupted

@@ -140,8 +140,13 @@ def test_short_training_beats_all_background(trained, capsys):
         assert rec[f"{split}/IoU.bird"] > 0.4, rec
         assert 0 < rec[f"{split}/mDice"] <= 1
     assert json.loads((work / "results.jsonl").read_text().splitlines()[-1])["test/mIoU"] == rec["test/mIoU"]
+    last = json.loads((work / "results.jsonl").read_text().splitlines()[-1])
+    assert last["split"] == "eval" and last["command"] == rec["command"] and last["git_revision"] == rec["git_revision"]
+    for name in ("train_command.txt", "test_command.txt", "git_revision.txt"):
+        assert (work / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_slim_checkpoint_round_trip(trained, tmp_path, capsys):
     ckpt = torch.load(trained["slim"], map_location="cpu", weights_only=True)
     assert ckpt["meta"]["format"] == "bgmask-seg-slim-v1"
@@ -167,6 +172,7 @@ def test_slim_checkpoint_round_trip(trained, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------- adapter
 
+@pytest.mark.slow
 def test_adapter_output_and_agreement_with_mmseg(trained):
     from mmseg.apis import inference_model
 
@@ -208,6 +214,7 @@ def test_adapter_output_and_agreement_with_mmseg(trained):
 
 # ------------------------------------------------------------------------------------- predict
 
+@pytest.mark.slow
 def test_predict_masks_layout_and_resume(trained, capsys):
     from bgmask.data.cub import read_cub_metadata
 
@@ -249,6 +256,7 @@ def test_predict_masks_layout_and_resume(trained, capsys):
     assert "another segmenter" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gen_masked_image_dataset(trained):
     from bgmask.seg.runner import gen_masked_main
 
@@ -260,6 +268,7 @@ def test_gen_masked_image_dataset(trained):
     assert (cub / "images_pred" / rel).is_file() and (cub / "images_pred_waterbirds" / rel).is_file()
 
 
+@pytest.mark.slow
 def test_predict_warns_when_masks_are_empty(trained, tmp_path, capsys):
     """A segmenter that predicts all background (as a barely trained one does) must be flagged."""
     ckpt = torch.load(trained["slim"], weights_only=True)
@@ -283,6 +292,7 @@ def _one_line_error(capsys, argv) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(trained, tmp_path, capsys):
     common = ["--cub_root", str(trained["cub"]), "--out_dir", str(tmp_path / "m")]
     err = _one_line_error(capsys, ["--config", str(tmp_path / "nope.py"), "--checkpoint", str(trained["slim"]), *common])
@@ -310,6 +320,7 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys):
 
 # ------------------------------------------------------------------ the online segmenter in training
 
+@pytest.mark.slow
 def test_late_masking_with_online_segmenter(trained, tmp_path):
     """train.py with --seg_model_config_path/--seg_model_checkpoint_path: masks come from the
     segmenter on each batch (no mask folder is read), and evaluation uses it too."""
@@ -333,6 +344,7 @@ def test_late_masking_with_online_segmenter(trained, tmp_path):
     assert ev["test/acc"] == final["test/acc"]
 
 
+@pytest.mark.slow
 def test_online_segmenter_flag_errors(trained, tmp_path, capsys):
     from bgmask.scripts import train_late
 

@@ -240,11 +240,43 @@ def _hsv(h, s, v) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Bird
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class _BirdShape:
+    """One bird's geometry in its own frame (units of the body half-length L, u forward, v down)."""
+    u: np.ndarray  # (S, S) bird-frame coordinates of the pixel centres
+    v: np.ndarray
+    L: float  # body half-length in pixels
+    aspect: float  # body semi-minor / semi-major axis
+    hx: float  # head centre and radius
+    hy: float
+    hr: float
+    tl: float  # tail length
+    tc: float  # cos / sin of the tail tilt
+    ts: float
+    tu0: float  # tail hinge
+    tv0: float
+    d_beak: np.ndarray  # (S, S) signed distances (units of L): beak, whole silhouette
+    d_sil: np.ndarray
+
+
 def render_bird(sp: Species, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Render one bird of species `sp`. Returns (rgb (S, S, 3) float32 in [0, 1], alpha (S, S)
     float32 in [0, 1], 1 = bird) with anti-aliased edges from signed distances."""
-    ys, xs = _pixel_grid(size)
     px = size / 64.0
+    u, v, L = _bird_pose(rng, size, px)
+    b = _bird_silhouette(sp, rng, u, v, L)
+    alpha = np.clip(0.5 - b.d_sil * L, 0.0, 1.0)
+    col = _paint_bird(sp, rng, b, size)
+    # Dark outline so that the bird stands out on any habitat.
+    ow = 0.9 * px
+    outline = np.clip(0.5 + (b.d_sil * L + ow), 0.0, 1.0)
+    col = _mix(col, (0.05, 0.05, 0.05), 0.8 * outline)
+    return col, alpha
+
+
+def _bird_pose(rng: np.random.Generator, size: int, px: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Random size, tilt, facing and position: the bird frame (u, v) of every pixel and L in pixels."""
+    ys, xs = _pixel_grid(size)
     L = rng.uniform(13.0, 18.0) * px  # body half-length in pixels
     ang = math.radians(rng.uniform(-25.0, 25.0))
     facing = 1.0 if rng.random() < 0.5 else -1.0
@@ -254,7 +286,11 @@ def render_bird(sp: Species, rng: np.random.Generator, size: int) -> tuple[np.nd
     dx, dy = xs - cx, ys - cy
     u = facing * (dx * c + dy * s) / L  # bird frame, units of L: u forward (to the head)
     v = (-dx * s + dy * c) / L  # v down
+    return u, v, L
 
+
+def _bird_silhouette(sp: Species, rng: np.random.Generator, u, v, L: float) -> _BirdShape:
+    """Body, head, beak and (forked) tail as signed distances."""
     aspect = sp.body_aspect * rng.uniform(0.92, 1.08)
     hr = rng.uniform(0.38, 0.46)  # head radius
     hx, hy = 0.85, -0.42 * rng.uniform(0.85, 1.15)
@@ -278,13 +314,17 @@ def render_bird(sp: Species, rng: np.random.Generator, size: int) -> tuple[np.nd
                                     (-tl - 0.05, 0.8 * tw)])
         d_tail = np.maximum(d_tail, -notch)
     d_sil = np.minimum(np.minimum(d_body, d_head), np.minimum(d_beak, d_tail))
-    alpha = np.clip(0.5 - d_sil * L, 0.0, 1.0)
+    return _BirdShape(u, v, L, aspect, hx, hy, hr, tl, tc, ts, tu0, tv0, d_beak, d_sil)
 
+
+def _paint_bird(sp: Species, rng: np.random.Generator, b: _BirdShape, size: int) -> np.ndarray:
+    """Colours (S, S, 3) before the outline: body, barred wing, marking, beak, eye."""
+    u, v, L = b.u, b.v, b.L
     # Colours: body random per image (no class signal).
     body = _hsv(rng.random(), rng.uniform(0.1, 0.6), rng.uniform(0.35, 0.9))
     col = np.broadcast_to(body, (size, size, 3)).astype(np.float32)
     # Wing with species-specific bars (in the bird frame, so they turn with the bird).
-    d_wing = _sd_ellipse(u, v, -0.1, -0.1 * aspect / 0.55, 0.72, 0.6 * aspect, rot=math.radians(8))
+    d_wing = _sd_ellipse(u, v, -0.1, -0.1 * b.aspect / 0.55, 0.72, 0.6 * b.aspect, rot=math.radians(8))
     a_wing = np.clip(0.5 - d_wing * L, 0.0, 1.0)
     light = _hsv(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.75, 1.0))
     period = sp.bar_period * rng.uniform(0.93, 1.07)
@@ -295,25 +335,26 @@ def render_bird(sp: Species, rng: np.random.Generator, size: int) -> tuple[np.nd
     col = col + a_wing[..., None] * (wing - col)
     # Marking: position and colour depend on the species.
     mr = 0.35 * rng.uniform(0.9, 1.1)
-    mx, my = {
-        "crown": (hx - 0.05, hy - 0.30),
-        "throat": (hx + 0.15, hy + 0.38),
-        "breast": (0.62, 0.32 * aspect / 0.55),
-        "belly": (-0.05, 0.50 * aspect / 0.55),
-        "tail": (tu0 + (-0.55 * tl) * tc, tv0 + (-0.55 * tl) * ts),
-    }[sp.marking_pos]
+    mx, my = _marking_centre(sp.marking_pos, b)
     a_mark = np.clip(0.5 - _sd_circle(u, v, mx, my, mr) * L, 0.0, 1.0)
     mark = _hsv(sp.marking_hue + rng.uniform(-0.02, 0.02), rng.uniform(0.8, 1.0), rng.uniform(0.85, 1.0))
     col = _mix(col, mark, a_mark)
-    # Beak, eye (random colours), dark outline so that the bird stands out on any habitat.
+    # Beak and eye (random colours).
     beak_col = _hsv(rng.uniform(0.05, 0.15), rng.uniform(0.0, 0.8), rng.uniform(0.1, 0.9))
-    col = _mix(col, beak_col, np.clip(0.5 - d_beak * L, 0.0, 1.0))
+    col = _mix(col, beak_col, np.clip(0.5 - b.d_beak * L, 0.0, 1.0))
     er = max(0.08, 0.9 / L)
-    col = _mix(col, (0.03, 0.03, 0.03), np.clip(0.5 - _sd_circle(u, v, hx + 0.15, hy - 0.08, er) * L, 0.0, 1.0))
-    ow = 0.9 * px
-    outline = np.clip(0.5 + (d_sil * L + ow), 0.0, 1.0)
-    col = _mix(col, (0.05, 0.05, 0.05), 0.8 * outline)
-    return col, alpha
+    return _mix(col, (0.03, 0.03, 0.03), np.clip(0.5 - _sd_circle(u, v, b.hx + 0.15, b.hy - 0.08, er) * L, 0.0, 1.0))
+
+
+def _marking_centre(pos: str, b: _BirdShape) -> tuple[float, float]:
+    """(u, v) of the species' marking at body position `pos` (one of MARKING_POSITIONS)."""
+    return {
+        "crown": (b.hx - 0.05, b.hy - 0.30),
+        "throat": (b.hx + 0.15, b.hy + 0.38),
+        "breast": (0.62, 0.32 * b.aspect / 0.55),
+        "belly": (-0.05, 0.50 * b.aspect / 0.55),
+        "tail": (b.tu0 + (-0.55 * b.tl) * b.tc, b.tv0 + (-0.55 * b.tl) * b.ts),
+    }[pos]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,34 +588,10 @@ def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_clas
     bar = tqdm(total=num_classes * per_class, desc="synthetic", unit="img", disable=not progress)
     for sp in species:
         for j in range(per_class):
-            img_id = sp.index * per_class + j + 1
-            is_train = j < train_per_class
-            split, idx = ("train", j) if is_train else ("test", j - train_per_class)
-            rel = f"{sp.folder}/{sp.name}_{j + 1:04d}_{img_id}.jpg"
-
-            def rng(stream, _s=_SPLIT_CODE[split], _c=sp.index, _i=idx):
-                return np.random.default_rng([seed, _s, _c, _i, stream])
-
-            habitat = _pick_habitat(rng(_HAB_CHOICE), sp.home_habitat, float(correlation))
-            wb_habitat = None if is_train else _pick_habitat(rng(_WB_CHOICE), sp.home_habitat, 0.0)
-            img_path, mask_path = out / "images" / rel, out / "segmentations" / (rel[:-4] + ".png")
-            wb_path = out / WATERBIRDS_DIRNAME / rel
-            done = img_path.is_file() and mask_path.is_file() and (is_train or wb_path.is_file())
-            if done:
-                with Image.open(mask_path) as m:
-                    mask_u8 = np.asarray(m)
-                resumed += 1
-            else:
-                bird, alpha = render_bird(sp, rng(_BIRD), image_size)
-                mask_u8 = np.clip(alpha * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                bg = render_habitat(habitat, rng(_HAB_RENDER), image_size)
-                _save_pair(img_path, mask_path, _composite(bird, mask_u8, bg), mask_u8)
-                rendered += 1
-                if not is_train:
-                    wb_bg = render_habitat(wb_habitat, rng(_WB_RENDER), image_size)
-                    atomic_save_image(wb_path, Image.fromarray(_composite(bird, mask_u8, wb_bg)), quality=95)
-                    rendered += 1
-            rows.append((img_id, rel, sp.index, is_train, habitat, _bbox(mask_u8), wb_habitat))
+            row, n_rendered = _make_image(out, sp, j, per_class, train_per_class, image_size, float(correlation), seed)
+            rows.append(row)
+            rendered += n_rendered
+            resumed += n_rendered == 0
             bar.update(1)
     bar.close()
     seconds_images = time.perf_counter() - t0
@@ -591,6 +608,40 @@ def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_clas
         images_per_s=rendered / seconds_images if seconds_images > 0 else 0.0,
         num_waterbirds=len(rows) - num_train, num_resumed=resumed,
     )
+
+
+def _make_image(out: Path, sp: Species, j: int, per_class: int, train_per_class: int, image_size: int,
+                correlation: float, seed: int) -> tuple[tuple, int]:
+    """Image j of species `sp` with its mask (and, for a test image, its Waterbirds version): rendered,
+    or its mask read back when a previous run finished it. Returns (metadata row, images rendered;
+    0 = resumed)."""
+    img_id = sp.index * per_class + j + 1
+    is_train = j < train_per_class
+    split, idx = ("train", j) if is_train else ("test", j - train_per_class)
+    rel = f"{sp.folder}/{sp.name}_{j + 1:04d}_{img_id}.jpg"
+
+    def rng(stream):
+        return np.random.default_rng([seed, _SPLIT_CODE[split], sp.index, idx, stream])
+
+    habitat = _pick_habitat(rng(_HAB_CHOICE), sp.home_habitat, correlation)
+    wb_habitat = None if is_train else _pick_habitat(rng(_WB_CHOICE), sp.home_habitat, 0.0)
+    img_path, mask_path = out / "images" / rel, out / "segmentations" / (rel[:-4] + ".png")
+    wb_path = out / WATERBIRDS_DIRNAME / rel
+    rendered = 0
+    if img_path.is_file() and mask_path.is_file() and (is_train or wb_path.is_file()):
+        with Image.open(mask_path) as m:
+            mask_u8 = np.asarray(m)
+    else:
+        bird, alpha = render_bird(sp, rng(_BIRD), image_size)
+        mask_u8 = np.clip(alpha * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        bg = render_habitat(habitat, rng(_HAB_RENDER), image_size)
+        _save_pair(img_path, mask_path, _composite(bird, mask_u8, bg), mask_u8)
+        rendered = 1
+        if not is_train:
+            wb_bg = render_habitat(wb_habitat, rng(_WB_RENDER), image_size)
+            atomic_save_image(wb_path, Image.fromarray(_composite(bird, mask_u8, wb_bg)), quality=95)
+            rendered = 2
+    return (img_id, rel, sp.index, is_train, habitat, _bbox(mask_u8), wb_habitat), rendered
 
 
 def _write_metadata(out: Path, species: list[Species], rows) -> None:

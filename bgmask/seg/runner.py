@@ -21,6 +21,7 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.errors import ArgumentParser, UserError, require_dir, run_cli
 from bgmask.io import atomic_write_text, remove_stale_temp
+from bgmask.runfolder import EVAL_SPLIT, RunFolder, git_revision
 
 SLIM_NAME = "segmenter_slim.pth"
 # split -> metric prefix (the classifier side names Waterbirds metrics `waterbirds/...`)
@@ -202,14 +203,6 @@ def _init_cpu_distributed(launcher: str) -> None:
         dist.init_process_group(backend="gloo")
 
 
-def _write_provenance(work_dir: str | Path, name: str) -> None:
-    from bgmask.engine import git_revision
-
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(work_dir) / f"{name}_command.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
-    atomic_write_text(Path(work_dir) / "git_revision.txt", git_revision() + "\n")
-
-
 def _unwrap(model):
     from mmengine.model import is_model_wrapper
 
@@ -220,6 +213,13 @@ def _is_main() -> bool:
     from mmengine.dist import is_main_process
 
     return is_main_process()
+
+
+def _run_folder(work_dir: str | Path, name: str) -> RunFolder:
+    """The work dir as a run folder (written by rank 0 only), with NAME_command.txt and git_revision.txt."""
+    folder = RunFolder(work_dir, enabled=_is_main(), flag="--work-dir")
+    folder.write_provenance(name)
+    return folder
 
 
 # -------------------------------------------------------------------------------------- train
@@ -249,8 +249,7 @@ def train_main(argv=None) -> int:
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     cfg.resume = ns.resume
     runner = Runner.from_cfg(cfg)
-    if _is_main():
-        _write_provenance(cfg.work_dir, "train")
+    _run_folder(cfg.work_dir, "train")
     t0 = time.perf_counter()
     trusted = trusted_full_checkpoints(cfg.work_dir) if ns.resume else contextlib.nullcontext()
     with trusted:
@@ -304,17 +303,7 @@ def test_main(argv=None) -> int:
     check_binary(cfg, where)
     state_dict, _ = state_dict_and_meta(load_checkpoint_file(ns.checkpoint, trust_full=ns.trust_full_checkpoint),
                                         ns.checkpoint)
-    splits = []
-    for split in ns.splits:
-        if not cfg.get(f"{split}_dataloader"):
-            raise UserError(f"{where} defines no {split}_dataloader")
-        folder = split_folder(cfg, f"{split}_dataloader")
-        if folder.is_dir():
-            splits.append(split)
-        elif split == "waterbird_test":
-            print(f"note: {folder} is missing (no Waterbirds folder when the dataset was made); skipping it")
-        else:
-            raise UserError(f"{split} image folder not found: {folder} (expected the `bgmask make-binary-seg` layout)")
+    splits = _present_splits(cfg, ns.splits, where)
     cfg.load_from = None
     cfg.resume = False
     cfg.test_dataloader = cfg[f"{splits[0]}_dataloader"]
@@ -331,17 +320,37 @@ def test_main(argv=None) -> int:
             if k in metrics:
                 record[f"{p}/{k}"] = round(float(metrics[k]) / 100.0, 6)  # MMSeg reports percent
     if _is_main():
-        from bgmask.engine import git_revision
-
-        record["command"] = shlex.join([sys.executable, *sys.argv])
-        record["git_revision"] = git_revision()
-        out = Path(ns.out) if ns.out else Path(cfg.work_dir) / "test_metrics.json"
-        atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        with open(Path(cfg.work_dir) / "results.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-        print(metrics_markdown(record, splits, f"{Path(ns.config).stem} ({ns.checkpoint})"))
-        print(f"wrote {out}")
+        _write_test_results(ns, cfg, record, splits)
     return 0
+
+
+def _present_splits(cfg, names: list[str], where: str) -> list[str]:
+    """The requested splits whose image folder exists; a missing Waterbirds folder is skipped with a note."""
+    splits = []
+    for split in names:
+        if not cfg.get(f"{split}_dataloader"):
+            raise UserError(f"{where} defines no {split}_dataloader")
+        folder = split_folder(cfg, f"{split}_dataloader")
+        if folder.is_dir():
+            splits.append(split)
+        elif split == "waterbird_test":
+            print(f"note: {folder} is missing (no Waterbirds folder when the dataset was made); skipping it")
+        else:
+            raise UserError(f"{split} image folder not found: {folder} (expected the `bgmask make-binary-seg` layout)")
+    return splits
+
+
+def _write_test_results(ns: argparse.Namespace, cfg, record: dict, splits: list[str]) -> None:
+    """test_command.txt + git_revision.txt, the metrics JSON (--out) and a `split: "eval"` line of
+    WORK_DIR/results.jsonl; then the Markdown table. Rank 0 only."""
+    folder = _run_folder(cfg.work_dir, "test")
+    record["command"] = shlex.join([sys.executable, *sys.argv])
+    record["git_revision"] = git_revision()
+    out = Path(ns.out) if ns.out else Path(cfg.work_dir) / "test_metrics.json"
+    atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    folder.log({**record, "split": EVAL_SPLIT})
+    print(metrics_markdown(record, splits, f"{Path(ns.config).stem} ({ns.checkpoint})"))
+    print(f"wrote {out}")
 
 
 # ------------------------------------------------------------------------------------ predict
@@ -371,13 +380,8 @@ def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None,
     """Write DIR/images/<rel>.png for every image and DIR/<Waterbirds folder>/<rel>.png for the test
     images of the Waterbirds folder (0 = background, 255 = bird, the image's size), one atomic file at a
     time; files already there are kept. Returns a summary (counts, images/s, coverage)."""
-    import numpy as np
-    from PIL import Image
-    from tqdm import tqdm
-
-    from bgmask.data.cub import WATERBIRDS_SUBDIR, load_rgb, mask_relpath, read_cub_metadata
+    from bgmask.data.cub import read_cub_metadata
     from bgmask.distributed import resolve_device
-    from bgmask.io import atomic_save_image
     from bgmask.seg.segmenter import load_segmenter
 
     if batch_size < 1:
@@ -390,6 +394,22 @@ def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None,
                          trust_full_checkpoint=trust_full_checkpoint)
     info = {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": _file_digest(ckpt),
             "config": str(Path(config).resolve()) if config else None}
+    _claim_mask_folder(out, info, overwrite)
+    jobs = _mask_jobs(root, out, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(out, recursive=True)  # half-written files of a killed run
+    atomic_write_text(out / "predict_info.json", json.dumps(info, indent=2) + "\n")
+    todo = [(src, dst) for src, dst in jobs if not dst.is_file()]
+    todo.sort(key=lambda job: (_image_hw(job[0]), str(job[0])))  # equal sizes batch together
+    t0 = time.perf_counter()
+    coverage = _predict_and_save(seg, todo, batch_size, progress)
+    return _predict_summary(out, len(jobs), len(todo), coverage, time.perf_counter() - t0, empty_warn_fraction)
+
+
+def _claim_mask_folder(out: Path, info: dict, overwrite: bool) -> None:
+    """A mask folder of another checkpoint: UserError, or with `overwrite` its masks are removed."""
+    from bgmask.data.cub import WATERBIRDS_SUBDIR
+
     info_path = out / "predict_info.json"
     if info_path.is_file():
         old = json.loads(info_path.read_text())
@@ -399,18 +419,30 @@ def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None,
                                 "pass --overwrite to replace them or choose another --out_dir")
             for sub in ("images", WATERBIRDS_SUBDIR):
                 shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def _mask_jobs(root: Path, out: Path, meta) -> list[tuple[Path, Path]]:
+    """(image, mask file) for every image, then for the test images of the Waterbirds folder."""
+    from bgmask.data.cub import WATERBIRDS_SUBDIR, mask_relpath
+
     jobs = [(root / "images" / meta.relpaths[i], out / "images" / mask_relpath(meta.relpaths[i])) for i in meta.ids]
     if (root / WATERBIRDS_SUBDIR).is_dir():
         test_ids = [i for i in meta.ids if not meta.is_train[i]]
         jobs += [(root / WATERBIRDS_SUBDIR / meta.relpaths[i], out / WATERBIRDS_SUBDIR / mask_relpath(meta.relpaths[i]))
                  for i in test_ids]
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp(out, recursive=True)  # half-written files of a killed run
-    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
-    todo = [(src, dst) for src, dst in jobs if not dst.is_file()]
-    todo.sort(key=lambda job: (_image_hw(job[0]), str(job[0])))  # equal sizes batch together
+    return jobs
+
+
+def _predict_and_save(seg, todo: list[tuple[Path, Path]], batch_size: int, progress: bool) -> list[float]:
+    """Predict and write the masks of `todo` in batches; returns each mask's bird fraction."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from bgmask.data.cub import load_rgb
+    from bgmask.io import atomic_save_image
+
     coverage = []
-    t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predict masks", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
@@ -420,11 +452,18 @@ def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None,
             coverage.append(float(m.mean()))
         bar.update(len(chunk))
     bar.close()
-    seconds = time.perf_counter() - t0
+    return coverage
+
+
+def _predict_summary(out: Path, total: int, predicted: int, coverage: list[float], seconds: float,
+                     empty_warn_fraction: float) -> dict:
+    import numpy as np
+
     cov = np.array(coverage) if coverage else np.zeros(0)
     summary = {
-        "out_dir": str(out), "total": len(jobs), "predicted": len(todo), "skipped": len(jobs) - len(todo),
-        "seconds": round(seconds, 2), "images_per_s": round(len(todo) / seconds, 1) if todo and seconds > 0 else None,
+        "out_dir": str(out), "total": total, "predicted": predicted, "skipped": total - predicted,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(predicted / seconds, 1) if predicted and seconds > 0 else None,
         "mean_coverage": round(float(cov.mean()), 4) if cov.size else None,
         "empty": int((cov == 0).sum()), "empty_fraction": round(float((cov == 0).mean()), 4) if cov.size else None,
     }
