@@ -14,6 +14,7 @@ Stages (each skipped on a rerun when its outputs exist for the same inputs; `--f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -23,20 +24,23 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.errors import UserError
 from bgmask.io import atomic_write_text
+from bgmask.masking.strategies import STRATEGIES
 
 MODELS = {"cnn": "bgmask_resnet_tiny", "vit": "bgmask_vit_tiny"}
+INITS = ("scratch", "frozen", "finetuned")
+MASKS = ("-", "GT", "predicted")
+
+
+def strategy_rows(model: str, init: str, gt: bool) -> list[tuple]:
+    """(model, strategy, masks, init) for every registered strategy: masks '-' without masks, else
+    predicted (and GT too when `gt`)."""
+    rows = [(model, name, "predicted" if s.needs_mask else "-", init) for name, s in STRATEGIES.items()]
+    return rows + [(model, name, "GT", init) for name, s in STRATEGIES.items() if gt and s.needs_mask]
+
+
 # (model key, strategy, masks, init)
-ROWS_DEFAULT = [
-    ("cnn", "baseline", "-", "scratch"), ("cnn", "early", "predicted", "scratch"), ("cnn", "late", "predicted", "scratch"),
-    ("cnn", "early", "GT", "scratch"), ("cnn", "late", "GT", "scratch"),
-    ("vit", "baseline", "-", "scratch"), ("vit", "early", "predicted", "scratch"), ("vit", "late", "predicted", "scratch"),
-]
-ROWS_FULL = [
-    (m, s, k, init)
-    for init in ("scratch", "frozen", "finetuned")
-    for m in ("cnn", "vit")
-    for s, k in (("baseline", "-"), ("early", "predicted"), ("late", "predicted"), ("early", "GT"), ("late", "GT"))
-]
+ROWS_DEFAULT = strategy_rows("cnn", "scratch", gt=True) + strategy_rows("vit", "scratch", gt=False)
+ROWS_FULL = [row for init in INITS for m in MODELS for row in strategy_rows(m, init, gt=True)]
 
 
 @dataclass
@@ -91,19 +95,21 @@ class Stages:
     def __init__(self, out: Path, fresh: bool):
         self.out, self.fresh = out, fresh
 
-    def run(self, name: str, inputs: dict, fn):
+    def run(self, name: str, inputs: dict, fn, describe=None):
+        """fn() unless the stage's marker holds the same inputs; one line either way (`describe(result)`
+        says what came out)."""
         marker = self.out / "stages" / f"{name}.json"
         if not self.fresh and marker.is_file():
             saved = json.loads(marker.read_text())
             if saved.get("inputs") == inputs:
                 print(f"[demo] {name}: up to date, skipped", flush=True)
                 return saved.get("result")
-        print(f"[demo] {name} ...", flush=True)
         t0 = time.perf_counter()
         result = fn()
-        atomic_write_text(marker, json.dumps({"inputs": inputs, "result": result,
-                                              "seconds": time.perf_counter() - t0}, indent=2))
-        print(f"[demo] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        seconds = time.perf_counter() - t0
+        atomic_write_text(marker, json.dumps({"inputs": inputs, "result": result, "seconds": seconds}, indent=2))
+        what = f"{describe(result)}, " if describe else ""
+        print(f"[demo] {name}: {what}done in {seconds:.0f} s", flush=True)
         return result
 
 
@@ -111,12 +117,14 @@ def parse_rows(specs) -> list[tuple]:
     rows = []
     for spec in specs:
         parts = spec.split(":")
-        if (len(parts) != 4 or parts[0] not in MODELS or parts[1] not in ("baseline", "early", "late")
-                or parts[2] not in ("-", "GT", "predicted") or parts[3] not in ("scratch", "frozen", "finetuned")):
-            raise UserError(f"--rows {spec!r}: expected model:strategy:masks:init with model in cnn|vit, strategy in "
-                            "baseline|early|late, masks in -|GT|predicted, init in scratch|frozen|finetuned")
-        if (parts[1] == "baseline") != (parts[2] == "-"):
-            raise UserError(f"--rows {spec!r}: baseline takes masks '-', early/late take GT or predicted")
+        if (len(parts) != 4 or parts[0] not in MODELS or parts[1] not in STRATEGIES or parts[2] not in MASKS
+                or parts[3] not in INITS):
+            raise UserError(f"--rows {spec!r}: expected model:strategy:masks:init with model in {'|'.join(MODELS)}, "
+                            f"strategy in {'|'.join(STRATEGIES)}, masks in {'|'.join(MASKS)}, init in {'|'.join(INITS)}")
+        if STRATEGIES[parts[1]].needs_mask == (parts[2] == "-"):
+            without = [n for n, s in STRATEGIES.items() if not s.needs_mask]
+            raise UserError(f"--rows {spec!r}: {'/'.join(without)} takes masks '-', "
+                            f"{'/'.join(n for n in STRATEGIES if n not in without)} take GT or predicted")
         rows.append(tuple(parts))
     return rows
 
@@ -152,7 +160,8 @@ def classifier_argv(row, seed, p: Preset, data: Path, pred_masks: Path | None, p
 
 
 def train_run(argv: list[str], run_dir: Path) -> dict:
-    """One train.py run in this process; resumes an interrupted one, skips a finished one."""
+    """One train.py run in this process; resumes an interrupted one, skips a finished one. What the run
+    prints (its epoch lines) goes to RUN_DIR/train.log."""
     from bgmask.engine import run
 
     marker = run_dir / "demo_argv.json"
@@ -167,7 +176,8 @@ def train_run(argv: list[str], run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps(argv))
     cfg = A.parse_with_config(A.train_parser("demo"), argv)
-    return run(cfg)
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        return run(cfg)
 
 
 # --------------------------------------------------------------------------------------- main
@@ -180,6 +190,24 @@ def main_demo(ns: argparse.Namespace) -> int:
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    p = resolve_preset(ns)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, ns.fresh)
+    t_start = time.perf_counter()
+    data_args = dict(num_classes=p.num_classes, image_size=p.image_size, train_per_class=p.train_per_class,
+                     test_per_class=p.test_per_class, correlation=p.correlation, seed=0)
+    data = make_data(stages, out, data_args)
+    pred_masks, seg_result = make_masks(stages, out, data, data_args, p)
+    pretrained = pretrain(stages, out, data_args, p, ns.threads)
+    run_dirs = train_rows(out, p, data, pred_masks, pretrained, ns.threads)
+    sweep = correlation_sweep(out, p, ns.correlation_sweep, ns.threads) if ns.correlation_sweep else None
+    write_demo_report(out, run_dirs, data, pred_masks, seg_result, sweep)
+    print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s", flush=True)
+    return 0
+
+
+def resolve_preset(ns: argparse.Namespace) -> Preset:
     p = PRESETS[ns.preset]
     if ns.rows:
         p.rows = parse_rows(ns.rows)
@@ -187,87 +215,102 @@ def main_demo(ns: argparse.Namespace) -> int:
         p.seeds = tuple(ns.seeds)
     if ns.epochs:
         p.epochs = {k: ns.epochs for k in p.epochs}
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out, ns.fresh)
-    t_start = time.perf_counter()
-    data = out / "data" / "synthetic_cub"
-    data_args = dict(num_classes=p.num_classes, image_size=p.image_size, train_per_class=p.train_per_class,
-                     test_per_class=p.test_per_class, correlation=p.correlation, seed=0)
+    return p
 
-    def make_data():
+
+def make_data(stages: Stages, out: Path, data_args: dict) -> Path:
+    """Stage 1: the synthetic benchmark (its summary in DATA/summary.txt)."""
+    data = out / "data" / "synthetic_cub"
+
+    def make():
         from bgmask.data.synthetic import generate_synthetic
 
-        s = generate_synthetic(data, overwrite=True, **data_args)
-        print(s.to_text())
+        s = generate_synthetic(data, overwrite=True, progress=False, **data_args)
+        atomic_write_text(data / "summary.txt", s.to_text() + "\n")
         return {"sample_grid": str(s.sample_grid)}
 
-    stages.run("data", data_args, make_data)
-    needs_pred = any(r[2] == "predicted" for r in p.rows)
-    pred_masks = out / "predicted_masks"
-    seg_result = None
-    if needs_pred:
-        from bgmask import demo_seg
+    stages.run("data", data_args, make, lambda r: f"{data} (summary.txt, {Path(r['sample_grid']).name})")
+    return data
 
-        seg_inputs = {"data": data_args, "iters": p.seg_iters, "image_size": p.image_size}
-        seg_result = stages.run("segmenter", seg_inputs,
-                                lambda: demo_seg.train_and_test_segmenter(data, out / "segmentation", p))
-        stages.run("masks", seg_inputs, lambda: demo_seg.predict_and_copy(data, out / "segmentation", pred_masks, p))
+
+def make_masks(stages: Stages, out: Path, data: Path, data_args: dict, p: Preset):
+    """Stages 2 and 3 (only when a row uses predicted masks): the segmenter, then its masks and copies."""
+    if not any(r[2] == "predicted" for r in p.rows):
+        return None, None
+    from bgmask import demo_seg
+
+    pred_masks, seg_dir = out / "predicted_masks", out / "segmentation"
+    seg_inputs = {"data": data_args, "iters": p.seg_iters, "image_size": p.image_size}
+    seg_result = stages.run("segmenter", seg_inputs, lambda: demo_seg.train_and_test_segmenter(data, seg_dir, p),
+                            demo_seg.describe_segmenter)
+    stages.run("masks", seg_inputs, lambda: demo_seg.predict_and_copy(data, seg_dir, pred_masks, p),
+               demo_seg.describe_masks)
+    return pred_masks, seg_result
+
+
+def pretrain(stages: Stages, out: Path, data_args: dict, p: Preset, threads) -> dict:
+    """Stage 4 (only for pretrained rows): each backbone trained on an unbiased set of other species."""
     pretrained = {}
     for model in sorted({r[0] for r in p.rows if r[3] != "scratch"}):
         pre_args = dict(data_args, seed=1000, correlation=0.1)  # other species, random backgrounds
         pre_data = out / "data" / "pretrain_cub"
         pre_inputs = {"data": pre_args, "model": MODELS[model], "epochs": p.pretrain_epochs[model]}
 
-        def pretrain(model=model, pre_args=pre_args, pre_data=pre_data):
-            from bgmask.data.synthetic import generate_synthetic
-            from bgmask.checkpoint import load_checkpoint
+        def fn(model=model, pre_args=pre_args, pre_data=pre_data):
             import torch
 
+            from bgmask.checkpoint import load_checkpoint
+            from bgmask.data.synthetic import generate_synthetic
+
             if not (pre_data / "images.txt").is_file():
-                generate_synthetic(pre_data, overwrite=True, **pre_args)
+                generate_synthetic(pre_data, overwrite=True, progress=False, **pre_args)
             run_dir = out / "pretrain" / model
-            argv = classifier_argv((model, "baseline", "-", "scratch"), 0, p, pre_data, None, {}, run_dir, ns.threads)
+            argv = classifier_argv((model, "baseline", "-", "scratch"), 0, p, pre_data, None, {}, run_dir, threads)
             argv[argv.index("--epochs") + 1] = str(p.pretrain_epochs[model])
             train_run(argv, run_dir)
             weights = out / "pretrain" / f"{model}_backbone.pth"
             torch.save(load_checkpoint(run_dir / "last.pt")["model"], weights)
             return str(weights)
 
-        pretrained[model] = stages.run(f"pretrain_{model}", pre_inputs, pretrain)
+        pretrained[model] = stages.run(f"pretrain_{model}", pre_inputs, fn, lambda w: w)
+    return pretrained
+
+
+def train_rows(out: Path, p: Preset, data: Path, pred_masks, pretrained: dict, threads) -> list[Path]:
+    """Stage 5: every row x seed, one line each (a finished run is read back, not retrained)."""
+    from tqdm import tqdm
+
+    jobs = [(seed, row) for seed in p.seeds for row in p.rows]
     run_dirs = []
-    for seed in p.seeds:
-        for row in p.rows:
-            run_dir = out / "runs" / run_name(row, seed)
-            argv = classifier_argv(row, seed, p, data, pred_masks, pretrained, run_dir, ns.threads)
-            print(f"[demo] run {run_dir.name}", flush=True)
-            t0 = time.perf_counter()
-            final = train_run(argv, run_dir)
-            print(f"[demo]   in-dist {final['test/acc']:.3f}  Waterbirds {final.get('waterbirds/acc', float('nan')):.3f}"
-                  f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-            run_dirs.append(run_dir)
-    sweep = None
-    if ns.correlation_sweep:
-        sweep = correlation_sweep(out, p, ns.correlation_sweep, ns.threads)
-    from bgmask.report import write_report
+    for seed, row in tqdm(jobs, desc="[demo] runs", unit="run", leave=False):
+        run_dir = out / "runs" / run_name(row, seed)
+        argv = classifier_argv(row, seed, p, data, pred_masks, pretrained, run_dir, threads)
+        t0 = time.perf_counter()
+        final = train_run(argv, run_dir)
+        tqdm.write(f"[demo] run {run_dir.name}: in-dist {final['test/acc']:.3f}  Waterbirds "
+                   f"{final.get('waterbirds/acc', float('nan')):.3f}  ({time.perf_counter() - t0:.0f} s)")
+        run_dirs.append(run_dir)
+    return run_dirs
+
+
+def write_demo_report(out: Path, run_dirs, data: Path, pred_masks, seg_result, sweep) -> None:
+    """Stage 6: results.md/csv/json, the bar chart, the example grid (+ the correlation sweep)."""
     from bgmask.demo_plots import example_grid, sweep_plot
+    from bgmask.report import write_report
 
     report = out / "report"
     paths = write_report(run_dirs, report, title="bgmask demo: synthetic CUB / Waterbirds")
-    extra = []
-    if seg_result:
-        extra.append(segmenter_section(seg_result))
-    grid = example_grid(run_dirs, data, pred_masks if needs_pred else None, report / "examples.png")
+    extra = [segmenter_section(seg_result)] if seg_result else []
+    grid = example_grid(run_dirs, data, pred_masks, report / "examples.png")
     extra.append(f"\n![examples]({grid.name})\n")
+    pictures = [paths["bars"], grid]
     if sweep:
-        sweep_png = sweep_plot(sweep, report / "correlation_sweep.png")
-        extra.append(f"\n![correlation sweep]({sweep_png.name})\n")
+        pictures.append(sweep_plot(sweep, report / "correlation_sweep.png"))
+        extra.append(f"\n![correlation sweep]({pictures[-1].name})\n")
     with open(paths["md"], "a", encoding="utf-8") as f:
         f.write("".join(extra))
-    print("\n" + paths["md"].read_text())
-    print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s; report: {paths['md']}")
-    print(f"[demo] pictures: {paths['bars']}, {grid}" + (f", {report / 'correlation_sweep.png'}" if sweep else ""))
-    return 0
+    print("\n" + paths["md"].read_text().split("\n![")[0].rstrip() + "\n")  # the table; the pictures are files
+    print(f"[demo] report: {paths['md']}; pictures: {', '.join(map(str, pictures))}")
 
 
 def segmenter_section(seg: dict) -> str:

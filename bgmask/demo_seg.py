@@ -80,7 +80,7 @@ def train_and_test_segmenter(data: Path, seg_dir: Path, p) -> dict:
     from bgmask.seg.runner import test_main, train_main
 
     binseg = seg_dir / "cub_binary_segmentation"
-    make_binary_seg(data, binseg, val_fraction=0.1, overwrite=True)
+    make_binary_seg(data, binseg, val_fraction=0.1, overwrite=True, progress=False)
     work = seg_dir / "work_dir"
     config = str(seg_config_path())
     out = seg_dir / "test_metrics.json"
@@ -100,10 +100,15 @@ def train_and_test_segmenter(data: Path, seg_dir: Path, p) -> dict:
         if keys:
             result[split] = {"mIoU": 100 * metrics.get(f"{prefix}/mIoU", float("nan")),
                              "mDice": 100 * metrics.get(f"{prefix}/mDice", float("nan"))}
+    result["log"] = str(log)
+    return result
+
+
+def describe_segmenter(result: dict) -> str:
+    """The segmenter stage's one line (demo.Stages)."""
     scores = " / ".join(f"{result[split]['mIoU']:.1f} {name}"
                         for split, name in (("test", "test"), ("waterbird_test", "Waterbirds")) if split in result)
-    print(f"[demo] segmenter: mIoU {scores}, trained in {seconds:.0f} s (log: {log})", flush=True)
-    return result
+    return f"mIoU {scores}, trained in {result['seconds']:.0f} s (log: {result.get('log')})"
 
 
 def predict_and_copy(data: Path, seg_dir: Path, pred_masks: Path, p) -> dict:
@@ -116,7 +121,13 @@ def predict_and_copy(data: Path, seg_dir: Path, pred_masks: Path, p) -> dict:
         summary = predict_masks(data, pred_masks, str(seg_config_path()), seg_dir / "work_dir" / "segmenter_slim.pth",
                                 batch_size=64, device="cpu", overwrite=True)
         counts = make_masked(data, masks=str(pred_masks), out_subdir="images_masked_pred")
-    coverage = f"{100 * summary['mean_coverage']:.1f}%" if summary["mean_coverage"] is not None else "-"
-    print(f"[demo] masks: {summary['predicted']} predicted (bird coverage {coverage}, {summary['empty']} empty), "
-          f"{sum(counts.values())} masked copies (log: {log})", flush=True)
-    return {"predict": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, "masked": counts}
+    return {"predict": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, "masked": counts,
+            "log": str(log)}
+
+
+def describe_masks(result: dict) -> str:
+    """The masks stage's one line (demo.Stages)."""
+    s = result["predict"]
+    coverage = f"{100 * s['mean_coverage']:.1f}%" if s.get("mean_coverage") is not None else "-"
+    return (f"{s['predicted']} predicted (bird coverage {coverage}, {s['empty']} empty), "
+            f"{sum(result['masked'].values())} masked copies (log: {result.get('log')})")

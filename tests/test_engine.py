@@ -345,6 +345,7 @@ def test_model_from_checkpoint(cub, tmp_path):
         model_from_checkpoint(state, run / "other.pt")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_counts_every_sample_once(cub, tmp_path, capsys):
     """2-process gloo on sizes that do not divide by 2 (train 21, val 3, test 15, Waterbirds 15): every
     evaluation (per-epoch val, final test / Waterbirds / groups / diagnostics) equals the one-process
@@ -410,6 +411,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_resume_one_process_run_with_two_processes(cub, tmp_path, capsys):
     """A run stopped after epoch 1 of 2 with one process resumes under torchrun with two (gloo), by the
     rule of the README: the epoch's global permutation is the same, each rank takes a strided share
