@@ -162,7 +162,7 @@ def test_second_last_needs_a_known_cnn_family():
 
 def test_pretrained_offline_fails_at_once(monkeypatch):
     monkeypatch.setattr(weights, "cached_pretrained_file", lambda arch: None)
-    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(weights, "hub_problem", lambda *a, **k: "no network")
     with pytest.raises(UserError, match=r"cannot download pretrained weights for test_resnet: no network; "
                                         r"pass --pretrained_file PATH"):
         create_classifier("test_resnet", 3, pretrained=True)
@@ -170,7 +170,7 @@ def test_pretrained_offline_fails_at_once(monkeypatch):
 
 def test_flag_errors_come_before_any_download(monkeypatch):
     monkeypatch.setattr(weights, "cached_pretrained_file", lambda arch: pytest.fail("weights looked up"))
-    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: pytest.fail("network touched"))
+    monkeypatch.setattr(weights, "hub_problem", lambda *a, **k: pytest.fail("network touched"))
     with pytest.raises(UserError, match="ViT models only"):
         create_classifier("test_resnet", 3, pretrained=True, head="gap")
     with pytest.raises(UserError, match="multiple of the patch size"):
@@ -179,7 +179,7 @@ def test_flag_errors_come_before_any_download(monkeypatch):
 
 def test_pretrained_download_error_is_a_user_error(monkeypatch):
     monkeypatch.setattr(weights, "cached_pretrained_file", lambda arch: None)
-    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(weights, "hub_problem", lambda *a, **k: None)
     create = timm.create_model
 
     def fake_create(name, pretrained=False, **kw):
@@ -192,16 +192,27 @@ def test_pretrained_download_error_is_a_user_error(monkeypatch):
         create_classifier("test_resnet", 3, pretrained=True)
 
 
-def test_hub_reachable_uses_one_quick_connect(monkeypatch):
+def test_hub_is_asked_through_huggingface_hub_once(monkeypatch):
+    """Availability is huggingface_hub's own answer (its endpoint / proxies / offline switch), one request
+    with a short timeout; HF_HUB_OFFLINE answers without any request."""
+    import huggingface_hub
+
     calls = []
 
-    def refuse(addr, timeout):
-        calls.append((addr, timeout))
-        raise OSError("no route")
+    def model_info(repo_id, revision=None, timeout=None):
+        calls.append((repo_id, timeout))
+        raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(weights.socket, "create_connection", refuse)
-    assert weights.hub_reachable() is False
-    assert calls == [(("huggingface.co", 443), weights.HUB_TIMEOUT_S)] and weights.HUB_TIMEOUT_S <= 5
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://mirror.example")
+    problem = weights.hub_problem("test_resnet")
+    assert problem == "https://mirror.example answered ConnectionError: Name or service not known", problem
+    assert calls == [("timm/test_resnet.r160_in1k", weights.HUB_TIMEOUT_S)] and weights.HUB_TIMEOUT_S <= 5
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: None)
+    assert weights.hub_problem("test_resnet") is None
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("network touched"))
+    assert "HF_HUB_OFFLINE is set" in weights.hub_problem("test_resnet")
 
 
 def test_pretrained_from_local_hf_cache_without_network(tmp_path, monkeypatch):
@@ -217,8 +228,8 @@ def test_pretrained_from_local_hf_cache_without_network(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise AssertionError("the network must not be touched when the weights are cached")
 
-    monkeypatch.setattr(weights, "hub_reachable", no_network)
-    monkeypatch.setattr(weights.socket, "create_connection", no_network)
+    monkeypatch.setattr(weights, "hub_problem", no_network)
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
     assert weights.cached_pretrained_file("test_resnet").endswith("model.safetensors")
     clf = create_classifier("test_resnet", 3, pretrained=True)
     loaded, ref = clf.backbone.state_dict(), src.state_dict()
@@ -319,7 +330,7 @@ def test_file_without_state_dict(tmp_path):
 
 
 def test_pretrained_file_wins_over_pretrained(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: pytest.fail("network touched"))
+    monkeypatch.setattr(weights, "hub_problem", lambda *a, **k: pytest.fail("network touched"))
     src = create_classifier("test_resnet", 3)
     path = save(src.state_dict(), tmp_path / "w.pth")
     assert backbone_equal(src, create_classifier("test_resnet", 3, pretrained=True, pretrained_file=path))

@@ -18,7 +18,6 @@ import difflib
 import logging
 import os
 import pickle
-import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,13 +56,32 @@ def check_model_arch(model_arch: str) -> None:
     raise UserError(f"unknown model_arch {model_arch!r} (expected a timm model name){hint}")
 
 
-def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = HUB_TIMEOUT_S) -> bool:
-    """One quick TCP connect: False without network (no retries)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def hub_problem(model_arch: str, timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the pretrained weights of `model_arch` cannot be downloaded now, or None when they can. The
+    question goes to the same client and settings that the download uses: huggingface_hub for Hub-hosted
+    weights (HF_ENDPOINT mirrors, HTTPS_PROXY, HF_HUB_OFFLINE, its token), urllib with the environment's
+    proxies for other URLs; one request without retries, so an offline machine answers at once."""
+    cfg = timm.models.get_pretrained_cfg(model_arch)
+    if cfg is not None and cfg.hf_hub_id:
+        import huggingface_hub
+        from timm.models._hub import hf_split
+
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set and they are not in the local cache"
+        repo_id, revision = hf_split(cfg.hf_hub_id)
+        try:
+            huggingface_hub.model_info(repo_id, revision=revision, timeout=timeout)
+        except Exception as e:  # any client error means: no download now
+            return f"{huggingface_hub.constants.ENDPOINT} answered {type(e).__name__}: {_one_line(e)}"
+        return None
+    if cfg is not None and cfg.url:
+        from urllib.request import Request, urlopen
+
+        try:
+            urlopen(Request(cfg.url, method="HEAD"), timeout=timeout).close()
+        except Exception as e:
+            return f"{urlparse(cfg.url).hostname} answered {type(e).__name__}: {_one_line(e)}"
+    return None
 
 
 def cached_pretrained_file(model_arch: str) -> str | None:
@@ -91,17 +109,9 @@ def cached_pretrained_file(model_arch: str) -> str | None:
     return None
 
 
-def _download_host(model_arch: str) -> tuple[str, int]:
-    cfg = timm.models.get_pretrained_cfg(model_arch)
-    if cfg is not None and not cfg.hf_hub_id and cfg.url:
-        parsed = urlparse(cfg.url)
-        return parsed.hostname or "huggingface.co", parsed.port or 443
-    return "huggingface.co", 443
-
-
 def create_timm_model(model_arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """`timm.create_model` with clear errors. pretrained=True loads cached weights without touching the
-    network; otherwise it checks in ~3 s that the hub is reachable before downloading."""
+    network; otherwise it asks the hub once (`hub_problem`) before downloading."""
     check_model_arch(model_arch)
     try:
         if not pretrained:
@@ -114,8 +124,9 @@ def create_timm_model(model_arch: str, pretrained: bool = False, **kwargs) -> nn
         if cached is not None:
             _logger.info("loading pretrained %s from the local cache: %s", model_arch, cached)
             return timm.create_model(model_arch, pretrained=True, pretrained_cfg_overlay=dict(file=cached), **kwargs)
-        if not hub_reachable(*_download_host(model_arch)):
-            raise UserError(f"cannot download pretrained weights for {model_arch}: no network; "
+        problem = hub_problem(model_arch)
+        if problem is not None:
+            raise UserError(f"cannot download pretrained weights for {model_arch}: {problem}; "
                             "pass --pretrained_file PATH (a .pth/.safetensors state dict)")
         try:
             return timm.create_model(model_arch, pretrained=True, **kwargs)
