@@ -123,17 +123,18 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--betas1", type=float, default=0.9)
     add(g, "--betas2", type=float, default=0.999)
     add(g, "--scratch_lr_factor", type=float, default=1.0, help="head learning rate = lr x this")
-    add(g, "--scheduler_type", default="cosine", choices=list(SCHEDULERS))
-    add(g, "--scheduler_warmup_epochs", type=int, default=0)
-    add(g, "--warmup_lr", type=float, default=1e-6, help="learning rate at the start of warm-up")
-    add(g, "--min_lr", type=float, default=1e-6)
-    add(g, "--scheduler_restart_factor", type=int, default=1,
+    s = p.add_argument_group("learning-rate schedule (the paper's, per epoch; formulas in bgmask.optim.LRSchedule)")
+    add(s, "--scheduler_type", default="cosine", choices=list(SCHEDULERS))
+    add(s, "--scheduler_warmup_epochs", type=int, default=10,
+        help="cosine_with_warmup: linear warm-up epochs from lr 0 (may exceed --epochs); "
+             "cosine_warmup_restart: length of the first cycle")
+    add(s, "--min_lr", type=float, default=1e-6, help="cosine schedules: lowest lr (absolute, every group)")
+    add(s, "--scheduler_restart_factor", type=int, default=2,
         help="cosine_warmup_restart: cycle length multiplier after each restart")
-    add(g, "--scheduler_restart_epochs", type=int, default=None,
-        help="cosine_warmup_restart: length of the first cycle (default: epochs / 3)")
-    add(g, "--scheduler_step_size", type=int, default=30, help="steplr: epochs between decays")
-    add(g, "--scheduler_gamma", type=float, default=0.1, help="steplr: decay factor")
-    add(g, "--linearlr_start_factor", type=float, default=1.0 / 3, help="linearlr: start factor")
+    add(s, "--scheduler_step_size", type=int, default=10, help="steplr: epochs between decays")
+    add(s, "--scheduler_gamma", type=float, default=0.1, help="steplr: decay factor")
+    add(s, "--scheduler_start_factor", type=float, default=0.333, help="linearlr: lr factor at epoch 0")
+    add(s, "--scheduler_end_factor", type=float, default=1.0, help="linearlr: factor reached after the last epoch")
     add(g, "--smoothing", type=float, default=0.0, help="label smoothing")
     add(g, "--grad_norm_clip", type=float, default=None)
     add(g, "--use_amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + grad scaler with --amp_dtype fp16 on CUDA)")
@@ -259,7 +260,7 @@ def validate_config(cfg: argparse.Namespace) -> None:
         raise UserError("--drop_path has no effect with --freeze_backbone (the backbone runs in eval mode)")
     if cfg.turn_on_mixup_or_cutmix and cfg.mixup <= 0 and cfg.cutmix <= 0:
         raise UserError("--turn_on_mixup_or_cutmix needs --mixup > 0 or --cutmix > 0")
-    if cfg.scheduler_warmup_epochs >= cfg.epochs and cfg.scheduler_type != "none" and not cfg.eval_only:
-        raise UserError(f"--scheduler_warmup_epochs ({cfg.scheduler_warmup_epochs}) must be < --epochs ({cfg.epochs})")
-    if cfg.scheduler_type in ("cosine_with_warmup", "cosine_warmup_restart") and cfg.scheduler_warmup_epochs == 0:
-        raise UserError(f"--scheduler_type {cfg.scheduler_type} needs --scheduler_warmup_epochs > 0")
+    if not cfg.eval_only:
+        from bgmask.optim import LRSchedule
+
+        LRSchedule.from_config(cfg)  # raises a UserError for values that make no schedule

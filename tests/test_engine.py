@@ -18,7 +18,7 @@ import torch
 from bgmask import args as A
 from bgmask.checkpoint import load_checkpoint
 from bgmask.distributed import ShardSampler
-from bgmask.optim import EpochScheduler, build_optimizer, mix_batch
+from bgmask.optim import mix_batch
 from bgmask.errors import UserError
 from bgmask.eval import diagnostic_metrics
 from bgmask.masking import STRATEGIES, apply_early_mask, create_strategy
@@ -85,55 +85,6 @@ def test_mixup_mixes_masks_like_images():
         mixup = Mixup(mixup_alpha=0.0 if cut else 1.0, cutmix_alpha=1.0 if cut else 0.0, num_classes=3)
         im, mk, targets = mix_batch(mixup, images.clone(), masks.clone(), torch.tensor([0, 1, 2, 0]))
         assert torch.equal(im[:, :1], mk) and targets.shape == (4, 3)
-
-
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Linear(4, 4)
-        self.head = torch.nn.Linear(4, 2)
-
-    def backbone_parameters(self):
-        return list(self.body.parameters())
-
-    def head_parameters(self):
-        return list(self.head.parameters())
-
-
-@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
-def test_optimizers_and_head_lr(name, cls):
-    cfg = cfg_from(["--optimizer_type", name, "--lr", "0.01", "--scratch_lr_factor", "10", "--weight_decay", "0.05"])
-    opt = build_optimizer(_Tiny(), cfg)
-    assert type(opt) is cls
-    lrs = sorted({g["lr"] for g in opt.param_groups})
-    assert lrs == [0.01, pytest.approx(0.1)]
-    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.05}  # no decay on biases
-
-
-def _lrs(argv, epochs):
-    cfg = cfg_from(argv + ["--epochs", str(epochs), "--lr", "1.0", "--min_lr", "0.01", "--warmup_lr", "0.1"])
-    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
-    sched = EpochScheduler(opt, cfg)
-    out = []
-    for e in range(epochs):
-        out.append(opt.param_groups[0]["lr"])
-        sched.step(e + 1)
-    return out
-
-
-def test_schedulers_build_what_they_name():
-    cos = _lrs(["--scheduler_type", "cosine"], 10)
-    assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] > 0.01
-    warm = _lrs(["--scheduler_type", "cosine_with_warmup", "--scheduler_warmup_epochs", "3"], 10)
-    assert warm[0] == pytest.approx(0.1) and warm[1] < warm[2] < warm[3] == pytest.approx(1.0)
-    restart = _lrs(["--scheduler_type", "cosine_warmup_restart", "--scheduler_warmup_epochs", "1",
-                    "--scheduler_restart_epochs", "3"], 10)
-    assert any(b > a for a, b in zip(restart[2:], restart[3:]))  # lr jumps back up at a restart
-    step = _lrs(["--scheduler_type", "steplr", "--scheduler_step_size", "2", "--scheduler_gamma", "0.5"], 6)
-    assert step == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
-    lin = _lrs(["--scheduler_type", "linearlr", "--linearlr_start_factor", "0.25"], 4)
-    assert lin == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert _lrs(["--scheduler_type", "none"], 3) == [1.0, 1.0, 1.0]
 
 
 def test_yaml_config_defaults_and_override(tmp_path):

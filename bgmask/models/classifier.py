@@ -105,6 +105,12 @@ class Classifier(nn.Module):
         head_ids = {id(p) for p in self.family.head_module(self).parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept free of weight decay beyond timm's 1-d rule: the backbone's own list
+        (timm ViTs: pos_embed, cls_token, reg_token, dist_token), prefixed with `backbone.`."""
+        names = getattr(self.backbone, "no_weight_decay", set)()
+        return {f"backbone.{n}" for n in names}
+
     def head_state_keys(self) -> list[str]:
         """state_dict keys of the classification head (dropped on load when their shape does not fit)."""
         head = self.family.head_module(self)
