@@ -59,11 +59,29 @@ def data_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--train_split", type=float, default=1.0,
         help="fraction of CUB's train images used for training; the rest is the val split")
     add(g, "--split_seed", type=int, default=0, help="seed of the train/val split")
-    add(g, "--image_size", type=int, default=224)
-    add(g, "--crop_pct", type=float, default=0.875, help="test-time resize = image_size / crop_pct, then centre crop")
-    add(g, "--augmentations_to_use", default="timm", choices=["timm", "cub_original", "flip", "none"])
-    add(g, "--color_jitter", type=float, default=0.0)
-    add(g, "--reprob", type=float, default=0.25, help="random-erasing probability (timm augmentations)")
+    add(g, "--image_size", type=int, default=224, help="train crop and evaluation crop size")
+    add(g, "--crop_pct", type=float, default=1.0,
+        help="evaluation: shorter side -> image_size / crop_pct, then the central image_size crop "
+             "(1.0 = the paper's Resize + CenterCrop; 0.875 = timm's)")
+    add(g, "--augmentations_to_use", default="timm", choices=["timm", "cub_original", "torchvision", "flip", "none"],
+        help="training set: timm (create_transform + RandAugment), cub_original (resize, flip, brightness, "
+             "affine, random crop), torchvision (resize image_size*256/224 + centre crop, no randomness), flip, "
+             "none; see bgmask/data/transforms.py")
+    t = p.add_argument_group("timm augmentation set (--augmentations_to_use timm)")
+    add(t, "--aa", default="rand-m9-mstd0.5-inc1",
+        help="timm RandAugment / AutoAugment policy, e.g. rand-m9-mstd0.5-inc1, v0; 'none' turns it off")
+    add(t, "--train_interpolation", default="bicubic",
+        choices=["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"],
+        help="interpolation of the random resized crop and of RandAugment's geometric ops")
+    add(t, "--color_jitter", type=float, default=0.4,
+        help="ColorJitter brightness/contrast/saturation; as in timm only without --aa (--aa none) or with a "
+             "'3a' policy")
+    add(t, "--reprob", type=float, default=0.25, help="random-erasing probability")
+    add(t, "--remode", default="pixel", choices=["pixel", "rand", "const"], help="random-erasing fill")
+    add(t, "--recount", type=int, default=1, help="random erasing: up to this many boxes per image")
+    add(t, "--imagenet_default_mean_and_std", action="store_false",
+        help="the paper's switch of the training transform alone to Inception mean/std; refused: bgmask "
+             "normalises train and eval alike with the model's mean/std")
     add(g, "--batch_size", type=int, default=32, help="per process")
     add(g, "--eval_batch_size", type=int, default=None, help="default: 2 x batch_size")
     add(g, "--num_workers", type=int, default=2)

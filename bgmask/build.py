@@ -100,7 +100,9 @@ def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_mask
     out = {}
     if train:
         train_tf = build_transform(True, cfg.image_size, cfg.augmentations_to_use, mean, std, cfg.crop_pct,
-                                   cfg.color_jitter, cfg.reprob)
+                                   imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, aa=cfg.aa,
+                                   train_interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter,
+                                   reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount)
         out["train"] = CUBDataset(split="train", image_subdir=cfg.image_sub_path_train, masks=masks,
                                   transform=train_tf, **common)
     if cfg.train_split < 1.0:

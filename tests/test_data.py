@@ -1,4 +1,4 @@
-"""Data layer: CUB metadata, splits, records, masks, joint transforms, binary-seg export, bad input."""
+"""Data layer: CUB metadata, splits, records, masks, binary-seg export, bad input (transforms: test_transforms.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from PIL import Image
 from bgmask.cli import main as cli_main
 from bgmask.data import CUBDataset, MaskSource, build_transform, read_cub_metadata, split_ids
 from bgmask.data.binary_seg import make_binary_seg
-from bgmask.data.transforms import JointTransform
 from bgmask.errors import UserError, one_line
-from torchvision.transforms import v2
 
 
 def test_metadata_and_splits(tiny_cub):
@@ -73,36 +71,6 @@ def test_predicted_mask_folder_layout(tiny_cub, tmp_path):
     ds = CUBDataset(tiny_cub, "test", masks=MaskSource(str(pred)))
     rec = ds[0]
     assert rec["mask"].shape == (32, 40) or rec["mask"].sum() == 32 * 40
-
-
-def test_joint_transforms_keep_mask_on_bird(tiny_cub):
-    """After random crops/flips/affine moves the mask still covers exactly the bird's pixels."""
-    torch.manual_seed(0)
-    # an image whose bird is pure white on black: bird pixels are exactly where the image is bright
-    arr = np.zeros((48, 48, 3), np.uint8)
-    arr[10:30, 14:40] = 255
-    mask = np.zeros((48, 48), np.uint8)
-    mask[10:30, 14:40] = 1
-    for aug in ("timm", "cub_original", "flip"):
-        tf = build_transform(True, 48, aug, mean=(0, 0, 0), std=(1, 1, 1), reprob=0.0)
-        tf.photometric = None  # photometric ops would change brightness; geometry is what we test
-        for _ in range(10):
-            img, m = tf(Image.fromarray(arr), mask)
-            bright = img.mean(0) > 0.5
-            # interpolation blurs the edge by one pixel at most: compare away from the border
-            disagree = (bright != m[0].bool()).float().mean().item()
-            assert disagree < 0.06, (aug, disagree)
-            assert set(m.unique().tolist()) <= {0.0, 1.0}
-
-
-def test_photometric_ops_leave_mask_untouched():
-    arr = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    mask = np.zeros((32, 32), np.uint8)
-    mask[4:20, 6:18] = 1
-    geo = v2.Compose([v2.Resize(32)])
-    tf = JointTransform(geo, v2.ColorJitter(0.8, 0.8, 0.8), (0, 0, 0), (1, 1, 1))
-    img, m = tf(Image.fromarray(arr), mask)
-    assert torch.equal(m[0], torch.from_numpy(mask).float())
 
 
 def test_eval_transform_shapes():
