@@ -88,21 +88,36 @@ def data_args(add_help: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+DINOV2_SHORTHANDS = ("vit_small", "vit_base", "vit_large", "vit_giant")  # the paper's names -> timm DINOv2
+
+
 def model_args(add_help: bool = False) -> argparse.ArgumentParser:
     p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("model")
-    add(g, "--model_arch", default="bgmask_resnet_tiny", help="any timm model name")
+    add(g, "--model_arch", "--model_to_finetune", "--model-to-finetune", default="bgmask_resnet_tiny",
+        help="any timm model name, or the paper's DINOv2 shorthands vit_small / vit_base / vit_large / vit_giant "
+             "(= vit_*_patch14_dinov2.lvd142m with its pretrained weights, as the paper's DINOv2 scripts)")
     add(g, "--pretrained", action="store_true", help="timm hub weights (needs network or a local cache)")
+    add(g, "--start_weights", default="", choices=["", "DEFAULT"], help="the paper's spelling: DEFAULT = --pretrained")
+    add(g, "--use_orig_dinov2_model", action="store_true",
+        help="the paper's torch.hub DINOv2: bgmask loads the same LVD-142M weights through timm (--pretrained)")
     add(g, "--pretrained_file", default=None, help="local .pth/.safetensors weights")
-    add(g, "--freeze_backbone", action="store_true", help="linear probe: only the head trains")
+    add(g, "--freeze_backbone", action="store_true",
+        help="linear probe: only the head trains (with --late_mask_stage second_last also the last stage / block "
+             "and the final norm, as the paper's frozen second-last variants)")
     add(g, "--drop_path", type=float, default=0.0)
+    add(g, "--output_stride", type=int, default=32, choices=[8, 16, 32],
+        help="CNNs: timm output_stride (dilated last stages below 32)")
+    add(g, "--num_layers_linear_head", type=int, default=1, choices=[1, 4],
+        help="the paper's flag: its code builds a one-layer (Linear) head whatever it says; 1 is accepted, 4 refused")
     heads = g.add_mutually_exclusive_group()
     add(heads, "--class_token_only", action="store_true", help="ViT head on the CLS token")
     add(heads, "--patch_tokens_only", action="store_true", help="ViT head on the mean of patch tokens (GAP)")
     return p
 
 
-LATE_FLAG_DEFAULTS = {"late_mask_stage": "last", "late_pool": "mean", "late_drop_cls": False}
+LATE_FLAG_DEFAULTS = {"late_mask_stage": "auto", "late_pool": "mean", "late_drop_cls": False,
+                      "fm_second_last_block": False, "feature_masking_last_layer": False}
 
 
 def masking_args(add_help: bool = False, strategies=None, default: str | None = None) -> argparse.ArgumentParser:
@@ -123,7 +138,12 @@ def masking_args(add_help: bool = False, strategies=None, default: str | None = 
     add(g, "--seg_model_checkpoint_path", default=None, help="online segmenter: checkpoint (slim or full)")
     late = p.add_argument_group("late masking (--strategy late)")
     add(late, "--late_mask_stage", "--late_mask_block", default=LATE_FLAG_DEFAULTS["late_mask_stage"],
-        choices=["last", "second_last"], help="mask the last stage/block output, or the second-last and run the last on it")
+        choices=["auto", "last", "second_last"],
+        help="mask the last stage/block output, or the second-last and run the last on it; auto (the paper's "
+             "defaults): second_last for ResNet / ConvNeXt, last for ViTs and other CNNs")
+    add(late, "--fm_second_last_block", action="store_true", help="the paper's spelling of --late_mask_stage second_last (ViT)")
+    add(late, "--feature_masking_last_layer", action="store_true",
+        help="the paper's spelling of --late_mask_stage last (CNN)")
     add(late, "--late_pool", default=LATE_FLAG_DEFAULTS["late_pool"], choices=["mean", "masked_mean"],
         help="mean over the whole grid (the paper) or over bird cells only")
     add(late, "--late_drop_cls", action="store_true", help="ViT: head on masked patch tokens only")
@@ -153,7 +173,7 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(s, "--scheduler_gamma", type=float, default=0.1, help="steplr: decay factor")
     add(s, "--scheduler_start_factor", type=float, default=0.333, help="linearlr: lr factor at epoch 0")
     add(s, "--scheduler_end_factor", type=float, default=1.0, help="linearlr: factor reached after the last epoch")
-    add(g, "--smoothing", type=float, default=0.0, help="label smoothing")
+    add(g, "--smoothing", type=float, default=0.1, help="label smoothing (the paper: 0.1)")
     add(g, "--grad_norm_clip", type=float, default=None)
     add(g, "--use_amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + grad scaler with --amp_dtype fp16 on CUDA)")
     add(g, "--amp_dtype", default="bf16", choices=["bf16", "fp16"])
@@ -177,7 +197,10 @@ def run_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--snapshot_dir", default="runs/run", help="run folder: config, checkpoints, results.jsonl")
     add(g, "--save_every_n_epochs", type=int, default=0, help="also keep epoch_<k>.pt every n epochs")
     add(g, "--eval_mode", default="val", choices=["val", "test"],
-        help="split evaluated after each epoch; 'best' is picked on val only")
+        help="split evaluated after each epoch; best.pt is picked on val only (never on test, unlike the paper)")
+    add(g, "--dataset", default="cub", help="the paper's flag: CUB-200-2011 (and Waterbirds) is the only dataset")
+    add(g, "--resplit", action="store_true", help="the paper's flag, unused there too: accepted, no effect")
+    add(g, "--log_interval", type=int, default=10, help="steps between updates of the progress bar's loss")
     add(g, "--eval_only", action="store_true", help="evaluate the checkpoint in --snapshot_dir (or --checkpoint)")
     add(g, "--checkpoint", default=None, help="checkpoint for --eval_only (default SNAPSHOT_DIR/best.pt or last.pt)")
     add(g, "--resume_training", action="store_true", help="continue from SNAPSHOT_DIR/last.pt")
@@ -193,6 +216,7 @@ def run_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(w, "--wandb_project", default="bgmask")
     add(w, "--group", default=None)
     add(w, "--job_type", default=None)
+    add(w, "--wandb_resume_id", default=None, help="with --resume_training: continue this wandb run")
     return p
 
 
@@ -243,12 +267,46 @@ def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+def resolve_paper_flags(cfg: argparse.Namespace) -> None:
+    """The paper's spellings onto bgmask's flags (in place, so config.yaml records what ran), with one
+    line for each place where bgmask deliberately does otherwise."""
+    from bgmask.distributed import is_main_process
+    from bgmask.errors import UserError
+
+    if cfg.dataset.lower() != "cub":
+        raise UserError(f"--dataset {cfg.dataset}: CUB-200-2011 (with its Waterbirds folder) is the only dataset")
+    if cfg.num_layers_linear_head != 1:
+        raise UserError(f"--num_layers_linear_head {cfg.num_layers_linear_head}: only a one-layer (Linear) head "
+                        "exists (the paper's code builds that one whatever the flag says)")
+    if cfg.model_arch in DINOV2_SHORTHANDS:  # the paper's DINOv2 scripts always load the pretrained weights
+        cfg.model_arch, cfg.pretrained = f"{cfg.model_arch}_patch14_dinov2.lvd142m", True
+    cfg.pretrained = cfg.pretrained or cfg.start_weights == "DEFAULT" or cfg.use_orig_dinov2_model
+    if cfg.fm_second_last_block and cfg.feature_masking_last_layer:
+        raise UserError("--fm_second_last_block and --feature_masking_last_layer exclude each other")
+    for flag, stage in (("fm_second_last_block", "second_last"), ("feature_masking_last_layer", "last")):
+        if getattr(cfg, flag):
+            if cfg.late_mask_stage not in ("auto", stage):
+                raise UserError(f"--{flag} means --late_mask_stage {stage}, not {cfg.late_mask_stage}")
+            cfg.late_mask_stage = stage
+    if cfg.use_amp and cfg.amp_dtype == "bf16" and is_main_process():
+        print("note: --use_amp runs bf16 autocast (the paper: fp16 with a grad scaler; --amp_dtype fp16 for that)",
+              flush=True)
+    if cfg.eval_mode == "test" and not cfg.eval_only and is_main_process():
+        print("note: --eval_mode test logs CUB test accuracy after each epoch; unlike the paper's snapshot_best.pt, "
+              "no checkpoint is ever chosen on test (the final report is the last epoch's)", flush=True)
+
+
 def validate_config(cfg: argparse.Namespace) -> None:
     """Flag combinations that cannot work, caught before anything is built or written."""
     from bgmask.distributed import resolve_device
     from bgmask.errors import UserError, require_dir
     from bgmask.masking.strategies import create_strategy
 
+    resolve_paper_flags(cfg)
+    if not cfg.eval_only:  # every augmentation flag checked before the run folder is made
+        from bgmask.build import train_transform
+
+        train_transform(cfg)
     if not cfg.data_path:
         raise UserError("--data_path is required (a CUB_200_2011 root, e.g. from `bgmask make-synthetic`)")
     require_dir(cfg.data_path, "--data_path")  # before the run folder is made

@@ -11,10 +11,11 @@ import torch
 import torch.nn as nn
 
 from bgmask.data import CUBDataset, MaskSource, build_transform
+from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgmask.data.cub import WATERBIRDS_SUBDIR
 from bgmask.distributed import DistInfo
 from bgmask.errors import UserError, require_dir
-from bgmask.masking.strategies import Strategy, create_strategy
+from bgmask.masking.strategies import STRATEGIES, Strategy, create_strategy
 from bgmask.optim import EpochScheduler, build_loss, build_mixup, build_optimizer
 
 # ------------------------------------------------------------------------------------------ model
@@ -30,13 +31,16 @@ def head_type(flags: dict) -> str | None:
 
 def model_kwargs(flags: dict, num_classes: int) -> dict:
     """The keyword arguments of `create_classifier` that a run's flags ask for. A checkpoint stores them
-    and rebuilds its model with `create_classifier(**model_kwargs)`."""
+    and rebuilds its model with `create_classifier(**model_kwargs)`. Only feature-level strategies mask a
+    stage (the others' models are built with the plain "last")."""
+    strategy = STRATEGIES.get(flags.get("strategy", "baseline"))
+    stage = flags.get("late_mask_stage", "last") if strategy is not None and strategy.masks_features else "last"
     return dict(model_arch=flags["model_arch"], num_classes=num_classes, head=head_type(flags),
                 pretrained=bool(flags.get("pretrained", False)), pretrained_file=flags.get("pretrained_file"),
                 drop_path=float(flags.get("drop_path", 0.0)), image_size=flags.get("image_size"),
                 freeze_backbone=bool(flags.get("freeze_backbone", False)),
-                late_mask_stage=flags.get("late_mask_stage", "last"), late_pool=flags.get("late_pool", "mean"),
-                late_drop_cls=bool(flags.get("late_drop_cls", False)))
+                late_mask_stage=stage, late_pool=flags.get("late_pool", "mean"),
+                late_drop_cls=bool(flags.get("late_drop_cls", False)), output_stride=int(flags.get("output_stride", 32)))
 
 
 def build_model(kwargs: dict) -> nn.Module:
@@ -88,6 +92,15 @@ def strategy_of(cfg: Namespace, data_cfg: dict) -> Strategy:
 # ------------------------------------------------------------------------------------------- data
 
 
+def train_transform(cfg: Namespace, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The training transform the flags name (built up front by validate_config too, so a bad
+    augmentation flag is refused before anything is written)."""
+    return build_transform(True, cfg.image_size, cfg.augmentations_to_use, mean, std, cfg.crop_pct,
+                           imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, aa=cfg.aa,
+                           train_interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter,
+                           reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount)
+
+
 def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_masks: bool = True) -> dict[str, CUBDataset]:
     """train (when `train`), val (when train_split < 1), test and waterbirds (when that folder exists).
     Masks are read from disk when the strategy needs them and no online segmenter supplies them."""
@@ -99,10 +112,7 @@ def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_mask
     common = dict(root=root, train_split=cfg.train_split, split_seed=cfg.split_seed)
     out = {}
     if train:
-        train_tf = build_transform(True, cfg.image_size, cfg.augmentations_to_use, mean, std, cfg.crop_pct,
-                                   imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, aa=cfg.aa,
-                                   train_interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter,
-                                   reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount)
+        train_tf = train_transform(cfg, mean, std)
         out["train"] = CUBDataset(split="train", image_subdir=cfg.image_sub_path_train, masks=masks,
                                   transform=train_tf, **common)
     if cfg.train_split < 1.0:
@@ -110,12 +120,32 @@ def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_mask
                                 transform=eval_tf, **common)
     out["test"] = CUBDataset(split="test", image_subdir=cfg.image_sub_path_train, masks=masks,
                              transform=eval_tf, **common)
-    if (root / cfg.image_sub_path_test).is_dir():
-        out["waterbirds"] = CUBDataset(split="test", image_subdir=cfg.image_sub_path_test, masks=masks,
-                                       transform=eval_tf, **common)
-    elif cfg.image_sub_path_test != WATERBIRDS_SUBDIR:
-        raise UserError(f"--image_sub_path_test folder not found: {root / cfg.image_sub_path_test}")
+    waterbirds = waterbirds_folder(cfg, root)
+    if waterbirds is not None:
+        out["waterbirds"] = CUBDataset(split="test", image_subdir=waterbirds, masks=masks, transform=eval_tf, **common)
     return out
+
+
+def waterbirds_folder(cfg: Namespace, root: Path) -> str | None:
+    """The image folder reported as Waterbirds, or None. The in-distribution folder never is: the paper's
+    commands pass `--image_sub_path_test images` while training (their per-epoch test is CUB's), which
+    bgmask reports as test/ and, when training on plain images, pairs with the real Waterbirds folder."""
+    from bgmask.distributed import is_main_process
+
+    sub = cfg.image_sub_path_test
+    if sub not in ("images", cfg.image_sub_path_train):
+        if not (root / sub).is_dir():
+            if sub != WATERBIRDS_SUBDIR:
+                raise UserError(f"--image_sub_path_test folder not found: {root / sub}")
+            return None
+        return sub
+    plain = cfg.image_sub_path_train == "images" and (root / WATERBIRDS_SUBDIR).is_dir()
+    if is_main_process():
+        then = (f"Waterbirds accuracy comes from {WATERBIRDS_SUBDIR}" if plain else "no Waterbirds accuracy is "
+                "reported (name a Waterbirds folder, e.g. NAME_waterbirds written by make-masked)")
+        print(f"note: --image_sub_path_test {sub} is the in-distribution image folder (reported as test/); {then}",
+              flush=True)
+    return WATERBIRDS_SUBDIR if plain else None
 
 
 def diagnostics_base(cfg: Namespace, data_cfg: dict) -> CUBDataset | None:
@@ -166,6 +196,8 @@ def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
     probe = CUBDataset(cfg.data_path, "test", check_files=False)
     kwargs = model_kwargs(vars(cfg), probe.num_classes)
     model = build_model(kwargs)
+    if kwargs["late_mask_stage"] == "auto":  # resolved by the backbone's family; recorded as what ran
+        kwargs["late_mask_stage"] = cfg.late_mask_stage = model.late_mask_stage
     data_cfg = data_config(model, cfg)
     mask_fn = mask_fn or online_segmenter(cfg, dist, data_cfg)
     datasets = build_datasets(cfg, data_cfg, with_masks=mask_fn is None)
@@ -181,3 +213,4 @@ def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
                  torch.amp.GradScaler("cuda") if cfg.use_amp and cfg.amp_dtype == "fp16" else None,
                  build_loss(cfg, cfg.turn_on_mixup_or_cutmix), mixup,
                  {"num_classes": probe.num_classes, "class_names": probe.class_names, "data_config": data_cfg})
+

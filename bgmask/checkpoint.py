@@ -5,15 +5,14 @@ rules for resuming a run from one (see `bgmask.resume`)."""
 from __future__ import annotations
 
 import os
-import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bgmask.errors import UserError, require_file
-from bgmask.io import atomic_path, load_weights_only
+from bgmask.errors import UserError
+from bgmask.io import atomic_path, read_torch_file
 from bgmask.signals import sigint_deferred
 
 FORMAT = "bgmask-classifier"
@@ -35,18 +34,11 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, trust: bool = False, map_location="cpu") -> dict:
-    path = require_file(path, "checkpoint")
-    try:
-        state = load_weights_only(path, map_location)
-    except pickle.UnpicklingError:
-        if not trust:
-            raise UserError(
-                f"checkpoint {path} needs arbitrary unpickling to load (unsafe); pass --trust_checkpoint "
-                "only if you trust its origin"
-            ) from None
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read checkpoint {path}: truncated or not a torch file ({e.__class__.__name__})") from None
+    return as_checkpoint(read_torch_file(path, "checkpoint", trust, map_location), path)
+
+
+def as_checkpoint(state, path: str | Path) -> dict:
+    """`state` (a loaded file) when it is a bgmask classifier checkpoint, else one UserError."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a bgmask classifier checkpoint (no '{FORMAT}' format tag)")
     return state
@@ -77,6 +69,29 @@ def model_from_checkpoint(state: dict, path: str | Path) -> torch.nn.Module:
     model = create_classifier(**kwargs)
     load_model_state(model, state["model"], f"checkpoint {path} does not fit model {kwargs['model_arch']}")
     return model
+
+
+def saved_classifier(ckpt: Path, cfg, num_classes: int):
+    """(model, data config, epoch) of a saved classifier. A bgmask checkpoint rebuilds its own model and
+    sets the strategy, fill and image size it was trained with on `cfg`; a `snapshot_best.pt` of the
+    paper's code records no architecture, so its model is built from the flags (as the paper's
+    evaluation did) and its weights converted (`bgmask.models.paper`)."""
+    from bgmask.build import build_model, data_config, model_kwargs
+    from bgmask.models.paper import convert_paper_state, is_paper_snapshot
+
+    raw = read_torch_file(ckpt, "checkpoint", cfg.trust_checkpoint)
+    if is_paper_snapshot(raw):
+        model = build_model({**model_kwargs(vars(cfg), num_classes), **REBUILD})
+        model.load_state_dict(convert_paper_state(raw["model_state"], model, source=str(ckpt)))
+        return model, data_config(model, cfg), raw.get("finished_epoch")
+    state = as_checkpoint(raw, ckpt)
+    if state["num_classes"] != num_classes:
+        raise UserError(f"checkpoint {ckpt} has {state['num_classes']} classes but {cfg.data_path} has {num_classes}")
+    for key in ("strategy", "mask_fill", "image_size"):  # how the checkpoint's model sees its input
+        setattr(cfg, key, state["config"].get(key, getattr(cfg, key)))
+    cfg.crop_pct = state["data_config"].get("crop_pct", cfg.crop_pct)  # its evaluation crop
+    cfg.model_arch = saved_model_kwargs(state)["model_arch"]
+    return model_from_checkpoint(state, ckpt), state["data_config"], state["epoch"]
 
 
 def load_model_state(model: torch.nn.Module, weights: dict, what: str) -> None:

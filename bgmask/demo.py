@@ -142,6 +142,9 @@ def classifier_argv(row, seed, p: Preset, data: Path, pred_masks: Path | None, p
             "--epochs", str(p.epochs[model]), "--batch_size", str(p.batch_size), "--lr", str(p.lr[model]),
             "--weight_decay", "0.05", "--scheduler_type", "cosine", "--min_lr", "1e-5", "--seed", str(seed),
             "--snapshot_dir", str(run_dir), "--num_workers", "1", "--no_progress"]
+    argv += ["--smoothing", "0"]  # the demo's recipe, not the paper's default 0.1
+    if STRATEGIES[strategy].masks_features:
+        argv += ["--late_mask_stage", "last"]  # the mask on the final map, for the CNN too
     if model == "cnn":
         argv.append("--channels_last")
     if model == "vit":

@@ -59,7 +59,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0; before the process group exists, what torchrun's environment says (so a note printed
+    while the flags are checked appears once)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def barrier() -> None:

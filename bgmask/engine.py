@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from bgmask import build
 from bgmask.args import validate_config
-from bgmask.checkpoint import load_checkpoint, model_from_checkpoint, saved_model_kwargs
+from bgmask.checkpoint import load_checkpoint, saved_classifier
 from bgmask.data import CUBDataset
 from bgmask.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from bgmask.errors import UserError
@@ -218,28 +218,22 @@ def fit(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
 # -------------------------------------------------------------------------------------- evaluate
 
 def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
-    """A saved classifier on val (if any), test, Waterbirds and the diagnostics. The architecture, the
-    strategy and the data geometry come from the checkpoint; the data may be pointed elsewhere. The
-    record is appended to the results.jsonl beside the checkpoint, tagged `split: "eval"`."""
+    """A saved classifier (bgmask's, or the paper's snapshot_best.pt: `checkpoint.saved_classifier`) on val (if
+    any), test, Waterbirds and the diagnostics; the data may be pointed elsewhere. The record is appended
+    to the results.jsonl beside the checkpoint, tagged `split: "eval"`."""
     ckpt = cfg.checkpoint
     if ckpt is None:
         best = Path(cfg.snapshot_dir) / "best.pt"
         ckpt = best if best.is_file() else Path(cfg.snapshot_dir) / "last.pt"
-    state = load_checkpoint(ckpt, trust=cfg.trust_checkpoint)
-    for key in ("strategy", "mask_fill", "image_size"):  # how the checkpoint's model sees its input
-        setattr(cfg, key, state["config"].get(key, getattr(cfg, key)))
-    cfg.model_arch = saved_model_kwargs(state)["model_arch"]
+    probe = CUBDataset(cfg.data_path, "test", check_files=False)
+    model, data_cfg, epoch = saved_classifier(Path(ckpt), cfg, probe.num_classes)
     seed_everything(cfg.seed)
-    model = model_from_checkpoint(state, ckpt).to(dist.device)
-    data_cfg = state["data_config"]
+    model.to(dist.device)
     mask_fn = mask_fn or build.online_segmenter(cfg, dist, data_cfg)
     datasets = build.build_datasets(cfg, data_cfg, train=False, with_masks=mask_fn is None)
-    if datasets["test"].num_classes != state["num_classes"]:
-        raise UserError(f"checkpoint {ckpt} has {state['num_classes']} classes but {cfg.data_path} has "
-                        f"{datasets['test'].num_classes}")
     metrics = final_splits(model, datasets, build.strategy_of(cfg, data_cfg), dist, cfg, mask_fn, data_cfg,
                            ["val", "test", "waterbirds"])
-    record = {"epoch": state["epoch"], "split": EVAL_SPLIT, "checkpoint": str(ckpt), **metrics}
+    record = {"epoch": epoch, "split": EVAL_SPLIT, "checkpoint": str(ckpt), **metrics}
     log_evaluation(record, Path(ckpt).parent, dist)
     return record
 

@@ -106,3 +106,24 @@ def load_weights_only(path: str | Path, map_location="cpu"):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def read_torch_file(path: str | Path, what: str, trust: bool = False, map_location="cpu"):
+    """torch.load with weights_only=True; `trust` allows arbitrary unpickling. A missing, truncated or
+    unsafe file is one UserError naming `path` (`what`: how to call it, e.g. "checkpoint")."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return load_weights_only(path, map_location)
+    except pickle.UnpicklingError:
+        if not trust:
+            raise UserError(f"{what} {path} needs arbitrary unpickling to load (unsafe); pass --trust_checkpoint "
+                            "only if you trust its origin") from None
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"cannot read {what} {path}: truncated or not a torch file ({e.__class__.__name__})") from None

@@ -91,7 +91,11 @@ def resume(parts, cfg: Namespace, world_size: int, is_main: bool) -> Progress:
     state = load_checkpoint(path, trust=cfg.trust_checkpoint)
     check_same_run(state, cfg, parts.model_kwargs, path)
     load_model_state(parts.model, state["model"], f"checkpoint {path} does not fit model {cfg.model_arch}")
-    parts.optimizer.load_state_dict(state["optimizer"])
+    try:
+        parts.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # e.g. a checkpoint of an older bgmask, before the no-decay groups of timm's rule
+        raise UserError(f"--resume_training: the optimiser state in {path} does not fit this run's parameter "
+                        f"groups ({e}); start a new run from its weights with --pretrained_file {path}") from None
     parts.scheduler.load_state_dict(state["scheduler"])
     if parts.scaler is not None and state["scaler"]:
         parts.scaler.load_state_dict(state["scaler"])

@@ -284,7 +284,8 @@ def test_model_from_checkpoint(cub, tmp_path):
     assert state["model_kwargs"] == model_kwargs(state["config"], 3)
     assert state["model_kwargs"] == dict(model_arch="bgmask_resnet_tiny", num_classes=3, head=None, pretrained=False,
                                          pretrained_file=None, drop_path=0.1, image_size=32, freeze_backbone=False,
-                                         late_mask_stage="last", late_pool="mean", late_drop_cls=False)
+                                         late_mask_stage="last", late_pool="mean", late_drop_cls=False,
+                                         output_stride=32)
     for saved in (state, {k: v for k, v in state.items() if k != "model_kwargs"}):  # today's and older files
         model = model_from_checkpoint(saved, run / "last.pt")
         assert model.model_arch == "bgmask_resnet_tiny" and all(p.requires_grad for p in model.parameters())
@@ -401,7 +402,7 @@ def test_resume_one_process_run_with_two_processes(cub, tmp_path, capsys):
 @pytest.mark.parametrize("extra, pattern", [
     (["--model_arch", "bgmask_resnet_tiny", "--patch_tokens_only"], "apply to ViT models only"),
     (["--model_arch", "resnet_does_not_exist"], "resnet_does_not_exist"),
-    (["--scheduler_type", "cosine_with_warmup"], "needs --scheduler_warmup_epochs"),
+    (["--scheduler_type", "cosine_with_warmup", "--scheduler_warmup_epochs", "0"], "needs --scheduler_warmup_epochs"),
     (["--freeze_backbone", "--drop_path", "0.1"], "--drop_path has no effect"),
     (["--resume_training"], "no checkpoint at"),
     (["--mask_source", "/nonexistent_masks", "--strategy", "early"], "mask folder not found: /nonexistent_masks"),

@@ -60,15 +60,17 @@ class Classifier(nn.Module):
                  freeze_backbone: bool = False, late_mask_stage: str = "last", late_pool: str = "mean",
                  late_drop_cls: bool = False, image_size: int | None = None):
         super().__init__()
-        if late_mask_stage not in LATE_MASK_STAGES:
+        if late_mask_stage not in (*LATE_MASK_STAGES, "auto"):
             raise UserError(f"unknown late_mask_stage {late_mask_stage!r}; expected one of "
                             f"{', '.join(LATE_MASK_STAGES)}")
         self.late_pool = check_late_pool(late_pool)
-        self.late_mask_stage = late_mask_stage
         self.model_arch = model_arch
         self.num_classes = num_classes
         self.backbone = backbone
         self.family = family_of(backbone)
+        if late_mask_stage == "auto":
+            late_mask_stage = self.family.default_late_stage()
+        self.late_mask_stage = late_mask_stage
         self._grid_cache: dict[tuple[int, int], tuple[int, int]] = {}
         self.head_type, self.head = self.family.build_head(backbone, model_arch, num_classes, head, late_drop_cls)
         self.family.check_stage(backbone, model_arch, late_mask_stage)
@@ -76,12 +78,20 @@ class Classifier(nn.Module):
         self._late_problem = self.family.late_problem(backbone)
         self.data_config = self._resolve_data_config(image_size)
         self.freeze_backbone = freeze_backbone
+        # The paper's frozen second-last variants also train what runs after the mask (the last stage or
+        # block and the final norm), at the head's learning rate.
+        tuned = self.family.last_part(backbone) if freeze_backbone and late_mask_stage == "second_last" else []
+        self._tuned = tuned  # a plain list: the modules stay registered (and saved) under the backbone only
         if freeze_backbone:
-            head_ids = {id(p) for p in self.head_parameters()}
+            head_ids = {id(p) for p in self._head_and_tuned()}
             for p in self.backbone.parameters():
                 if id(p) not in head_ids:
                     p.requires_grad_(False)
             self.train(self.training)
+
+    def _head_and_tuned(self) -> list[nn.Parameter]:
+        modules = [self.family.head_module(self), *self._tuned]
+        return [p for m in modules for p in m.parameters()]
 
     def _resolve_data_config(self, image_size: int | None) -> dict:
         try:
@@ -97,12 +107,13 @@ class Classifier(nn.Module):
 
     # ------------------------------------------------------------------ parameters / modes
     def head_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters of the (newly initialised) classification head."""
-        return [p for p in self.family.head_module(self).parameters() if p.requires_grad]
+        """Trainable parameters at the head's learning rate: the (newly initialised) classification head,
+        plus the last stage / block and final norm of a frozen second-last variant."""
+        return [p for p in self._head_and_tuned() if p.requires_grad]
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of everything else (empty with freeze_backbone)."""
-        head_ids = {id(p) for p in self.family.head_module(self).parameters()}
+        head_ids = {id(p) for p in self._head_and_tuned()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
 
     def no_weight_decay(self) -> set[str]:
@@ -121,6 +132,8 @@ class Classifier(nn.Module):
         super().train(mode)
         if getattr(self, "freeze_backbone", False):
             self.backbone.eval()  # linear probe: BatchNorm statistics and dropout stay frozen
+            for m in getattr(self, "_tuned", []):
+                m.train(mode)
         return self
 
     # ------------------------------------------------------------------ geometry
@@ -165,12 +178,14 @@ class Classifier(nn.Module):
 def create_classifier(model_arch: str, num_classes: int, *, head: str | None = None, pretrained: bool = False,
                       pretrained_file: str | None = None, drop_path: float = 0.0, image_size: int | None = None,
                       freeze_backbone: bool = False, late_mask_stage: str = "last", late_pool: str = "mean",
-                      late_drop_cls: bool = False) -> Classifier:
+                      late_drop_cls: bool = False, output_stride: int = 32) -> Classifier:
     """Build a Classifier from a timm model name (see the module docstring).
 
     pretrained: timm's pretrained weights (local cache first; UserError at once without network).
     pretrained_file: a checkpoint file to load instead (takes precedence over `pretrained`).
     image_size: ViT input size (position embedding sized / resampled to it); CNNs accept any size.
+    late_mask_stage: "last", "second_last" or "auto" (the family's default: see `BackboneFamily`).
+    output_stride: CNNs only, timm's dilation of the last stages (32 = none).
     """
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1; got {num_classes}")
@@ -185,11 +200,16 @@ def create_classifier(model_arch: str, num_classes: int, *, head: str | None = N
         kwargs = family.timm_kwargs(num_classes, image_size)
         if drop_path:
             kwargs["drop_path_rate"] = drop_path
+        if output_stride != 32:
+            kwargs["output_stride"] = output_stride
         return create_timm_model(model_arch, pretrained=pretrained, **kwargs)
 
     # Validate every flag on a weightless meta-device copy first: errors come before any download.
     with torch.device("meta"):
         family = family_of(timm.create_model(model_arch, pretrained=False, num_classes=0))
+        if output_stride != 32 and not family.supports_output_stride:
+            raise UserError(f"output_stride={output_stride} applies to CNNs; model_arch={model_arch} is a "
+                            f"{family.name} (use 32)")
         meta = build(pretrained=False)
         family.check_image_size(meta, model_arch, image_size)
         kwargs = dict(head=head, freeze_backbone=freeze_backbone, late_mask_stage=late_mask_stage,

@@ -73,6 +73,15 @@ class BackboneFamily:
     name: str = ""
     model_cls: type[nn.Module] = nn.Module
     supports_second_last: bool = False
+    supports_output_stride: bool = False  # timm's dilated last stages (CNNs)
+
+    def default_late_stage(self) -> str:
+        """What late_mask_stage="auto" means (the paper: the second-last stage of a CNN, the last ViT block)."""
+        return "second_last" if self.supports_second_last else "last"
+
+    def last_part(self, backbone: nn.Module) -> list[nn.Module]:
+        """The modules `after_second_last` runs: what the paper's frozen second-last variants still train."""
+        raise NotImplementedError
 
     def __reduce__(self):  # pickling / deepcopy of a Classifier keeps the registered instance
         return _family_by_name, (self.name,)
@@ -149,6 +158,12 @@ class ViTFamily(BackboneFamily):
 
     supports_second_last = True
 
+    def default_late_stage(self):
+        return "last"
+
+    def last_part(self, vit):
+        return [vit.blocks[-1], vit.norm]
+
     def timm_kwargs(self, num_classes, image_size):
         return {"num_classes": 0} if image_size is None else {"num_classes": 0, "img_size": image_size}
 
@@ -219,6 +234,7 @@ class CNNFamily(BackboneFamily):
     stage only; subclasses that can split off the last stage set `supports_second_last`."""
 
     HEAD_TYPE = "timm"
+    supports_output_stride = True
 
     def timm_kwargs(self, num_classes, image_size):
         return {"num_classes": num_classes}
@@ -271,6 +287,9 @@ class ResNetFamily(CNNFamily):
     def after_second_last(self, net, f, aside):
         return net.layer4(f), aside  # (B, C, h, w)
 
+    def last_part(self, net):
+        return [net.layer4]
+
 
 @register_family("convnext", ConvNeXt)
 class ConvNeXtFamily(CNNFamily):
@@ -284,3 +303,6 @@ class ConvNeXtFamily(CNNFamily):
 
     def after_second_last(self, net, f, aside):
         return net.norm_pre(net.stages[-1](f)), aside  # (B, C, h, w); the final norm is in ConvNeXt's head
+
+    def last_part(self, net):
+        return [net.stages[-1], net.norm_pre]

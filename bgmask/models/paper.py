@@ -46,7 +46,6 @@ stage -- D masks after the last block, E after the second-last ConvNeXt stage un
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter_fn
 
 from bgmask.errors import UserError
-from bgmask.io import load_weights_only
+from bgmask.io import read_torch_file
 from bgmask.models.heads import TokenHead
 
 PAPER_KINDS = ("cnn", "linear_head", "fm_vit")
@@ -247,18 +246,7 @@ def _check_fits(out: dict, origin: dict, classifier, source: str) -> None:
 def read_paper_snapshot(path: str | Path, trust: bool = False) -> dict:
     """A paper snapshot file as a dict (torch.load with weights_only=True; `trust` allows arbitrary
     unpickling). Not a paper snapshot, unreadable or unsafe: one UserError naming `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"paper snapshot not found: {path}")
-    try:
-        raw = load_weights_only(path)
-    except pickle.UnpicklingError:
-        if not trust:
-            raise UserError(f"{path} needs arbitrary unpickling to load (unsafe); pass --trust_checkpoint only "
-                            "if you trust its origin") from None
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read {path}: truncated or not a torch file ({type(e).__name__})") from None
+    raw = read_torch_file(path, "paper snapshot", trust)
     if not is_paper_snapshot(raw):
         found = ", ".join(map(str, list(raw)[:6])) if isinstance(raw, Mapping) else type(raw).__name__
         raise UserError(f"{path} is not a snapshot of the paper's code (expected model_state with "

@@ -1,0 +1,197 @@
+"""The paper's README command lines (ananthu-aniraj/masking_strategies_bias_removal), copied as published,
+run on bgmask's scripts with only the script path, data paths, model size, epochs, batch size, image
+size and worker count changed; and what each flag then means."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from bgmask import args as A
+from bgmask.errors import UserError
+from bgmask.scripts import eval_early, eval_late, script_strategies, train_early, train_late
+
+from conftest import write_tiny_cub
+
+# feature_masking/README.md: late masking, frozen and fine-tuned (fine_tune_vit_feature_masking.py)
+LATE_FROZEN = """--model_arch vit_base_patch14_dinov2.lvd142m --start_weights DEFAULT --data_path DATA --wandb --batch_size 16
+--epochs 90 --dataset cub --save_every_n_epochs 40 --num_workers 2 --image_sub_path_train images
+--image_sub_path_test images --train_split 1 --eval_mode test --wandb_project feature_masking
+--job_type fine_tune_dinov2 --group vit_base --snapshot_dir SNAP --lr 1e-3 --optimizer_type adamw
+--weight_decay 1e-2 --scheduler_type cosine --scratch_lr_factor 1 --smoothing 0.1 --augmentations_to_use timm
+--seg_model_config_path SEGCFG --seg_model_checkpoint_path SEGCKPT --image_size 518 --freeze_backbone"""
+LATE_FINETUNED = """--model_arch vit_large_patch14_dinov2.lvd142m --start_weights DEFAULT --data_path DATA --wandb --batch_size 4
+--epochs 300 --dataset cub --save_every_n_epochs 20 --num_workers 2 --image_sub_path_train images
+--image_sub_path_test images --train_split 1 --eval_mode test --wandb_project feature_masking
+--job_type fine_tune_dinov2 --group vit_large --snapshot_dir SNAP --lr 4e-6 --min_lr 1e-8 --optimizer_type adamw
+--weight_decay 5e-2 --scheduler_type cosine_with_warmup --scheduler_warmup_epochs 20 --scratch_lr_factor 1000
+--drop_path 0.1 --smoothing 0.1 --augmentations_to_use timm --seg_model_config_path SEGCFG
+--seg_model_checkpoint_path SEGCKPT --turn_on_mixup_or_cutmix --image_size 518"""
+# early_masking_and_baseline/README.md: baseline frozen, early masking frozen (fine_tune_dinov2.py),
+# baseline fine-tuned (fine_tune_dinov2_timm.py)
+BASELINE_FROZEN = """--model_to_finetune vit_large --data_path DATA --wandb --batch_size 48 --epochs 90 --dataset cub
+--save_every_n_epochs 20 --num_workers 2 --num_layers_linear_head 1 --image_sub_path_train images
+--image_sub_path_test images --train_split 1 --eval_mode test --wandb_project cub_vit_cnn --job_type fine_tune_dinov2
+--group vit_large --snapshot_dir SNAP --lr 1e-3 --optimizer_type adamw --weight_decay 1e-2 --scheduler_type cosine
+--scratch_lr_factor 1 --smoothing 0.1 --augmentations_to_use timm --freeze_backbone --image_size 518"""
+EARLY_FROZEN = """--model_to_finetune vit_large --data_path DATA --wandb --batch_size 64 --epochs 90 --dataset cub
+--save_every_n_epochs 20 --num_workers 2 --num_layers_linear_head 1 --image_sub_path_train images
+--image_sub_path_test images --train_split 1 --eval_mode test --wandb_project 2-stage-decoupled-classifier
+--job_type fine_tune_dinov2 --group vit_large --snapshot_dir SNAP --lr 1e-3 --optimizer_type adamw
+--weight_decay 1e-2 --scheduler_type cosine --scratch_lr_factor 1 --smoothing 0.1 --augmentations_to_use timm
+--freeze_backbone --image_size 518"""
+BASELINE_FINETUNED = """--model_to_finetune vit_large --data_path DATA --batch_size 6 --wandb --epochs 300 --dataset cub
+--save_every_n_epochs 80 --num_workers 4 --num_layers_linear_head 1 --image_sub_path_train images
+--image_sub_path_test images --train_split 1 --eval_mode test --wandb_project 2-stage-decoupled-classifier
+--job_type fine_tune_dinov2 --group vit_large --snapshot_dir SNAP --lr 4e-6 --min_lr 1e-8 --optimizer_type adamw
+--weight_decay 5e-2 --scheduler_type cosine_with_warmup --scheduler_warmup_epochs 20 --scratch_lr_factor 1000
+--drop_path 0.1 --smoothing 0.1 --augmentations_to_use timm --image_size 518 --turn_on_mixup_or_cutmix"""
+COMMANDS = {  # name -> (bgmask script: feature-level?, command)
+    "late frozen": (True, LATE_FROZEN), "late fine-tuned": (True, LATE_FINETUNED),
+    "baseline frozen": (False, BASELINE_FROZEN), "early frozen": (False, EARLY_FROZEN),
+    "baseline fine-tuned": (False, BASELINE_FINETUNED),
+}
+
+
+def resolved(feature_level: bool, command: str, **paths) -> A.argparse.Namespace:
+    """The command's config as bgmask runs it (parsed, the paper's spellings resolved)."""
+    argv = [paths.get(a, a) for a in shlex.split(command)]
+    cfg = A.parse_with_config(A.train_parser("t", script_strategies(feature_level)), argv)
+    A.resolve_paper_flags(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_paper_command_parses_with_the_papers_meaning(name, capsys):
+    feature_level, command = COMMANDS[name]
+    cfg = resolved(feature_level, command)
+    assert cfg.pretrained  # --start_weights DEFAULT, or a DINOv2 shorthand: always pretrained in the paper
+    assert cfg.model_arch.endswith("_patch14_dinov2.lvd142m") and timm.is_model(cfg.model_arch)
+    assert cfg.strategy == ("late" if feature_level else "baseline") and cfg.smoothing == 0.1
+    assert cfg.late_mask_stage == "auto"  # the family decides: the last block for a ViT (the paper's default)
+    assert "--eval_mode test" in capsys.readouterr().out  # said once: no checkpoint is chosen on test
+
+
+def test_paper_spellings_map_onto_bgmask_flags():
+    cfg = resolved(True, LATE_FROZEN + " --fm_second_last_block")
+    assert cfg.late_mask_stage == "second_last"
+    cfg = resolved(True, LATE_FROZEN.replace("vit_base_patch14_dinov2.lvd142m", "convnext_tiny")
+                   + " --feature_masking_last_layer --output_stride 16")
+    assert cfg.late_mask_stage == "last" and cfg.output_stride == 16
+    cfg = resolved(False, BASELINE_FROZEN.replace("--model_to_finetune vit_large", "--model_arch resnet50"))
+    assert cfg.model_arch == "resnet50" and not cfg.pretrained  # fine_tune_cnn.py: pretrained only when asked
+    cfg = resolved(False, BASELINE_FROZEN + " --use_orig_dinov2_model")
+    assert cfg.pretrained and cfg.model_arch == "vit_large_patch14_dinov2.lvd142m"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--num_layers_linear_head 4", "--num_layers_linear_head 4: only a one-layer (Linear) head exists"),
+    ("--dataset imagenet", "--dataset imagenet: CUB-200-2011 (with its Waterbirds folder) is the only dataset"),
+    ("--fm_second_last_block --feature_masking_last_layer", "exclude each other"),
+    ("--fm_second_last_block --late_mask_stage last", "--fm_second_last_block means --late_mask_stage second_last"),
+])
+def test_paper_flag_values_without_paper_behaviour_are_one_line(extra, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolved(True, LATE_FROZEN + " " + extra)
+
+
+# ----------------------------------------------------------------------------------- the runs themselves
+
+SMALL = {"--epochs": "1", "--batch_size": "4", "--image_size": "28", "--num_workers": "0"}  # size: 14 px patches
+SMALLER_MODEL = {"vit_large": "vit_small", "vit_base_patch14_dinov2.lvd142m": "vit_small_patch14_dinov2.lvd142m",
+                 "vit_large_patch14_dinov2.lvd142m": "vit_small_patch14_dinov2.lvd142m"}
+
+
+def shrink(command: str, **paths) -> list[str]:
+    """The command with only paths, model size, epochs, batch size, image size and workers changed."""
+    argv = shlex.split(command)
+    for i, a in enumerate(argv[:-1]):
+        if a in SMALL:
+            argv[i + 1] = SMALL[a]
+    argv = [SMALLER_MODEL.get(a, paths.get(a, a)) for a in argv]
+    return argv + ["--no_progress", "--threads", "1"]  # bgmask's own: quiet, one thread
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny CUB + Waterbirds, DINOv2 ViT-S/14 "pretrained" weights in a local file (served where timm
+    would download them), and a small untrained segmenter for the online masks."""
+    root = tmp_path_factory.mktemp("paper")
+    w = {"DATA": str(write_tiny_cub(root / "CUB", num_classes=3, per_class=(4, 2), size=(40, 32)))}
+    torch.manual_seed(0)
+    hub = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False)  # the hub file's layout
+    w["weights"] = root / "dinov2_vits14.safetensors"
+    safetensors.torch.save_file(hub.state_dict(), str(w["weights"]))
+    try:
+        from bgmask.seg.checkpoint import save_slim
+        from bgmask.seg.segmenter import build_model, read_config
+    except ImportError:
+        pytest.skip("MMSegmentation (the seg extra) is not installed")
+    w["SEGCFG"] = str(Path(__file__).resolve().parents[1] / "mmsegmentation/configs/unet/"
+                      "unet-s4-c16_fcn_1xb8-1k_cub_binary_seg-64x64.py")
+    cfg = read_config(w["SEGCFG"])
+    w["SEGCKPT"] = str(save_slim(root / "seg_slim.pth", build_model(cfg).state_dict(),
+                                 {"classes": ["background", "bird"], "palette": [[0, 0, 0], [255, 255, 255]]},
+                                 cfg.pretty_text))
+    return w
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb():
+    """The commands pass --wandb (WANDB_MODE=disabled in tests): wandb's process-wide session would keep
+    that mode for later tests, so it is torn down after each."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
+@pytest.fixture
+def hub_weights(world, monkeypatch):
+    """Pretrained DINOv2 weights come from the local file through timm's own loading (no network)."""
+    from bgmask.models import weights
+
+    asked = []
+
+    def cached(arch):
+        asked.append(arch)
+        return str(world["weights"]) if "dinov2" in arch else None
+
+    monkeypatch.setattr(weights, "cached_pretrained_file", cached)
+    return asked
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_paper_command_runs(name, world, hub_weights, tmp_path, capsys):
+    feature_level, command = COMMANDS[name]
+    snap = tmp_path / "snap"
+    argv = shrink(command, DATA=world["DATA"], SNAP=str(snap), SEGCFG=world["SEGCFG"], SEGCKPT=world["SEGCKPT"])
+    train = train_late if feature_level else train_early
+    assert train(argv) == 0, capsys.readouterr().err
+    assert hub_weights == ["vit_small_patch14_dinov2.lvd142m"]  # pretrained, as in the paper
+    state = torch.load(snap / "last.pt", weights_only=True)
+    trained, loaded = state["model"], safetensors.torch.load_file(str(world["weights"]))
+    assert torch.equal(trained["backbone.blocks.0.attn.qkv.weight"], loaded["blocks.0.attn.qkv.weight"])  # frozen,
+    # or fine-tuned at the paper's warm-up from lr 0 (its first epoch does not move the weights)
+    optimised = len(state["optimizer"]["state"])  # parameters the optimiser stepped
+    if "--freeze_backbone" in command:
+        assert optimised == 2  # the head's weight and bias
+    else:
+        assert optimised == sum(p.numel() > 0 for k, p in trained.items()), optimised  # every parameter
+    config = state["config"]
+    assert config["model_arch"] == "vit_small_patch14_dinov2.lvd142m" and config["pretrained"]
+    final = json.loads((snap / "final_metrics.json").read_text())
+    assert final["checkpoint"] == "last" and "waterbirds/acc" in final  # the real Waterbirds folder
+    out = capsys.readouterr().out
+    assert "--image_sub_path_test images is the in-distribution image folder" in out
+    if feature_level:
+        assert config["late_mask_stage"] == "last" and config["seg_model_checkpoint_path"] == world["SEGCKPT"]
+    evaluate = eval_late if feature_level else eval_early
+    assert evaluate(shrink(command, DATA=world["DATA"], SNAP=str(snap), SEGCFG=world["SEGCFG"],
+                           SEGCKPT=world["SEGCKPT"]) + ["--checkpoint", str(snap / "last.pt")]) == 0
