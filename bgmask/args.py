@@ -328,6 +328,10 @@ def validate_config(cfg: argparse.Namespace) -> None:
         raise UserError(f"--epochs must be >= 1, got {cfg.epochs}")
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.wandb_resume_id and not (cfg.wandb and cfg.resume_training):
+        raise UserError("--wandb_resume_id continues a wandb run: it needs --wandb and --resume_training")
+    if cfg.log_interval < 1:
+        raise UserError(f"--log_interval must be >= 1, got {cfg.log_interval}")
     if cfg.resume_training and cfg.eval_only:
         raise UserError("--resume_training and --eval_only exclude each other")
     if cfg.use_amp and cfg.amp_dtype == "fp16" and resolve_device(cfg.device).type == "cpu":

@@ -97,7 +97,7 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
         total_loss += loss.detach().double() * len(targets)
         seen += len(targets)
         steps += 1
-        if dist.is_main and not cfg.no_progress and steps % check_every == 0:
+        if dist.is_main and not cfg.no_progress and steps % cfg.log_interval == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     total_loss = float(total_loss)  # waits for the device: the epoch's time includes all of its work
     seconds = time.perf_counter() - t0

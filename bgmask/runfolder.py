@@ -101,8 +101,9 @@ class RunFolder:
         if self.enabled and cfg.wandb:
             import wandb
 
+            resume = dict(id=cfg.wandb_resume_id, resume="must") if cfg.wandb_resume_id else {}
             self.wandb = wandb.init(project=cfg.wandb_project, group=cfg.group, job_type=cfg.job_type,
-                                    config=vars(cfg), dir=str(self.path))
+                                    config=vars(cfg), dir=str(self.path), **resume)
 
     def remove_stale_temp(self) -> None:
         """Temporary files of a process killed while writing (only when this run owns the folder)."""

@@ -195,3 +195,65 @@ def test_paper_command_runs(name, world, hub_weights, tmp_path, capsys):
     evaluate = eval_late if feature_level else eval_early
     assert evaluate(shrink(command, DATA=world["DATA"], SNAP=str(snap), SEGCFG=world["SEGCFG"],
                            SEGCKPT=world["SEGCKPT"]) + ["--checkpoint", str(snap / "last.pt")]) == 0
+
+
+def test_wandb_resume_id_continues_that_run(world, tmp_path, monkeypatch, capsys):
+    import wandb
+
+    calls = []
+
+    class Run:
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: calls.append(kw) or Run())
+    base = ["--data_path", world["DATA"], "--snapshot_dir", str(tmp_path / "r"), "--image_size", "32", "--batch_size",
+            "4", "--num_workers", "0", "--no_progress", "--threads", "1", "--wandb"]
+    assert train_early(base + ["--epochs", "1"]) == 0
+    assert train_early(base + ["--epochs", "2", "--resume_training", "--wandb_resume_id", "abc123"]) == 2
+    assert "was made with epochs=1" in capsys.readouterr().err  # (the same run: only the id is new)
+    assert train_early(base + ["--epochs", "1", "--wandb_resume_id", "abc123"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --wandb_resume_id continues a wandb run: it needs --wandb and "
+                                               "--resume_training")
+    (tmp_path / "r" / "done").unlink()
+    assert train_early(base + ["--epochs", "1", "--resume_training", "--wandb_resume_id", "abc123"]) == 0
+    assert calls[0].get("id") is None and (calls[-1]["id"], calls[-1]["resume"]) == ("abc123", "must")
+
+
+def test_eval_script_evaluates_a_snapshot_of_the_papers_code(world, tmp_path):
+    """snapshot_best.pt of fine_tune_dinov2_timm.py (DINOv2 wrapped as backbone + linear_head, GAP head):
+    the architecture comes from the flags, as in the paper's evaluation; its logits are the paper model's."""
+    from test_paper_checkpoints import LinearHeadViTTimm, randomize
+
+    from bgmask.models import create_classifier
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("bgmask_vit_tiny", num_classes=0, img_size=32)
+    paper = randomize(LinearHeadViTTimm(backbone=backbone, linear_head=torch.nn.Linear(backbone.embed_dim, 3),
+                                        patch_tokens_only=True))
+    snapshot = tmp_path / "snapshot_best.pt"
+    torch.save({"model_state": paper.state_dict(), "optimizer_state": {}, "finished_epoch": 7,
+                "epoch_test_accuracies": [0.4]}, snapshot)
+    argv = ["--checkpoint", str(snapshot), "--data_path", world["DATA"], "--model_arch", "bgmask_vit_tiny",
+            "--patch_tokens_only", "--image_size", "32", "--num_workers", "0", "--no_progress", "--threads", "1",
+            "--out", str(tmp_path / "ev")]
+    assert eval_early(argv) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["epoch"] == 7 and ev["split"] == "eval" and "waterbirds/worst_group_acc" in ev
+    # the same numbers as the paper's model on the same images
+    from bgmask.data import CUBDataset, build_transform
+
+    ds = CUBDataset(world["DATA"], "test", transform=build_transform(False, 32))
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    with torch.no_grad():
+        ours = create_classifier("bgmask_vit_tiny", 3, head="gap", image_size=32)
+        from bgmask.models.paper import convert_paper_state
+
+        ours.load_state_dict(convert_paper_state(paper.state_dict(), ours))
+        acc = float((paper(x).argmax(1) == torch.tensor(ds.labels())).float().mean())
+        assert torch.allclose(ours.eval()(x), paper(x), atol=1e-5)
+    assert ev["test/acc"] == pytest.approx(acc)
+    assert eval_early(argv[:-2] + ["--class_token_only", "--out", str(tmp_path / "x")]) == 2  # flags decide
