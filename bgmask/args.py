@@ -187,6 +187,8 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(m, "--mixup_prob", type=float, default=1.0)
     add(m, "--mixup_switch_prob", type=float, default=0.5)
     add(m, "--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+    add(m, "--cutmix_minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+        help="cutmix box area ratio bounds (timm; replaces the alpha-sampled box size)")
     return p
 
 
@@ -196,7 +198,7 @@ def run_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--config", default=None, help="YAML file of defaults; flags given on the command line win")
     add(g, "--snapshot_dir", default="runs/run", help="run folder: config, checkpoints, results.jsonl")
     add(g, "--save_every_n_epochs", type=int, default=0, help="also keep epoch_<k>.pt every n epochs")
-    add(g, "--eval_mode", default="val", choices=["val", "test"],
+    add(g, "--eval_mode", default="val", choices=["val", "test", "train"],
         help="split evaluated after each epoch; best.pt is picked on val only (never on test, unlike the paper)")
     add(g, "--dataset", default="cub", help="the paper's flag: CUB-200-2011 (and Waterbirds) is the only dataset")
     add(g, "--resplit", action="store_true", help="the paper's flag, unused there too: accepted, no effect")

@@ -115,6 +115,9 @@ def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_mask
         train_tf = train_transform(cfg, mean, std)
         out["train"] = CUBDataset(split="train", image_subdir=cfg.image_sub_path_train, masks=masks,
                                   transform=train_tf, **common)
+    if train and cfg.eval_mode == "train":  # the training images with the evaluation transform
+        out["train_eval"] = CUBDataset(split="train", image_subdir=cfg.image_sub_path_train, masks=masks,
+                                       transform=eval_tf, **common)
     if cfg.train_split < 1.0:
         out["val"] = CUBDataset(split="val", image_subdir=cfg.image_sub_path_train, masks=masks,
                                 transform=eval_tf, **common)

@@ -164,7 +164,8 @@ def epoch_loader(dataset, sampler, cfg: Namespace, dist: DistInfo, epoch: int) -
 def end_epoch(parts: build.Parts, progress: Progress, stats: dict, folder: RunFolder, cfg: Namespace,
               dist: DistInfo) -> None:
     """Evaluate after an epoch, log it, write the checkpoints."""
-    eval_split = "val" if cfg.eval_mode == "val" and "val" in parts.datasets else "test"
+    eval_split = {"train": "train_eval", "val": "val"}.get(cfg.eval_mode, "test")
+    eval_split = eval_split if eval_split in parts.datasets else "test"  # no val split: train_split 1
     metrics = evaluate_splits(parts.model, parts.datasets, parts.strategy, dist, cfg, [eval_split], parts.mask_fn)
     epoch = progress.epoch + 1
     improved = progress.update(epoch, metrics.get("val/acc") if eval_split == "val" else None)

@@ -213,6 +213,7 @@ def build_mixup(cfg: Namespace, num_classes: int):
 
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                  switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                 cutmix_minmax=tuple(cfg.cutmix_minmax) if cfg.cutmix_minmax else None,
                  num_classes=num_classes)
 
 

@@ -257,3 +257,17 @@ def test_eval_script_evaluates_a_snapshot_of_the_papers_code(world, tmp_path):
         assert torch.allclose(ours.eval()(x), paper(x), atol=1e-5)
     assert ev["test/acc"] == pytest.approx(acc)
     assert eval_early(argv[:-2] + ["--class_token_only", "--out", str(tmp_path / "x")]) == 2  # flags decide
+
+
+def test_eval_mode_train_and_cutmix_minmax(world, tmp_path):
+    """The paper's remaining choices: per-epoch accuracy on the training images, cutmix box bounds."""
+    run = tmp_path / "r"
+    assert train_early(["--data_path", world["DATA"], "--snapshot_dir", str(run), "--image_size", "32",
+                        "--batch_size", "4", "--num_workers", "0", "--no_progress", "--threads", "1", "--epochs", "1",
+                        "--eval_mode", "train", "--turn_on_mixup_or_cutmix", "--cutmix_minmax", "0.2", "0.8"]) == 0
+    first = json.loads((run / "results.jsonl").read_text().splitlines()[0])
+    assert first["split"] == "train_eval" and first["train_eval/num_samples"] == 12
+    from bgmask.optim import build_mixup
+
+    cfg = A.parse_with_config(A.train_parser("t"), ["--turn_on_mixup_or_cutmix", "--cutmix_minmax", "0.2", "0.8"])
+    assert build_mixup(cfg, 3).cutmix_minmax == (0.2, 0.8)
