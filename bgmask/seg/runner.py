@@ -2,13 +2,17 @@
 convert_checkpoint. Each `*_main(argv)` returns an exit status; a UserError prints one line, exit 2.
 
 MMSeg's flags keep MMSeg's spelling (`--work-dir`, `--cfg-options`, `--launcher`); bgmask's keep the
-underscore spelling with a dashed alias (`--cub_root` / `--cub-root`).
+underscore spelling with a dashed alias (`--cub_root` / `--cub-root`). The paper's command lines run
+as pasted (mmsegmentation/README.md, "The paper's commands"): `--launcher pytorch` outside a
+launcher's environment is one process, a config's own `data_root` is used, and
+gen_masked_image_dataset.py takes the paper's `--data_path/--config_file/--checkpoint_file/--save_path`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -24,9 +28,13 @@ from bgmask.io import atomic_write_text, remove_stale_temp
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, git_revision
 
 SLIM_NAME = "segmenter_slim.pth"
+DEFAULT_OUT_SUBDIR = "images_masked_pred"
 # split -> metric prefix (the classifier side names Waterbirds metrics `waterbirds/...`)
 SPLIT_PREFIX = {"val": "val", "test": "test", "waterbird_test": "waterbirds"}
 METRIC_KEYS = ("mIoU", "mDice", "IoU.bird", "Dice.bird", "aAcc")
+# launcher -> the environment variables its processes are started with
+LAUNCHER_ENV = {"none": (), "pytorch": ("RANK", "WORLD_SIZE"), "slurm": ("SLURM_PROCID", "SLURM_NTASKS"),
+                "mpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")}
 
 
 # ----------------------------------------------------------------------------------------- flags
@@ -39,14 +47,17 @@ def config_args(add_help: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("config")
     g.add_argument("config", help="MMSeg config file, e.g. mmsegmentation/configs/segformer/...py")
     g.add_argument("--data-root", "--data_root", dest="data_root", default=None,
-                   help="the `bgmask make-binary-seg` output folder (same as --cfg-options data_root=DIR)")
+                   help="the `bgmask make-binary-seg` output folder (same as --cfg-options data_root=DIR); "
+                        "default: the config's own data_root")
     g.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
                    help="logs, checkpoints and results (default ./work_dirs/<config name>)")
     g.add_argument("--cfg-options", "--cfg_options", dest="cfg_options", nargs="+", action=DictAction,
                    help="override config entries, key=value (e.g. train_cfg.max_iters=500 load_from=PATH)")
-    g.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
-                   help="job launcher (pytorch = torchrun); one process with 'none'")
-    g.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--launcher", choices=list(LAUNCHER_ENV), default="none",
+                   help="job launcher: pytorch under torchrun or `python -m torch.distributed.launch "
+                        "--use_env` (without their environment: one process); none = one process")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                   help="set by torch.distributed.launch without --use_env; becomes LOCAL_RANK")
     return p
 
 
@@ -77,35 +88,67 @@ def trust_arg(p) -> None:
 
 
 def segmenter_args(add_help: bool = False) -> argparse.ArgumentParser:
-    """Which segmenter and where it runs: shared by predict_masks.py and gen_masked_image_dataset.py."""
+    """Which segmenter and where it runs: shared by predict_masks.py and gen_masked_image_dataset.py.
+    `--config_file` / `--checkpoint_file` are the paper's spellings of `--config` / `--checkpoint`."""
     p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("segmenter")
-    A.add(g, "--config", default=None, help="MMSeg config (default: the one stored in a slim checkpoint)")
-    A.add(g, "--checkpoint", required=True, help=f"slim checkpoint ({SLIM_NAME} written by train.py)")
-    A.add(g, "--cub_root", required=True, help="CUB_200_2011 root (real or synthetic): ROOT/images, ROOT/images.txt")
+    A.add(g, "--config", "--config_file", "--config-file", default=None,
+          help="MMSeg config (default: the one stored in a slim checkpoint)")
+    A.add(g, "--checkpoint", "--checkpoint_file", "--checkpoint-file", required=True,
+          help=f"slim checkpoint ({SLIM_NAME} written by train.py) or, with --trust_full_checkpoint, "
+               "a full mmengine one (iter_N.pth)")
     A.add(g, "--out_dir", default=None, help="mask folder: DIR/<image folder>/<relpath>.png (0/255)")
     A.add(g, "--batch_size", type=int, default=16)
     A.add(g, "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     A.add(g, "--empty_warn_fraction", type=float, default=0.05,
           help="warn when more than this fraction of the predicted masks has no bird pixel")
-    A.add(g, "--overwrite", action="store_true", help="replace masks of another segmenter in --out_dir")
+    A.add(g, "--overwrite", action="store_true", help="replace the outputs of another segmenter")
     A.add(g, "--no_progress", action="store_true")
     trust_arg(g)
     return p
 
 
+def cub_root_arg(group, required: bool = False) -> None:
+    A.add(group, "--cub_root", required=required,
+          help="CUB_200_2011 root (real or synthetic): ROOT/images, ROOT/images.txt")
+
+
 def predict_parser() -> argparse.ArgumentParser:
-    return ArgumentParser(
+    p = ArgumentParser(
         description="Predict bird masks for every image of CUB_ROOT/images and of the Waterbirds folder "
                     "(test images); a rerun skips finished files.", parents=[segmenter_args()])
+    cub_root_arg(p, required=True)
+    return p
+
+
+GEN_MASKED_EPILOG = """two ways to call it:
+  the paper's:  --data_path FOLDER --config_file CONFIG --checkpoint_file CKPT --save_path OUT
+      FOLDER directly holds class sub-folders of .jpg (CUB_200_2011/images, or the Waterbirds folder);
+      writes OUT/<class folder>/<file>.jpg with the background (predicted class 0) black.
+      The paper's iter_160000.pth is a full mmengine checkpoint: add --trust_full_checkpoint.
+  bgmask's:     --cub_root ROOT --config CONFIG --checkpoint CKPT [--out_subdir NAME] [--out_dir MASKS]
+      predicts masks into MASKS (default ROOT/NAME_masks), then writes ROOT/NAME/<rel> for every
+      image and ROOT/NAME_waterbirds/<rel> for the Waterbirds test images.
+Both skip finished files on a rerun."""
 
 
 def gen_masked_parser() -> argparse.ArgumentParser:
+    from bgmask.masking.strategies import MASK_FILLS
+
     p = ArgumentParser(
-        description="The paper's one step: predict masks with a segmenter, then write masked image copies "
-                    "(CUB_ROOT/NAME and CUB_ROOT/NAME_waterbirds).", parents=[segmenter_args()])
-    A.add(p, "--out_subdir", default="images_masked_pred", help="NAME of the masked image folder in CUB_ROOT")
-    A.add(p, "--mask_fill", default="black", choices=["black", "mean", "blur"])
+        description="Mask out images using a segmenter: predict masks, then write masked image copies.",
+        epilog=GEN_MASKED_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[segmenter_args()])
+    g = p.add_argument_group("images in and out (the paper's flags or bgmask's)")
+    src = g.add_mutually_exclusive_group(required=True)
+    A.add(src, "--data_path", help="the paper's input: the folder that directly holds class sub-folders "
+                                   "of .jpg (e.g. CUB_200_2011/images or the Waterbirds folder)")
+    cub_root_arg(src)
+    A.add(g, "--save_path", help="with --data_path: output root, written as SAVE_PATH/<class folder>/<file>.jpg")
+    A.add(g, "--out_subdir", default=None, help="with --cub_root: NAME of the masked image folder in CUB_ROOT "
+                                                f"(default {DEFAULT_OUT_SUBDIR})")
+    A.add(g, "--mask_fill", default="black", choices=list(MASK_FILLS),
+          help="background fill (the paper: black)")
     return p
 
 
@@ -138,24 +181,46 @@ def dataloader_keys(cfg) -> list[str]:
     return [k for k in cfg.keys() if k.endswith("_dataloader") and isinstance(cfg.get(k), dict)]
 
 
-def fill_data_root(cfg) -> None:
-    """Every dataset whose data_root is still the placeholder gets the top-level `data_root`."""
+def fill_data_root(cfg, config_root=None) -> None:
+    """Every dataset whose data_root is the placeholder or the config file's own `config_root` gets the
+    top-level `data_root` (the paper's configs copy the path into each dataset; bgmask's leave the
+    placeholder), so --data-root and --cfg-options data_root=DIR reach every dataloader."""
     root = cfg.get("data_root")
     if root is None or is_unset(root):
         return
     for key in dataloader_keys(cfg):
         for ds in _datasets(cfg[key].get("dataset")):
-            if is_unset(ds.get("data_root")):
+            if is_unset(ds.get("data_root")) or (config_root is not None and ds.get("data_root") == config_root):
                 ds["data_root"] = str(root)
+
+
+def _split_dataset(cfg, key: str) -> dict:
+    return next(d for d in _datasets(cfg[key].get("dataset")) if "data_prefix" in d or "data_root" in d)
 
 
 def split_folder(cfg, key: str) -> Path:
     """The image folder a dataloader reads; UserError when the data root was never set."""
-    ds = next(d for d in _datasets(cfg[key].get("dataset")) if "data_prefix" in d or "data_root" in d)
+    ds = _split_dataset(cfg, key)
     if is_unset(ds.get("data_root")):
         raise UserError("the data root is not set: pass --data-root DIR (the output of `bgmask make-binary-seg`) "
                         "or --cfg-options data_root=DIR")
     return Path(ds.get("data_root") or "") / (ds.get("data_prefix") or {}).get("img_path", "")
+
+
+def require_data_root(cfg, ns: argparse.Namespace, key: str) -> None:
+    """One line naming --data-root and the config's data_root when the dataloader's root is not a folder."""
+    root = _split_dataset(cfg, key).get("data_root")
+    if root is not None and not is_unset(root) and Path(root).is_dir():
+        return
+    config = Path(ns.config).name
+    if root is None or is_unset(root):
+        problem = f"no data root: no --data-root given and the config {config} sets no data_root"
+    elif ns.data_root:
+        problem = f"data root not found: {root} (from --data-root)"
+    else:
+        problem = f"data root not found: {root} (the data_root of the config {config}; no --data-root given)"
+    raise UserError(f"{problem}; pass --data-root DIR (the `bgmask make-binary-seg` output) or set "
+                    "data_root in the config")
 
 
 def load_config(ns: argparse.Namespace):
@@ -165,6 +230,7 @@ def load_config(ns: argparse.Namespace):
     from bgmask.seg.segmenter import read_config
 
     cfg = read_config(ns.config)
+    config_root = cfg.get("data_root")
     if ns.cfg_options:
         try:
             cfg.merge_from_dict(ns.cfg_options)
@@ -173,32 +239,45 @@ def load_config(ns: argparse.Namespace):
     if ns.data_root:
         require_dir(ns.data_root, "--data-root (the `bgmask make-binary-seg` output)")
         cfg.data_root = str(Path(ns.data_root).resolve())
-    fill_data_root(cfg)
+    fill_data_root(cfg, config_root)
     for key in dataloader_keys(cfg):  # e.g. --cfg-options train_dataloader.num_workers=0
         if not cfg[key].get("num_workers"):
             cfg[key]["persistent_workers"] = False
-    cfg.launcher = ns.launcher
-    if ns.launcher != "none":
-        os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
+    cfg.launcher = resolve_launcher(ns.launcher, ns.local_rank, torch.cuda.is_available())
     if not torch.cuda.is_available():
         # CPU processes: gloo, and BN stays BN (torch's SyncBatchNorm runs on GPUs only)
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
         cfg.sync_bn = None
-        if ns.launcher != "none":
-            _init_cpu_distributed(ns.launcher)
+        if cfg.launcher != "none":
+            _init_cpu_distributed()
             cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)
     cfg.work_dir = ns.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(ns.config).stem)
     return cfg
 
 
-def _init_cpu_distributed(launcher: str) -> None:
+def resolve_launcher(launcher: str, local_rank: int, cuda: bool) -> str:
+    """The launcher to run with. `pytorch` without its environment (plain `python train.py ...
+    --launcher pytorch`) runs as one process, with a note; under torchrun / torch.distributed.launch
+    LOCAL_RANK comes from --local_rank when the launcher did not set it (as MMSeg's tools/train.py)."""
+    missing = [v for v in LAUNCHER_ENV[launcher] if v not in os.environ]
+    if launcher in ("slurm", "mpi") and not cuda:
+        raise UserError(f"--launcher {launcher} needs GPUs; on CPU use torchrun with --launcher pytorch")
+    if launcher == "pytorch" and missing:
+        print("note: --launcher pytorch without torchrun / torch.distributed.launch (RANK, WORLD_SIZE unset): "
+              "running as one process")
+        return "none"
+    if missing:
+        raise UserError(f"--launcher {launcher}: {', '.join(missing)} not set (start the script under "
+                        f"{launcher}, or use --launcher none for one process)")
+    if launcher == "pytorch":
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    return launcher
+
+
+def _init_cpu_distributed() -> None:
     """mmengine's pytorch launcher always calls torch.cuda.set_device; on CPU start gloo ourselves."""
     import torch.distributed as dist
 
-    if launcher != "pytorch":
-        raise UserError(f"--launcher {launcher} needs GPUs; on CPU use torchrun with --launcher pytorch")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise UserError("--launcher pytorch: RANK / WORLD_SIZE are not set (start the script with torchrun)")
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
 
@@ -238,6 +317,7 @@ def train_main(argv=None) -> int:
 
     cfg = load_config(ns)
     check_binary(cfg, f"config {ns.config}")
+    require_data_root(cfg, ns, "train_dataloader")
     require_dir(split_folder(cfg, "train_dataloader"), "training image folder")
     if cfg.get("val_dataloader") and not split_folder(cfg, "val_dataloader").is_dir():
         print(f"note: no validation split ({split_folder(cfg, 'val_dataloader')} is missing); training without it")
@@ -301,6 +381,7 @@ def test_main(argv=None) -> int:
     cfg = load_config(ns)
     where = f"config {ns.config}"
     check_binary(cfg, where)
+    require_data_root(cfg, ns, "test_dataloader")
     state_dict, _ = state_dict_and_meta(load_checkpoint_file(ns.checkpoint, trust_full=ns.trust_full_checkpoint),
                                         ns.checkpoint)
     splits = _present_splits(cfg, ns.splits, where)
@@ -374,51 +455,92 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _open_segmenter(config: str | None, checkpoint: str | Path, batch_size: int, device: str,
+                    trust_full_checkpoint: bool):
+    """The segmenter, and its provenance (checkpoint path and SHA-256, config) for the output folder."""
+    from bgmask.distributed import resolve_device
+    from bgmask.seg.segmenter import load_segmenter
+
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+    ckpt = Path(checkpoint)
+    seg = load_segmenter(config, ckpt, device=resolve_device(device), batch_size=batch_size,
+                         trust_full_checkpoint=trust_full_checkpoint)
+    info = {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": _file_digest(ckpt),
+            "config": str(Path(config).resolve()) if config else None}
+    return seg, info
+
+
 def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None, checkpoint: str | Path,
                   batch_size: int = 16, device: str = "auto", empty_warn_fraction: float = 0.05,
                   overwrite: bool = False, trust_full_checkpoint: bool = False, progress: bool = True) -> dict:
     """Write DIR/images/<rel>.png for every image and DIR/<Waterbirds folder>/<rel>.png for the test
     images of the Waterbirds folder (0 = background, 255 = bird, the image's size), one atomic file at a
     time; files already there are kept. Returns a summary (counts, images/s, coverage)."""
-    from bgmask.data.cub import read_cub_metadata
-    from bgmask.distributed import resolve_device
-    from bgmask.seg.segmenter import load_segmenter
+    from bgmask.data.cub import WATERBIRDS_SUBDIR, read_cub_metadata
 
-    if batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     root, out = Path(cub_root), Path(out_dir)
     meta = read_cub_metadata(root)
     require_dir(root / "images", "CUB image folder")
-    ckpt = Path(checkpoint)
-    seg = load_segmenter(config, ckpt, device=resolve_device(device), batch_size=batch_size,
-                         trust_full_checkpoint=trust_full_checkpoint)
-    info = {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": _file_digest(ckpt),
-            "config": str(Path(config).resolve()) if config else None}
-    _claim_mask_folder(out, info, overwrite)
-    jobs = _mask_jobs(root, out, meta)
+    seg, info = _open_segmenter(config, checkpoint, batch_size, device, trust_full_checkpoint)
+    if _claim_folder(out, "predict_info.json", info, overwrite, "masks", "--out_dir"):
+        for sub in ("images", WATERBIRDS_SUBDIR):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    _start_folder(out, "predict_info.json", info)
+    return _run_jobs(seg, _mask_jobs(root, out, meta), _write_mask, out, batch_size, progress, empty_warn_fraction)
+
+
+def mask_image_folder(data_path: str | Path, save_path: str | Path | None, config: str | None,
+                      checkpoint: str | Path, fill: str = "black", batch_size: int = 16, device: str = "auto",
+                      empty_warn_fraction: float = 0.05, overwrite: bool = False,
+                      trust_full_checkpoint: bool = False, progress: bool = True) -> dict:
+    """The paper's gen_masked_image_dataset.py: every DATA_PATH/<class folder>/<file>.jpg is segmented and
+    written as SAVE_PATH/<class folder>/<file>.jpg (JPEG) with the background filled (black: the pixels
+    whose predicted class is background set to 0), early masking's own fill. A rerun skips finished
+    files; SAVE_PATH/masked_copy.json records the segmenter and the fill. Returns a summary."""
+    src, out = _paper_folders(data_path, save_path)
+    jobs = [(p, out / p.parent.name / p.name) for p in sorted(src.glob("*/*.jpg"))]
+    if not jobs:
+        hint = f"; for a CUB root pass --data_path {src / 'images'}" if (src / "images").is_dir() else ""
+        raise UserError(f"no .jpg one folder below --data_path {src} (expected {src}/<class folder>/<file>.jpg{hint})")
+    seg, info = _open_segmenter(config, checkpoint, batch_size, device, trust_full_checkpoint)
+    info.update(source_images=str(src.resolve()), masks=info["checkpoint"], fill=fill)
+    replace = _claim_folder(out, "masked_copy.json", info, overwrite, "masked images", "--save_path")
+    _start_folder(out, "masked_copy.json", info)
+    return _run_jobs(seg, jobs, functools.partial(_write_masked, fill=fill), out, batch_size, progress,
+                     empty_warn_fraction, replace=replace)
+
+
+def _paper_folders(data_path: str | Path, save_path: str | Path | None) -> tuple[Path, Path]:
+    src = require_dir(data_path, "--data_path (the folder that holds the class folders of .jpg)")
+    if not save_path:
+        raise UserError("--data_path needs --save_path (the output root: SAVE_PATH/<class folder>/<file>.jpg)")
+    out = Path(save_path)
+    if out.resolve() == src.resolve():
+        raise UserError(f"--save_path {out} is --data_path: it would overwrite the images; choose another folder")
+    return src, out
+
+
+def _claim_folder(out: Path, info_name: str, info: dict, overwrite: bool, what: str, flag: str) -> bool:
+    """True when OUT holds outputs of another segmenter (or fill) that `overwrite` lets us replace;
+    without `overwrite` that is a UserError."""
+    info_path = out / info_name
+    if not info_path.is_file():
+        return False
+    old = json.loads(info_path.read_text())
+    if all(old.get(k) == info.get(k) for k in ("checkpoint_sha256", "fill")):
+        return False
+    if not overwrite:
+        made_by = f"{old.get('checkpoint')}, fill {old.get('fill')}" if "fill" in info else old.get("checkpoint")
+        raise UserError(f"{out} holds {what} of another segmenter{' or fill' if 'fill' in info else ''} "
+                        f"({made_by}); pass --overwrite to replace them or choose another {flag}")
+    return True
+
+
+def _start_folder(out: Path, info_name: str, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(out, recursive=True)  # half-written files of a killed run
-    atomic_write_text(out / "predict_info.json", json.dumps(info, indent=2) + "\n")
-    todo = [(src, dst) for src, dst in jobs if not dst.is_file()]
-    todo.sort(key=lambda job: (_image_hw(job[0]), str(job[0])))  # equal sizes batch together
-    t0 = time.perf_counter()
-    coverage = _predict_and_save(seg, todo, batch_size, progress)
-    return _predict_summary(out, len(jobs), len(todo), coverage, time.perf_counter() - t0, empty_warn_fraction)
-
-
-def _claim_mask_folder(out: Path, info: dict, overwrite: bool) -> None:
-    """A mask folder of another checkpoint: UserError, or with `overwrite` its masks are removed."""
-    from bgmask.data.cub import WATERBIRDS_SUBDIR
-
-    info_path = out / "predict_info.json"
-    if info_path.is_file():
-        old = json.loads(info_path.read_text())
-        if old.get("checkpoint_sha256") != info["checkpoint_sha256"]:
-            if not overwrite:
-                raise UserError(f"{out} holds masks of another segmenter ({old.get('checkpoint')}); "
-                                "pass --overwrite to replace them or choose another --out_dir")
-            for sub in ("images", WATERBIRDS_SUBDIR):
-                shutil.rmtree(out / sub, ignore_errors=True)
+    atomic_write_text(out / info_name, json.dumps(info, indent=2) + "\n")
 
 
 def _mask_jobs(root: Path, out: Path, meta) -> list[tuple[Path, Path]]:
@@ -433,22 +555,49 @@ def _mask_jobs(root: Path, out: Path, meta) -> list[tuple[Path, Path]]:
     return jobs
 
 
-def _predict_and_save(seg, todo: list[tuple[Path, Path]], batch_size: int, progress: bool) -> list[float]:
-    """Predict and write the masks of `todo` in batches; returns each mask's bird fraction."""
+def _write_mask(image, mask, dst: Path) -> None:
+    """The mask itself: PNG, 0 = background, 255 = bird."""
     import numpy as np
     from PIL import Image
+
+    from bgmask.io import atomic_save_image
+
+    atomic_save_image(dst, Image.fromarray((mask * 255).astype(np.uint8)))
+
+
+def _write_masked(image, mask, dst: Path, fill: str = "black") -> None:
+    """The image with its background filled (`bgmask.masking.make_masked.masked_pixels`)."""
+    from bgmask.io import atomic_save_image
+    from bgmask.masking.make_masked import masked_pixels
+
+    atomic_save_image(dst, masked_pixels(image, mask, fill))
+
+
+def _run_jobs(seg, jobs: list[tuple[Path, Path]], write, out: Path, batch_size: int, progress: bool,
+              empty_warn_fraction: float, replace: bool = False) -> dict:
+    """Segment the source image of every (source, output) job whose output is missing (every job with
+    `replace`) and `write(image, mask, output)`; returns the summary."""
+    todo = [(src, dst) for src, dst in jobs if replace or not dst.is_file()]
+    todo.sort(key=lambda job: (_image_hw(job[0]), str(job[0])))  # equal sizes batch together
+    t0 = time.perf_counter()
+    coverage = _predict_and_save(seg, todo, batch_size, progress, write)
+    return _predict_summary(out, len(jobs), len(todo), coverage, time.perf_counter() - t0, empty_warn_fraction)
+
+
+def _predict_and_save(seg, todo: list[tuple[Path, Path]], batch_size: int, progress: bool, write) -> list[float]:
+    """Predict the masks of `todo` in batches and write each output; returns each mask's bird fraction."""
     from tqdm import tqdm
 
     from bgmask.data.cub import load_rgb
-    from bgmask.io import atomic_save_image
 
     coverage = []
     bar = tqdm(total=len(todo), desc="predict masks", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        masks = seg.predict_images([load_rgb(src) for src, _ in chunk])  # [(h, w) uint8 {0, 1}]
-        for (_, dst), m in zip(chunk, masks):
-            atomic_save_image(dst, Image.fromarray((m * 255).astype(np.uint8)))
+        images = [load_rgb(src) for src, _ in chunk]
+        masks = seg.predict_images(images)  # [(h, w) uint8 {0, 1}], 1 = bird
+        for (_, dst), image, m in zip(chunk, images, masks):
+            write(image, m, dst)
             coverage.append(float(m.mean()))
         bar.update(len(chunk))
     bar.close()
@@ -476,9 +625,9 @@ def _predict_summary(out: Path, total: int, predicted: int, coverage: list[float
     return summary
 
 
-def _print_predict_summary(s: dict) -> None:
+def _print_predict_summary(s: dict, what: str = "masks") -> None:
     if s["predicted"] == 0:
-        print(f"all {s['total']} masks already in {s['out_dir']}; nothing to do")
+        print(f"all {s['total']} {what} already in {s['out_dir']}; nothing to do")
     else:
         print(f"predicted {s['predicted']} masks ({s['skipped']} already there) in {s['seconds']:.1f} s: "
               f"{s['images_per_s']} images/s; bird coverage {100 * s['mean_coverage']:.1f}% of pixels on average, "
@@ -500,15 +649,37 @@ def predict_main(argv=None) -> int:
 
 @run_cli
 def gen_masked_main(argv=None) -> int:
+    ns = gen_masked_parser().parse_args(argv)
+    if ns.data_path is not None:
+        return _gen_masked_paper(ns)
+    return _gen_masked_cub_root(ns)
+
+
+def _gen_masked_paper(ns: argparse.Namespace) -> int:
+    """--data_path FOLDER --save_path OUT: the paper's layout, OUT/<class folder>/<file>.jpg."""
+    if ns.out_dir or ns.out_subdir:
+        raise UserError("--out_dir / --out_subdir go with --cub_root; with --data_path the output is --save_path")
+    s = mask_image_folder(ns.data_path, ns.save_path, ns.config, ns.checkpoint, ns.mask_fill, ns.batch_size,
+                          ns.device, ns.empty_warn_fraction, ns.overwrite, ns.trust_full_checkpoint,
+                          not ns.no_progress)
+    _print_predict_summary(s, "masked images")
+    return 0
+
+
+def _gen_masked_cub_root(ns: argparse.Namespace) -> int:
+    """--cub_root ROOT: masks into --out_dir, then ROOT/NAME and ROOT/NAME_waterbirds (`bgmask make-masked`)."""
     from bgmask.masking.make_masked import check_out_subdir, make_masked
 
-    ns = gen_masked_parser().parse_args(argv)
-    check_out_subdir(Path(ns.cub_root), ns.out_subdir)  # before the (long) prediction, not after it
-    out_dir = ns.out_dir or str(Path(ns.cub_root) / f"{ns.out_subdir}_masks")
+    if ns.save_path:
+        raise UserError("--save_path goes with --data_path (the paper's layout); with --cub_root name the "
+                        "output folder with --out_subdir NAME")
+    out_subdir = ns.out_subdir or DEFAULT_OUT_SUBDIR
+    check_out_subdir(Path(ns.cub_root), out_subdir)  # before the (long) prediction, not after it
+    out_dir = ns.out_dir or str(Path(ns.cub_root) / f"{out_subdir}_masks")
     s = predict_masks(ns.cub_root, out_dir, ns.config, ns.checkpoint, ns.batch_size, ns.device,
                       ns.empty_warn_fraction, ns.overwrite, ns.trust_full_checkpoint, not ns.no_progress)
     _print_predict_summary(s)
-    counts = make_masked(ns.cub_root, masks=out_dir, out_subdir=ns.out_subdir, fill=ns.mask_fill,
+    counts = make_masked(ns.cub_root, masks=out_dir, out_subdir=out_subdir, fill=ns.mask_fill,
                          progress=not ns.no_progress)
     for sub, n in counts.items():
         print(f"{n} masked images in {Path(ns.cub_root) / sub}")
