@@ -95,10 +95,47 @@ def test_paper_spellings_map_onto_bgmask_flags():
     ("--dataset imagenet", "--dataset imagenet: CUB-200-2011 (with its Waterbirds folder) is the only dataset"),
     ("--fm_second_last_block --feature_masking_last_layer", "exclude each other"),
     ("--fm_second_last_block --late_mask_stage last", "--fm_second_last_block means --late_mask_stage second_last"),
+    ("--imagenet_default_mean_and_std", "--imagenet_default_mean_and_std is not supported"),
+    ("--start_weights yes", "argument --start_weights/--start-weights: invalid choice: 'yes'"),
+    ("--eval_mode all", "argument --eval_mode/--eval-mode: invalid choice: 'all'"),
+    ("--aa rand-m9-foo", "--aa"),
 ])
-def test_paper_flag_values_without_paper_behaviour_are_one_line(extra, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        resolved(True, LATE_FROZEN + " " + extra)
+def test_paper_flag_values_without_paper_behaviour_are_one_line(extra, message, tmp_path, capsys):
+    data = write_tiny_cub(tmp_path / "CUB")
+    argv = shlex.split(LATE_FROZEN + " " + extra)
+    argv = [{"DATA": str(data), "SNAP": str(tmp_path / "s"), "SEGCFG": "c.py", "SEGCKPT": "c.pth"}.get(a, a) for a in argv]
+    assert train_late(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+
+
+FROZEN_TRAINS = {  # arch -> (trained beside the head when frozen, the same with a second-last mask)
+    "bgmask_convnext_tiny": (("head.norm.",), ("head.norm.", "stages.3.", "norm_pre.")),
+    "bgmask_resnet_tiny": ((), ("layer4.",)),
+    "bgmask_vit_tiny": ((), ("blocks.3.", "norm.")),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FROZEN_TRAINS))
+@pytest.mark.parametrize("stage", ["last", "second_last"])
+def test_what_a_frozen_backbone_still_trains(arch, stage):
+    """As the paper's freezing loops: beside the new head, a frozen ConvNeXt trains its head norm, and the
+    second-last variants (--fm_second_last_block, the CNN default) the last stage / block and final norm,
+    all at the head's learning rate (its `scratch` group), in train mode; nothing else trains."""
+    from bgmask.models import create_classifier
+
+    clf = create_classifier(arch, 3, image_size=32, freeze_backbone=True, late_mask_stage=stage).train()
+    prefixes = FROZEN_TRAINS[arch][stage == "second_last"]
+    head = set(clf.head_state_keys())
+    tuned = {n for n, _ in clf.named_parameters() if n.removeprefix("backbone.").startswith(prefixes)} - head
+    assert bool(tuned) == bool(prefixes)
+    assert {n for n, p in clf.named_parameters() if p.requires_grad} == head | tuned
+    assert {id(p) for p in clf.head_parameters()} == {id(p) for n, p in clf.named_parameters() if n in head | tuned}
+    assert clf.backbone_parameters() == []
+    modes = {n: m.training for n, m in clf.backbone.named_modules() if n}
+    assert all(modes[p.rstrip(".")] for p in prefixes) and not modes["blocks.0" if "vit" in arch else
+                                                                    ("layer1" if "resnet" in arch else "stages.0")]
 
 
 # ----------------------------------------------------------------------------------- the runs themselves

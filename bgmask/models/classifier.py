@@ -78,9 +78,9 @@ class Classifier(nn.Module):
         self._late_problem = self.family.late_problem(backbone)
         self.data_config = self._resolve_data_config(image_size)
         self.freeze_backbone = freeze_backbone
-        # The paper's frozen second-last variants also train what runs after the mask (the last stage or
-        # block and the final norm), at the head's learning rate.
-        tuned = self.family.last_part(backbone) if freeze_backbone and late_mask_stage == "second_last" else []
+        # As in the paper's code, a frozen backbone still trains some modules at the head's learning rate: what
+        # runs after a second-last mask (the last stage or block and the final norm), ConvNeXt's head norm.
+        tuned = self.family.tuned_when_frozen(backbone, late_mask_stage == "second_last") if freeze_backbone else []
         self._tuned = tuned  # a plain list: the modules stay registered (and saved) under the backbone only
         if freeze_backbone:
             head_ids = {id(p) for p in self._head_and_tuned()}

@@ -83,6 +83,10 @@ class BackboneFamily:
         """The modules `after_second_last` runs: what the paper's frozen second-last variants still train."""
         raise NotImplementedError
 
+    def tuned_when_frozen(self, backbone: nn.Module, second_last: bool) -> list[nn.Module]:
+        """Backbone modules that train beside the head under --freeze_backbone (as the paper's code)."""
+        return self.last_part(backbone) if second_last else []
+
     def __reduce__(self):  # pickling / deepcopy of a Classifier keeps the registered instance
         return _family_by_name, (self.name,)
 
@@ -306,3 +310,7 @@ class ConvNeXtFamily(CNNFamily):
 
     def last_part(self, net):
         return [net.stages[-1], net.norm_pre]
+
+    def tuned_when_frozen(self, net, second_last):
+        """The paper froze every module but `head`, whose norm (before the classifier) trains."""
+        return [net.head.norm, *super().tuned_when_frozen(net, second_last)]
