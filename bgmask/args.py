@@ -29,6 +29,13 @@ def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="fraction of train / in-distribution test images on their species' home habitat")
     add(parser, "--seed", type=int, default=0)
     add(parser, "--overwrite", action="store_true", help="replace a non-empty output folder")
+    g = parser.add_argument_group("real-data quirks (off by default)")
+    add(g, "--varied_sizes", action="store_true",
+        help="CUB-like non-square sizes: 4:3 or 3:4 with the long side 0.6-1.0 x --image_size")
+    add(g, "--grayscale_fraction", type=float, default=0.0,
+        help="fraction of images (and their Waterbirds copies) saved as grayscale (L) JPEGs")
+    add(g, "--cmyk_fraction", type=float, default=0.0,
+        help="fraction of images (and their Waterbirds copies) saved as CMYK JPEGs")
     return parser
 
 

@@ -9,11 +9,12 @@ from bgmask.errors import ArgumentParser, run_cli
 
 
 def cmd_make_synthetic(ns: argparse.Namespace) -> int:
-    from bgmask.data.synthetic import generate_synthetic
+    from bgmask.data.synthetic import Quirks, generate_synthetic
 
     summary = generate_synthetic(
         ns.out, num_classes=ns.num_classes, image_size=ns.image_size, train_per_class=ns.train_per_class,
         test_per_class=ns.test_per_class, correlation=ns.correlation, seed=ns.seed, overwrite=ns.overwrite,
+        quirks=Quirks(ns.varied_sizes, ns.grayscale_fraction, ns.cmyk_fraction),
     )
     print(summary.to_text())
     return 0

@@ -1,10 +1,16 @@
 """`bgmask make-binary-seg`: the `cub_binary_segmentation` dataset the MMSeg configs read.
 
-    OUT/images/{train,val,test,waterbird_test}/<CUB relpath>.jpg
+    OUT/images/{train,val,test,waterbird_test}/<CUB relpath>.jpg      upright, no EXIF rotation
     OUT/annotations/{train,val,test}/<CUB relpath>.png      0 = background, 1 = bird (mask > 0)
 
 `waterbird_test` holds the Waterbirds copies of the test images; they are scored against
 `annotations/test` (the pasted bird keeps its CUB mask).
+
+Images are exported by `bgmask.data.images.write_upright`: an upright RGB or grayscale JPEG is copied
+byte for byte; any other file (an EXIF Orientation other than 1, CMYK, palette, alpha, 16-bit) is
+written as the upright RGB the classifier decodes, without EXIF, so MMSeg's LoadImageFromFile reads the
+same pixels with any backend (OpenCV applies EXIF Orientation, Pillow's 'unchanged' and turbojpeg do
+not) and the annotation, drawn on the upright image, lines up with it.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath, read_cub_metadata, split_ids
+from bgmask.data.images import write_upright
 from bgmask.errors import UserError
-from bgmask.io import atomic_path, atomic_save_image, atomic_write_text, is_empty_folder, remove_stale_temp
+from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, remove_stale_temp
 
 
 @dataclass
@@ -86,13 +93,10 @@ def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: flo
             continue  # finished by an earlier, interrupted run (writes are atomic)
         if not src.is_file():
             raise UserError(f"image listed in {cub_root / 'images.txt'} not found: {src}")
+        image = load_rgb(src)  # upright RGB; also validates the image
         if dst_ann is not None:
-            image = load_rgb(src)  # also validates the image
             mask = load_mask(src_mask, image.size, threshold=0)
             atomic_save_image(dst_ann, Image.fromarray(mask.astype(np.uint8)))
-        else:
-            load_rgb(src)
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
+        write_upright(src, image, dst)  # every decoder (OpenCV in MMSeg too) reads `image`
     counts = json.loads((out_dir / "split_info.json").read_text())["counts"]
     return BinarySegSummary(out_dir, counts)

@@ -145,9 +145,11 @@ def mask_relpath(relpath: str) -> str:
 
 
 def load_rgb(path: Path) -> Image.Image:
+    """The image upright, as 8-bit RGB (`bgmask.data.images`: the one decoding rule)."""
+    from bgmask.data.images import decode_rgb
+
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        return decode_rgb(path)
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -155,15 +157,16 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 def load_mask(path: Path, size: tuple[int, int], threshold: int = 0) -> np.ndarray:
-    """Binary mask (H, W) uint8 in {0, 1}: 1 where the stored value > threshold."""
+    """Binary mask (H, W) uint8 in {0, 1}: 1 where the stored value > threshold. `size` is the upright
+    image's (width, height); the mask is decoded by the same rule (EXIF Orientation applied)."""
+    from bgmask.data.images import decode_mask
+
     try:
-        with Image.open(path) as img:
-            if img.size != size:
-                raise UserError(
-                    f"mask {path} is {img.size[0]}x{img.size[1]} but its image is {size[0]}x{size[1]} "
-                    "(expected the same size)"
-                )
-            arr = np.asarray(img.convert("L"))
+        mask = decode_mask(path)
+        if mask.size != size:
+            w, h = mask.size
+            raise UserError(f"mask {path} is {w}x{h} but its image is {size[0]}x{size[1]} (expected the same size)")
+        arr = np.asarray(mask)
     except FileNotFoundError:
         raise UserError(f"mask not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

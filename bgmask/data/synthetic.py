@@ -26,6 +26,13 @@ Files written into `out_dir` (ids are 1-based, ordered by class then image, like
     images.txt, classes.txt, image_class_labels.txt, train_test_split.txt, bounding_boxes.txt
         (CUB formats; written last, images.txt the very last)
 Place groups as in Waterbirds: 1 = water-like (water, sky habitats), 0 = land-like.
+
+Real-data quirks (`Quirks`, off by default; files without them are unchanged): `varied_sizes` gives each
+image CUB's non-square shapes, 4:3 landscape or 3:4 portrait (like 500x375 / 375x500) with the long side
+0.6-1.0 x image_size (the bird rendered at the long side, the short side cropped around it; the mask
+cropped alike); `grayscale_fraction` / `cmyk_fraction` of the images (and their Waterbirds copies) are
+saved as L / CMYK JPEGs. Each image draws its quirks from its own stream, so they do not change the
+other draws and grayscale picks are the same with or without varied sizes.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ _NOUN = ["Tern", "Warbler", "Finch", "Heron", "Plover", "Sparrow", "Wren", "King
 _SPLIT_CODE = {"train": 0, "test": 1}
 # Per-image random streams: independent, so e.g. the bird does not depend on the habitat drawn.
 _BIRD, _HAB_CHOICE, _HAB_RENDER, _WB_CHOICE, _WB_RENDER = range(5)
+_QUIRKS = 5  # Quirks.draw: orientation, scale, JPEG mode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +498,55 @@ def _bbox(mask_u8: np.ndarray) -> tuple[float, float, float, float]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Real-data quirks
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Quirks:
+    """What makes real CUB awkward: non-square sizes and a few grayscale / CMYK JPEGs."""
+
+    varied_sizes: bool = False
+    grayscale_fraction: float = 0.0
+    cmyk_fraction: float = 0.0
+
+    def config(self) -> dict:
+        """The non-default settings (an empty dict keeps an old dataset's config as it was)."""
+        return {k: v for k, v in (("varied_sizes", self.varied_sizes), ("grayscale_fraction", self.grayscale_fraction),
+                                  ("cmyk_fraction", self.cmyk_fraction)) if v}
+
+    def validate(self) -> None:
+        for name in ("grayscale_fraction", "cmyk_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0.0 <= float(v) <= 1.0:
+                raise UserError(f"{name} must be a number in [0, 1], got {v!r}")
+        if self.grayscale_fraction + self.cmyk_fraction > 1.0:
+            raise UserError(f"grayscale_fraction + cmyk_fraction must be <= 1, got "
+                            f"{self.grayscale_fraction + self.cmyk_fraction:g}")
+
+    def draw(self, rng: np.random.Generator, image_size: int) -> tuple[int, tuple[int, int] | None, str]:
+        """One image's (render size, (width, height) to crop or None, JPEG mode). Always the same three
+        draws, whatever is switched on."""
+        portrait, scale, u = rng.random() < 0.5, rng.uniform(0.6, 1.0), rng.random()
+        mode = "L" if u < self.grayscale_fraction else "CMYK" if u < self.grayscale_fraction + self.cmyk_fraction else "RGB"
+        if not self.varied_sizes:
+            return image_size, None, mode
+        long_side = max(16, int(round(image_size * scale)))
+        short_side = max(12, int(round(long_side * 0.75)))
+        return long_side, ((short_side, long_side) if portrait else (long_side, short_side)), mode
+
+
+def _crop_box(mask_u8: np.ndarray, wh: tuple[int, int] | None) -> tuple[slice, slice]:
+    """Rows and columns of a (w, h) window of the square render, centred on the bird (clamped)."""
+    size = mask_u8.shape[0]
+    if wh is None:
+        return slice(0, size), slice(0, size)
+    x, y, bw, bh = _bbox(mask_u8)
+    cx, cy = (x + bw / 2, y + bh / 2) if bw else (size / 2, size / 2)
+    x0 = int(np.clip(round(cx - wh[0] / 2), 0, size - wh[0]))
+    y0 = int(np.clip(round(cy - wh[1] / 2), 0, size - wh[1]))
+    return slice(y0, y0 + wh[1]), slice(x0, x0 + wh[0])
+
+
+# ----------------------------------------------------------------------------------------------
 # Dataset writer
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -560,22 +617,29 @@ def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> None:
     remove_stale_temp(out, recursive=True)  # half-written files of a killed run
 
 
-def _save_pair(img_path: Path, mask_path: Path, rgb_u8: np.ndarray, mask_u8: np.ndarray) -> None:
+def _save_jpeg(path: Path, rgb_u8: np.ndarray, mode: str = "RGB") -> None:
+    img = Image.fromarray(rgb_u8)
+    atomic_save_image(path, img if mode == "RGB" else img.convert(mode), quality=95)
+
+
+def _save_pair(img_path: Path, mask_path: Path, rgb_u8: np.ndarray, mask_u8: np.ndarray, mode: str = "RGB") -> None:
     atomic_save_image(mask_path, Image.fromarray(mask_u8))
-    atomic_save_image(img_path, Image.fromarray(rgb_u8), quality=95)
+    _save_jpeg(img_path, rgb_u8, mode)
 
 
 def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_class=400, test_per_class=100,
-                       correlation=0.95, seed=0, overwrite=False, progress=True) -> SyntheticSummary:
+                       correlation=0.95, seed=0, overwrite=False, progress=True,
+                       quirks: Quirks = Quirks()) -> SyntheticSummary:
     """Write the synthetic benchmark into `out_dir` (see the module docstring); resumable."""
     _validate(num_classes, image_size, train_per_class, test_per_class, correlation, seed)
+    quirks.validate()
     t0 = time.perf_counter()
     out = Path(out_dir)
     config = {
         "generator": "bgmask.data.synthetic", "version": GENERATOR_VERSION,
         "num_classes": int(num_classes), "image_size": int(image_size),
         "train_per_class": int(train_per_class), "test_per_class": int(test_per_class),
-        "correlation": float(correlation), "seed": int(seed),
+        "correlation": float(correlation), "seed": int(seed), **quirks.config(),
     }
     _prepare_out_dir(out, config, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -588,7 +652,8 @@ def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_clas
     bar = tqdm(total=num_classes * per_class, desc="synthetic", unit="img", disable=not progress)
     for sp in species:
         for j in range(per_class):
-            row, n_rendered = _make_image(out, sp, j, per_class, train_per_class, image_size, float(correlation), seed)
+            row, n_rendered = _make_image(out, sp, j, per_class, train_per_class, image_size, float(correlation), seed,
+                                          quirks)
             rows.append(row)
             rendered += n_rendered
             resumed += n_rendered == 0
@@ -611,7 +676,7 @@ def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_clas
 
 
 def _make_image(out: Path, sp: Species, j: int, per_class: int, train_per_class: int, image_size: int,
-                correlation: float, seed: int) -> tuple[tuple, int]:
+                correlation: float, seed: int, quirks: Quirks = Quirks()) -> tuple[tuple, int]:
     """Image j of species `sp` with its mask (and, for a test image, its Waterbirds version): rendered,
     or its mask read back when a previous run finished it. Returns (metadata row, images rendered;
     0 = resumed)."""
@@ -632,14 +697,17 @@ def _make_image(out: Path, sp: Species, j: int, per_class: int, train_per_class:
         with Image.open(mask_path) as m:
             mask_u8 = np.asarray(m)
     else:
-        bird, alpha = render_bird(sp, rng(_BIRD), image_size)
+        size, wh, mode = quirks.draw(rng(_QUIRKS), image_size)
+        bird, alpha = render_bird(sp, rng(_BIRD), size)
         mask_u8 = np.clip(alpha * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        bg = render_habitat(habitat, rng(_HAB_RENDER), image_size)
-        _save_pair(img_path, mask_path, _composite(bird, mask_u8, bg), mask_u8)
+        box = _crop_box(mask_u8, wh)
+        bird, mask_u8 = bird[box], mask_u8[box]
+        bg = render_habitat(habitat, rng(_HAB_RENDER), size)[box]
+        _save_pair(img_path, mask_path, _composite(bird, mask_u8, bg), mask_u8, mode)
         rendered = 1
         if not is_train:
-            wb_bg = render_habitat(wb_habitat, rng(_WB_RENDER), image_size)
-            atomic_save_image(wb_path, Image.fromarray(_composite(bird, mask_u8, wb_bg)), quality=95)
+            wb_bg = render_habitat(wb_habitat, rng(_WB_RENDER), size)[box]
+            _save_jpeg(wb_path, _composite(bird, mask_u8, wb_bg), mode)
             rendered = 2
     return (img_id, rel, sp.index, is_train, habitat, _bbox(mask_u8), wb_habitat), rendered
 

@@ -5,6 +5,9 @@ MMSeg's registries on import.
     DATA_ROOT/annotations/<split>/<CUB relpath>.png     0 = background, 1 = bird
 
 Splits: train, val, test, and waterbird_test (Waterbirds images, scored against annotations/test).
+The images are upright and carry no EXIF rotation (`make-binary-seg` writes them by
+`bgmask.data.images.write_upright`), so the configs' LoadImageFromFile gives the classifier's pixels with
+any decoding backend, and the annotations (PNG, read without EXIF handling) line up with them.
 `BinarySegMetric` = MMSeg's IoUMetric (aAcc, mIoU, mDice in percent) plus the bird class's own
 IoU and Dice (`IoU.bird`, `Dice.bird`): with two classes, mIoU averages in the easy background.
 """

@@ -437,12 +437,12 @@ def _write_test_results(ns: argparse.Namespace, cfg, record: dict, splits: list[
 # ------------------------------------------------------------------------------------ predict
 
 def _image_hw(path: Path) -> tuple[int, int]:
-    """(h, w) from the image header (no decoding); (0, 0) when unreadable (load_rgb reports it later)."""
-    from PIL import Image
+    """Upright (h, w) from the image header (no decoding); (0, 0) when unreadable (load_rgb reports it later)."""
+    from bgmask.data.images import upright_size
 
     try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
+        w, h = upright_size(path)
+        return h, w
     except Exception:  # noqa: BLE001
         return 0, 0
 

@@ -218,7 +218,9 @@ def _rgb_array(image) -> np.ndarray:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {image.dtype} {image.shape}")
         return image
-    return np.asarray(image.convert("RGB"))
+    from bgmask.data.images import to_rgb  # the project's one mode rule (alpha dropped, 16-bit >> 8, ...)
+
+    return np.asarray(to_rgb(image))
 
 
 # ----------------------------------------------------------------------------------------------
