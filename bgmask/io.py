@@ -108,22 +108,60 @@ def load_weights_only(path: str | Path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def first_plain_value(f):
+    """The first pickle in file `f`, read by an unpickler that refuses every global (so nothing can be
+    called): plain values only, else pickle.UnpicklingError."""
+    import pickle
+
+    class NoGlobals(pickle.Unpickler):
+        def find_class(self, module, name):
+            raise pickle.UnpicklingError(f"global {module}.{name}")
+
+    return NoGlobals(f).load()
+
+
+def is_torch_pickle(path: str | Path) -> bool:
+    """True for a file that torch.save wrote: a zip archive holding `*/data.pkl`, or the legacy format,
+    whose first pickle is torch's magic number. Read without unpickling anything that could run code."""
+    import zipfile
+
+    from torch.serialization import MAGIC_NUMBER
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+        with open(path, "rb") as f:
+            return first_plain_value(f) == MAGIC_NUMBER
+    except Exception:  # noqa: BLE001 -- junk may fail in any way; it is simply not a torch file
+        return False
+
+
 def read_torch_file(path: str | Path, what: str, trust: bool = False, map_location="cpu"):
-    """torch.load with weights_only=True; `trust` allows arbitrary unpickling. A missing, truncated or
-    unsafe file is one UserError naming `path` (`what`: how to call it, e.g. "checkpoint")."""
+    """torch.load with weights_only=True; `trust` allows arbitrary unpickling of a real torch file (never
+    of junk). A missing, truncated, junk or unsafe file is one UserError naming `path` (`what`: how to
+    call it, e.g. "checkpoint"); only a real torch pickle that needs more than weights suggests trust."""
     import pickle
 
     import torch
 
     path = Path(path)
+    junk = f"cannot read {what} {path}: not a torch checkpoint (truncated or not a torch file"
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
         return load_weights_only(path, map_location)
     except pickle.UnpicklingError:
+        if not is_torch_pickle(path):
+            raise UserError(f"{junk})") from None
         if not trust:
             raise UserError(f"{what} {path} needs arbitrary unpickling to load (unsafe); pass --trust_checkpoint "
                             "only if you trust its origin") from None
+    except Exception as e:  # noqa: BLE001 -- random bytes fail in any way (KeyError, IndexError, ...)
+        raise UserError(f"{junk}: {e.__class__.__name__})") from None
+    try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read {what} {path}: truncated or not a torch file ({e.__class__.__name__})") from None
+    except Exception as e:  # noqa: BLE001 -- a trusted but broken pickle: one line, not a traceback
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot unpickle {what} {path} (with --trust_checkpoint): {e.__class__.__name__}: "
+                        f"{reason}") from None

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -120,9 +122,62 @@ def test_classifier_checkpoint_needs_trust(good, tmp_path, marker, capsys, legac
 
 def test_bare_pickle_is_not_a_checkpoint(tmp_path, marker, capsys, good, recwarn):
     f = evil_plain(tmp_path, marker, "evil.pt")
-    err = one_line(capsys, eval_early(["--checkpoint", str(f), "--data_path", str(good["cub"])]))
-    assert str(f) in err and not marker.exists()
+    for trust in ([], ["--trust_checkpoint"]):  # torch.save never wrote it: trust cannot make it one
+        err = one_line(capsys, eval_early(["--checkpoint", str(f), "--data_path", str(good["cub"]), *trust]))
+        assert str(f) in err and "not a torch checkpoint" in err and "--trust_checkpoint" not in err, err
+        assert not marker.exists()
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # it would be a second stderr line
+
+
+JUNK = {"random": lambda: random.Random(7).randbytes(5000), "tiny": lambda: b"\x80\x02K",
+        "index error": lambda: random.Random(2).randbytes(102), "key error": lambda: random.Random(20).randbytes(120),
+        "zip without data.pkl": None}
+
+
+@pytest.mark.parametrize("kind", sorted(JUNK))
+@pytest.mark.parametrize("trust", [False, True], ids=["plain", "trust"])
+def test_junk_is_one_line_with_or_without_trust(good, tmp_path, capsys, kind, trust):
+    """Random bytes (which --trust_checkpoint used to hand to a full unpickler: a traceback) are one line
+    that never suggests --trust_checkpoint, for evaluation and for --resume_training alike."""
+    f = tmp_path / "junk.pt"
+    if JUNK[kind] is None:
+        with zipfile.ZipFile(f, "w") as z:
+            z.writestr("archive/notes.txt", "not a checkpoint")
+    else:
+        f.write_bytes(JUNK[kind]())
+    flag = ["--trust_checkpoint"] if trust else []
+    err = one_line(capsys, eval_early(["--checkpoint", str(f), "--data_path", str(good["cub"]), "--no_progress",
+                                       "--num_workers", "0", *flag]))
+    assert str(f) in err and "not a torch checkpoint" in err and "--trust_checkpoint" not in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(f, run / "last.pt")
+    err = one_line(capsys, train_early(train_argv(good["cub"], run, "--epochs", "1", "--resume_training", *flag)))
+    assert "not a torch checkpoint" in err and "--trust_checkpoint" not in err, err
+
+
+def test_trusted_but_broken_torch_file_is_one_line(good, tmp_path, capsys, marker):
+    """A real torch pickle naming a class that does not exist: with --trust_checkpoint one line, no traceback."""
+    f = evil_classifier(good, tmp_path, marker)
+    with zipfile.ZipFile(f) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in entries if n.endswith("/data.pkl"))
+    entries[pkl] = entries[pkl].replace(b"__builtin__", b"no_such_mod")  # the payload's `exec` cannot be found
+    with zipfile.ZipFile(f, "w") as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    err = one_line(capsys, eval_early(["--checkpoint", str(f), "--data_path", str(good["cub"]), "--no_progress",
+                                       "--num_workers", "0", "--trust_checkpoint"]))
+    assert str(f) in err and "--trust_checkpoint" in err and not marker.exists(), err
+
+
+def test_is_torch_pickle(good, tmp_path, marker):
+    from bgmask.io import is_torch_pickle
+
+    (tmp_path / "junk").write_bytes(random.Random(1).randbytes(300))
+    assert is_torch_pickle(good["ckpt"]) and is_torch_pickle(evil_classifier(good, tmp_path, marker, legacy=True))
+    assert not is_torch_pickle(evil_plain(tmp_path, marker)) and not is_torch_pickle(tmp_path / "junk")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("kind", ["torch", "bare pickle"])
