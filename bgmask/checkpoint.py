@@ -73,7 +73,8 @@ def model_from_checkpoint(state: dict, path: str | Path) -> torch.nn.Module:
 
 def saved_classifier(ckpt: Path, cfg, num_classes: int):
     """(model, data config, epoch) of a saved classifier. A bgmask checkpoint rebuilds its own model and
-    sets the strategy, fill and image size it was trained with on `cfg`; a `snapshot_best.pt` of the
+    sets the strategy, fill and image size it was trained with on `cfg` (a --model_arch given explicitly,
+    `cfg.model_arch_given`, must name its architecture); a `snapshot_best.pt` of the
     paper's code records no architecture, so its model is built from the flags (as the paper's
     evaluation did) and its weights converted (`bgmask.models.paper`)."""
     from bgmask.build import build_model, data_config, model_kwargs
@@ -90,7 +91,11 @@ def saved_classifier(ckpt: Path, cfg, num_classes: int):
     for key in ("strategy", "mask_fill", "image_size"):  # how the checkpoint's model sees its input
         setattr(cfg, key, state["config"].get(key, getattr(cfg, key)))
     cfg.crop_pct = state["data_config"].get("crop_pct", cfg.crop_pct)  # its evaluation crop
-    cfg.model_arch = saved_model_kwargs(state)["model_arch"]
+    saved_arch = saved_model_kwargs(state)["model_arch"]
+    if getattr(cfg, "model_arch_given", False) and cfg.model_arch != saved_arch:
+        raise UserError(f"--model_arch {cfg.model_arch} but checkpoint {ckpt} holds a {saved_arch} (a bgmask "
+                        "checkpoint rebuilds its own model: drop --model_arch or pass the checkpoint's)")
+    cfg.model_arch = saved_arch
     return model_from_checkpoint(state, ckpt), state["data_config"], state["epoch"]
 
 

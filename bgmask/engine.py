@@ -139,14 +139,22 @@ def final_splits(model, datasets: dict, strategy, dist, cfg, mask_fn, data_confi
 
 # ------------------------------------------------------------------------------------------- fit
 
-def open_run_folder(cfg: Namespace, dist: DistInfo) -> RunFolder:
+def open_run_folder(cfg: Namespace, dist: DistInfo) -> tuple[RunFolder, bool]:
+    """The run folder, and whether the run resumes from its last.pt. A folder whose run stopped before
+    its first checkpoint (results lines, no last.pt) starts over from epoch 0, with or without
+    --resume_training; a folder with checkpoints needs --resume_training."""
     folder = RunFolder(cfg.snapshot_dir, dist.is_main)
-    if not cfg.resume_training and dist.is_main and folder.holds_run():
+    restart = folder.no_epoch_finished()  # every rank decides before rank 0 changes anything
+    if dist.is_main and restart:
+        print(f"note: no epoch of the run in {cfg.snapshot_dir} finished (no checkpoint)"
+              f"{'; nothing to resume' if cfg.resume_training else ''}: it starts over from epoch 0", flush=True)
+        folder.start_over()
+    elif not cfg.resume_training and dist.is_main and folder.holds_run():
         raise UserError(f"--snapshot_dir {cfg.snapshot_dir} already holds a run; pass --resume_training to continue "
                         "it or choose another folder")
     folder.remove_stale_temp()
     barrier()
-    return folder
+    return folder, cfg.resume_training and not restart
 
 
 def epoch_loader(dataset, sampler, cfg: Namespace, dist: DistInfo, epoch: int) -> DataLoader:
@@ -196,11 +204,11 @@ def final_report(parts: build.Parts, progress: Progress, folder: RunFolder, cfg:
 
 def fit(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     """Train as configured; returns the final metrics."""
-    folder = open_run_folder(cfg, dist)
+    folder, resuming = open_run_folder(cfg, dist)
     seed_everything(cfg.seed)
     parts = build.build_parts(cfg, dist, mask_fn)
-    progress = resume(parts, cfg, dist.world_size, dist.is_main) if cfg.resume_training else Progress()
-    if cfg.resume_training:
+    progress = resume(parts, cfg, dist.world_size, dist.is_main) if resuming else Progress()
+    if resuming:
         folder.prepare_resume(progress.epoch)
     folder.write_config(cfg)
     model = build.training_model(parts.model, cfg, dist)

@@ -23,6 +23,13 @@ from bgmask.io import atomic_path
 SAME_RUN_KEYS = ("strategy", "data_path", "train_split", "split_seed", "seed", "optimizer_type", "scheduler_type",
                  "epochs", "batch_size", "lr")
 WEIGHT_SOURCES = ("pretrained", "pretrained_file")  # overwritten by the checkpoint's weights anyway
+PATH_KEYS = ("data_path",)  # compared resolved: data/cub, data/cub/ and ./data/cub are one folder
+
+
+def same_value(key: str, saved, now) -> bool:
+    if key in PATH_KEYS and isinstance(saved, str) and isinstance(now, str):
+        return Path(saved).expanduser().resolve() == Path(now).expanduser().resolve()
+    return saved == now
 
 
 @dataclass
@@ -73,7 +80,8 @@ def check_same_run(state: dict, cfg: Namespace, kwargs: dict, path: Path) -> Non
     saved_cfg, saved_model = state["config"], saved_model_kwargs(state)
     diff = [(k, saved_model[k], kwargs[k]) for k in kwargs if k not in WEIGHT_SOURCES and k in saved_model
             and saved_model[k] != kwargs[k]]
-    diff += [(k, saved_cfg[k], getattr(cfg, k)) for k in SAME_RUN_KEYS if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
+    diff += [(k, saved_cfg[k], getattr(cfg, k)) for k in SAME_RUN_KEYS
+             if k in saved_cfg and not same_value(k, saved_cfg[k], getattr(cfg, k))]
     if diff:
         k, was, now = diff[0]
         raise UserError(f"--resume_training: {path} was made with {k}={was!r}, not {now!r} "
@@ -86,8 +94,8 @@ def resume(parts, cfg: Namespace, world_size: int, is_main: bool) -> Progress:
     folder = Path(cfg.snapshot_dir)
     path = folder / "last.pt"
     if not path.is_file():
-        raise UserError(f"--resume_training: no checkpoint at {path} (no epoch finished; start again "
-                        "without --resume_training in an empty --snapshot_dir)")
+        raise UserError(f"--resume_training: no checkpoint at {path} (nothing to resume; check --snapshot_dir, "
+                        "or start without --resume_training)")
     state = load_checkpoint(path, trust=cfg.trust_checkpoint)
     check_same_run(state, cfg, parts.model_kwargs, path)
     load_model_state(parts.model, state["model"], f"checkpoint {path} does not fit model {cfg.model_arch}")

@@ -60,6 +60,17 @@ class RunFolder:
     def holds_run(self) -> bool:
         return self.results.exists()
 
+    def no_epoch_finished(self) -> bool:
+        """A run started here (config.yaml or results.jsonl) but was stopped before its first checkpoint:
+        no `*.pt`, no `done`. Nothing can be resumed; the run starts over (`start_over`)."""
+        started = (self.path / "config.yaml").is_file() or self.results.is_file()
+        return started and not (self.path / "done").exists() and not any(self.path.glob("*.pt"))
+
+    def start_over(self) -> None:
+        """Empty results.jsonl (lines of epochs that no checkpoint holds: they run again)."""
+        if self.enabled and self.results.is_file():
+            atomic_write_text(self.results, "")
+
     def write_provenance(self, name: str = "") -> None:
         """command.txt (or NAME_command.txt) and git_revision.txt."""
         if self.enabled:

@@ -46,11 +46,24 @@ def script_strategies(feature_level: bool) -> list[str]:
     return features + pixel if feature_level else pixel
 
 
+def parse_noting_arch(parser, argv):
+    """parse_with_config, noting on the config whether --model_arch was given (on the command line or in
+    --config) rather than left at its default: `model_arch_given`, for the evaluation's check that it
+    names the checkpoint's architecture (`bgmask.checkpoint.saved_classifier`)."""
+    default = parser.get_default("model_arch")
+    parser.set_defaults(model_arch=None)
+    cfg = A.parse_with_config(parser, argv)
+    cfg.model_arch_given = cfg.model_arch is not None
+    cfg.model_arch = default if cfg.model_arch is None else cfg.model_arch
+    return cfg
+
+
 def train_main(argv, feature_level: bool, description: str) -> int:
     from bgmask.engine import run
 
-    parser = A.train_parser(description, script_strategies(feature_level))
-    cfg = A.parse_with_config(parser, argv)
+    cfg = parse_noting_arch(A.train_parser(description, script_strategies(feature_level)), argv)
+    if not cfg.eval_only:
+        del cfg.model_arch_given  # training builds its model from the flag: nothing to check (nor to save)
     try:
         record = run(cfg)
     except KeyboardInterrupt:
@@ -65,24 +78,32 @@ def train_main(argv, feature_level: bool, description: str) -> int:
     return 0
 
 
+def output_paths(out: str | None, checkpoint: str) -> tuple[Path, Path]:
+    """--out PREFIX: PREFIX.json and PREFIX.md exactly, whatever dots PREFIX holds (`run.eval_1` ->
+    `run.eval_1.json`); default: waterbirds_eval.json / .md beside the checkpoint."""
+    prefix = out if out else str(Path(checkpoint).parent / "waterbirds_eval")
+    return Path(prefix + ".json"), Path(prefix + ".md")
+
+
 def eval_main(argv, feature_level: bool, description: str) -> int:
     from bgmask.distributed import is_main_process
     from bgmask.engine import run
 
     parser = A.train_parser(description, script_strategies(feature_level))
-    A.add(parser, "--out", default=None, help="output prefix (default: beside the checkpoint, waterbirds_eval)")
-    cfg = A.parse_with_config(parser, argv)
+    A.add(parser, "--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md, PREFIX kept "
+                                              "whole (default: beside the checkpoint, waterbirds_eval)")
+    cfg = parse_noting_arch(parser, argv)
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a best.pt / last.pt written by train.py)")
     cfg.eval_only = True
     record = run(cfg)
     if is_main_process():
-        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / "waterbirds_eval"
+        json_path, md_path = output_paths(cfg.out, cfg.checkpoint)
         md = metrics_markdown(record, f"{cfg.model_arch} / {cfg.strategy} ({cfg.checkpoint})")
-        atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2, sort_keys=True))
-        atomic_write_text(out.with_suffix(".md"), md)
+        atomic_write_text(json_path, json.dumps(record, indent=2, sort_keys=True))
+        atomic_write_text(md_path, md)
         print(md)
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+        print(f"wrote {json_path} and {md_path}")
     return 0
 
 

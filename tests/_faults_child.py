@@ -5,7 +5,8 @@ of torch + timm + MMSeg that every fresh `python script.py` pays).
 
     python tests/_faults_child.py --zygote MODULE[:FUNC]...   # then JSON requests on stdin, one a line:
         {"target": "early_masking_and_baseline/train.py" | "bgmask", "argv": [...], "log": PATH,
-         "fault": null | {"at": "backward" | "eval_item" | "atomic_write", "n": N, "modules": [...]}}
+         "fault": null | {"at": "backward" | "eval_item" | "atomic_write" | "results_line", "n": N,
+                          "modules": [...]}}
       answers {"pid": PID} at once and {"rc": EXIT_STATUS} when the child ends (-9 = SIGKILL).
 
 Faults (the n-th event since the child started, counted from 1):
@@ -13,7 +14,9 @@ Faults (the n-th event since the child started, counted from 1):
     eval_item     SIGKILL while evaluation reads its n-th sample (`bgmask.engine.predict`);
     atomic_write  SIGKILL during the n-th atomic file write of the named modules' `atomic_path`
                   (bgmask.io: images and text; bgmask.checkpoint: checkpoints), after half of the
-                  temporary file is on disk and before the rename: a write cut in the middle.
+                  temporary file is on disk and before the rename: a write cut in the middle;
+    results_line  SIGKILL right after the n-th whole line appended to a results.jsonl (`RunFolder.log`):
+                  with n = 1, after epoch 1 is logged and before its last.pt is written.
 """
 
 from __future__ import annotations
@@ -89,6 +92,17 @@ def arm(fault: dict | None) -> None:
                         _die()
 
             module.atomic_path = cut
+    elif at == "results_line":
+        from bgmask.runfolder import RunFolder
+
+        original_log = RunFolder.log
+
+        def log(self, *a, **k):
+            original_log(self, *a, **k)
+            if tick():
+                _die()
+
+        RunFolder.log = log
     else:
         raise ValueError(f"unknown fault {at!r}")
 

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -206,8 +205,8 @@ def test_training_killed_ten_times_resumes_exactly(zygote, cub, tmp_path):
     rng = random.Random(20240607)
     plan = ["backward"] * 2 + ["eval_item"] + ["ckpt_write"] * 2 + ["delay"] * 2 + ["tmpfile"]
     rng.shuffle(plan)
-    plan = ["first_write", *plan, "final_eval"]  # epoch 1 logged but not saved (the user restarts); the end
-    kills, user_restarts = [], 0
+    plan = ["first_write", *plan, "final_eval"]  # epoch 1 logged but not saved (starts over); the end
+    kills, restarts = [], 0
     for kind in plan:
         done = last_epoch(run)
         left = EPOCHS - done
@@ -221,15 +220,10 @@ def test_training_killed_ten_times_resumes_exactly(zygote, cub, tmp_path):
                  "first_write": {"at": "atomic_write", "n": 1, "modules": ["bgmask.checkpoint"]},
                  }.get(kind)
         argv = train_argv(cub, run)
-        if (run / "last.pt").is_file():
+        if (run / "last.pt").is_file() or (run / "results.jsonl").is_file():
+            # results lines but no last.pt (killed while writing epoch 1's checkpoint): the run starts over
             argv.append("--resume_training")
-        elif (run / "results.jsonl").is_file():
-            # killed after logging epoch 1 but before its last.pt: the engine refuses the folder; a user
-            # reads the two messages and starts again in an empty folder
-            assert zygote.run(TRAIN, argv, log) == 2 and "already holds a run" in tail(log, 400)
-            assert zygote.run(TRAIN, argv + ["--resume_training"], log) == 2 and "no epoch finished" in tail(log, 400)
-            shutil.rmtree(run)
-            user_restarts += 1
+            restarts += not (run / "last.pt").is_file()
         pid = zygote.start(TRAIN, argv, log, fault)
         if kind == "delay":  # a random time, but before two more epochs end (at least 3 are left)
             deadline = time.monotonic() + rng.uniform(0.2, 2.5) * epoch_s
@@ -256,7 +250,7 @@ def test_training_killed_ten_times_resumes_exactly(zygote, cub, tmp_path):
     print("\n".join(f"kill {i + 1}: {k} at epoch {a} -> last.pt {b}, temp files {t}" for i, (k, a, b, t) in enumerate(kills)))
     assert len(kills) == 10
     assert {"backward", "eval_item", "ckpt_write", "first_write", "final_eval"} <= {k for k, *_ in kills}
-    assert user_restarts == 1
+    assert restarts == 1 and "nothing to resume: it starts over from epoch 0" in log.read_text()
     assert any(t for *_, t in kills), "no kill cut a checkpoint write"
     assert kills[-1][2] == EPOCHS  # the last kill hit the final evaluation
     # nothing half-written is left, and everything equals the uninterrupted run
@@ -267,6 +261,28 @@ def test_training_killed_ten_times_resumes_exactly(zygote, cub, tmp_path):
     assert [(r["epoch"], r["split"]) for r in records(run)] == [(e, "val") for e in range(1, EPOCHS + 1)] + [(EPOCHS, "final")]
     assert json.loads((run / "final_metrics.json").read_text()) == json.loads((ref / "final_metrics.json").read_text())
     assert (run / "done").is_file()
+
+
+@pytest.mark.slow
+def test_killed_between_the_first_results_line_and_the_first_checkpoint(zygote, cub, tmp_path):
+    """SIGKILL right after epoch 1's results.jsonl line, before its last.pt: the folder holds results but
+    no checkpoint. Rerun as it was, or with --resume_training, the run starts over from epoch 0 (the
+    stale line dropped) and ends equal to an uninterrupted run."""
+    log = tmp_path / "log"
+    ref = tmp_path / "ref"
+    assert zygote.run(TRAIN, train_argv(cub, ref, "--epochs", "2"), log) == 0, tail(log)
+    for flag in ([], ["--resume_training"]):
+        run = tmp_path / f"run{len(flag)}"
+        argv = train_argv(cub, run, "--epochs", "2")
+        rc = zygote.run(TRAIN, argv, log, {"at": "results_line", "n": 1})
+        assert rc == -signal.SIGKILL, tail(log)
+        assert [r["epoch"] for r in records(run)] == [1] and not list(run.glob("*.pt"))
+        assert zygote.run(TRAIN, argv + flag, log) == 0, tail(log)
+        assert "starts over from epoch 0" in tail(log, 2000)
+        assert records(run) == records(ref)
+        for name in ("last.pt", "best.pt", "epoch_1.pt", "epoch_2.pt"):
+            assert_same_state(load_checkpoint(run / name), load_checkpoint(ref / name), f"{flag}: {name}")
+        assert temp_files(run) == [] and (run / "done").is_file()
 
 
 def test_resume_drops_log_lines_of_epochs_that_run_again(tmp_path):
