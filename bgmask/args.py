@@ -8,33 +8,38 @@ from __future__ import annotations
 
 import argparse
 
-from bgmask.errors import ArgumentParser
+from bgmask.errors import ArgumentParser, Interval
 
 
-def add(group, flag: str, *more, **kwargs):
-    """add_argument with a dashed alias for an underscored flag."""
+def add(group, flag: str, *more, range: str | None = None, **kwargs):  # noqa: A002 (the flag's range)
+    """add_argument with a dashed alias for an underscored flag. A numeric flag declares its allowed
+    values here, `range="[0, 1]"` / `"(0, inf)"` (see bgmask.errors.Interval); ArgumentParser.parse_args
+    checks every one of them (command line and --config values) before a script does anything."""
     names = [flag, *more]
     if flag.startswith("--") and "_" in flag:
         names.append(flag.replace("_", "-"))
-    return group.add_argument(*names, **kwargs)
+    action = group.add_argument(*names, **kwargs)
+    if range is not None:
+        action.range = Interval(range)
+    return action
 
 
 def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add(parser, "--out", required=True, help="output folder (CUB_200_2011 layout)")
-    add(parser, "--num_classes", type=int, default=10)
-    add(parser, "--image_size", type=int, default=64)
-    add(parser, "--train_per_class", type=int, default=400)
-    add(parser, "--test_per_class", type=int, default=100)
-    add(parser, "--correlation", type=float, default=0.95,
+    add(parser, "--num_classes", type=int, default=10, range="[2, 999]")
+    add(parser, "--image_size", type=int, default=64, range="[32, 4096]")
+    add(parser, "--train_per_class", type=int, default=400, range="[1, 9999]")
+    add(parser, "--test_per_class", type=int, default=100, range="[1, 9999]")
+    add(parser, "--correlation", type=float, default=0.95, range="[0, 1]",
         help="fraction of train / in-distribution test images on their species' home habitat")
-    add(parser, "--seed", type=int, default=0)
+    add(parser, "--seed", type=int, default=0, range="[0, inf)")
     add(parser, "--overwrite", action="store_true", help="replace a non-empty output folder")
     g = parser.add_argument_group("real-data quirks (off by default)")
     add(g, "--varied_sizes", action="store_true",
         help="CUB-like non-square sizes: 4:3 or 3:4 with the long side 0.6-1.0 x --image_size")
-    add(g, "--grayscale_fraction", type=float, default=0.0,
+    add(g, "--grayscale_fraction", type=float, default=0.0, range="[0, 1]",
         help="fraction of images (and their Waterbirds copies) saved as grayscale (L) JPEGs")
-    add(g, "--cmyk_fraction", type=float, default=0.0,
+    add(g, "--cmyk_fraction", type=float, default=0.0, range="[0, 1]",
         help="fraction of images (and their Waterbirds copies) saved as CMYK JPEGs")
     return parser
 
@@ -42,9 +47,9 @@ def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def make_binary_seg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add(parser, "--cub_root", required=True, help="CUB_200_2011 root (real or synthetic)")
     add(parser, "--out", required=True, help="output folder (cub_binary_segmentation layout)")
-    add(parser, "--val_fraction", type=float, default=0.1,
+    add(parser, "--val_fraction", type=float, default=0.1, range="[0, 1)",
         help="fraction of CUB train images held out as the segmentation val split")
-    add(parser, "--seed", type=int, default=0)
+    add(parser, "--seed", type=int, default=0, range="[0, inf)")
     add(parser, "--overwrite", action="store_true")
     return parser
 
@@ -63,11 +68,11 @@ def data_args(add_help: bool = False) -> argparse.ArgumentParser:
         help="image folder for train/val and the in-distribution test (e.g. a masked copy)")
     add(g, "--image_sub_path_test", default="waterbird_complete95_forest2water2",
         help="image folder with the same test ids out of distribution (Waterbirds)")
-    add(g, "--train_split", type=float, default=1.0,
+    add(g, "--train_split", type=float, default=1.0, range="(0, 1]",
         help="fraction of CUB's train images used for training; the rest is the val split")
-    add(g, "--split_seed", type=int, default=0, help="seed of the train/val split")
-    add(g, "--image_size", type=int, default=224, help="train crop and evaluation crop size")
-    add(g, "--crop_pct", type=float, default=1.0,
+    add(g, "--split_seed", type=int, default=0, range="[0, inf)", help="seed of the train/val split")
+    add(g, "--image_size", type=int, default=224, range="[1, 4096]", help="train crop and evaluation crop size")
+    add(g, "--crop_pct", type=float, default=1.0, range="(0, 1]",
         help="evaluation: shorter side -> image_size / crop_pct, then the central image_size crop "
              "(1.0 = the paper's Resize + CenterCrop; 0.875 = timm's)")
     add(g, "--augmentations_to_use", default="timm", choices=["timm", "cub_original", "torchvision", "flip", "none"],
@@ -80,18 +85,18 @@ def data_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(t, "--train_interpolation", default="bicubic",
         choices=["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"],
         help="interpolation of the random resized crop and of RandAugment's geometric ops")
-    add(t, "--color_jitter", type=float, default=0.4,
+    add(t, "--color_jitter", type=float, default=0.4, range="[0, inf)",
         help="ColorJitter brightness/contrast/saturation; as in timm only without --aa (--aa none) or with a "
              "'3a' policy")
-    add(t, "--reprob", type=float, default=0.25, help="random-erasing probability")
+    add(t, "--reprob", type=float, default=0.25, range="[0, 1]", help="random-erasing probability")
     add(t, "--remode", default="pixel", choices=["pixel", "rand", "const"], help="random-erasing fill")
-    add(t, "--recount", type=int, default=1, help="random erasing: up to this many boxes per image")
+    add(t, "--recount", type=int, default=1, range="[1, inf)", help="random erasing: up to this many boxes per image")
     add(t, "--imagenet_default_mean_and_std", action="store_false",
         help="the paper's switch of the training transform alone to Inception mean/std; refused: bgmask "
              "normalises train and eval alike with the model's mean/std")
-    add(g, "--batch_size", type=int, default=32, help="per process")
-    add(g, "--eval_batch_size", type=int, default=None, help="default: 2 x batch_size")
-    add(g, "--num_workers", type=int, default=2)
+    add(g, "--batch_size", type=int, default=32, range="[1, inf)", help="per process")
+    add(g, "--eval_batch_size", type=int, default=None, range="[1, inf)", help="default: 2 x batch_size")
+    add(g, "--num_workers", type=int, default=2, range="[0, inf)")
     return p
 
 
@@ -112,7 +117,7 @@ def model_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--freeze_backbone", action="store_true",
         help="linear probe: only the head trains (with --late_mask_stage second_last also the last stage / block "
              "and the final norm, as the paper's frozen second-last variants)")
-    add(g, "--drop_path", type=float, default=0.0)
+    add(g, "--drop_path", type=float, default=0.0, range="[0, 1)")
     add(g, "--output_stride", type=int, default=32, choices=[8, 16, 32],
         help="CNNs: timm output_stride (dilated last stages below 32)")
     add(g, "--num_layers_linear_head", type=int, default=1, choices=[1, 4],
@@ -138,7 +143,7 @@ def masking_args(add_help: bool = False, strategies=None, default: str | None = 
     add(g, "--mask_source", default="gt",
         help="'gt' (ROOT/segmentations) or a predicted-mask folder laid out as DIR/<image folder>/<rel>.png")
     add(g, "--mask_dir", default=None, help="alias of --mask_source DIR (late-masking spelling)")
-    add(g, "--mask_threshold", type=int, default=0, help="mask pixel > threshold = bird")
+    add(g, "--mask_threshold", type=int, default=0, range="[0, 254]", help="mask pixel > threshold = bird")
     add(g, "--mask_fill", default="black", choices=["black", "mean", "blur"], help="early masking background fill")
     add(g, "--seg_model_config_path", default=None,
         help="online segmenter: MMSeg config; masks are predicted on each (augmented) batch")
@@ -160,28 +165,33 @@ def masking_args(add_help: bool = False, strategies=None, default: str | None = 
 def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("optimisation")
-    add(g, "--epochs", type=int, default=10)
+    add(g, "--epochs", type=int, default=10, range="[1, inf)")
     add(g, "--optimizer_type", default="adamw", choices=list(OPTIMIZERS))
-    add(g, "--lr", type=float, default=1e-3)
-    add(g, "--weight_decay", type=float, default=1e-2)
-    add(g, "--momentum", type=float, default=0.9)
-    add(g, "--betas1", type=float, default=0.9)
-    add(g, "--betas2", type=float, default=0.999)
-    add(g, "--scratch_lr_factor", type=float, default=1.0, help="head learning rate = lr x this")
+    add(g, "--lr", type=float, default=1e-3, range="(0, inf)")
+    add(g, "--weight_decay", type=float, default=1e-2, range="[0, inf)")
+    add(g, "--momentum", type=float, default=0.9, range="[0, 1]")
+    add(g, "--betas1", type=float, default=0.9, range="[0, 1)")
+    add(g, "--betas2", type=float, default=0.999, range="[0, 1)")
+    add(g, "--scratch_lr_factor", type=float, default=1.0, range="[0, inf)", help="head learning rate = lr x this")
     s = p.add_argument_group("learning-rate schedule (the paper's, per epoch; formulas in bgmask.optim.LRSchedule)")
     add(s, "--scheduler_type", default="cosine", choices=list(SCHEDULERS))
-    add(s, "--scheduler_warmup_epochs", type=int, default=10,
+    # Flags that only some --scheduler_type reads: their ranges refuse what no schedule takes (NaN, a negative
+    # count); LRSchedule checks the stricter rule of the schedule in use, as one line too.
+    add(s, "--scheduler_warmup_epochs", type=int, default=10, range="[0, inf)",
         help="cosine_with_warmup: linear warm-up epochs from lr 0 (may exceed --epochs); "
              "cosine_warmup_restart: length of the first cycle")
-    add(s, "--min_lr", type=float, default=1e-6, help="cosine schedules: lowest lr (absolute, every group)")
-    add(s, "--scheduler_restart_factor", type=int, default=2,
+    add(s, "--min_lr", type=float, default=1e-6, range="(-inf, inf)",
+        help="cosine schedules: lowest lr (absolute, every group)")
+    add(s, "--scheduler_restart_factor", type=int, default=2, range="[0, inf)",
         help="cosine_warmup_restart: cycle length multiplier after each restart")
-    add(s, "--scheduler_step_size", type=int, default=10, help="steplr: epochs between decays")
-    add(s, "--scheduler_gamma", type=float, default=0.1, help="steplr: decay factor")
-    add(s, "--scheduler_start_factor", type=float, default=0.333, help="linearlr: lr factor at epoch 0")
-    add(s, "--scheduler_end_factor", type=float, default=1.0, help="linearlr: factor reached after the last epoch")
-    add(g, "--smoothing", type=float, default=0.1, help="label smoothing (the paper: 0.1)")
-    add(g, "--grad_norm_clip", type=float, default=None)
+    add(s, "--scheduler_step_size", type=int, default=10, range="[0, inf)", help="steplr: epochs between decays")
+    add(s, "--scheduler_gamma", type=float, default=0.1, range="(0, 1]", help="steplr: decay factor")
+    add(s, "--scheduler_start_factor", type=float, default=0.333, range="[0, inf)",
+        help="linearlr: lr factor at epoch 0")
+    add(s, "--scheduler_end_factor", type=float, default=1.0, range="[0, inf)",
+        help="linearlr: factor reached after the last epoch")
+    add(g, "--smoothing", type=float, default=0.1, range="[0, 1)", help="label smoothing (the paper: 0.1)")
+    add(g, "--grad_norm_clip", type=float, default=None, range="(0, inf)")
     add(g, "--use_amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + grad scaler with --amp_dtype fp16 on CUDA)")
     add(g, "--amp_dtype", default="bf16", choices=["bf16", "fp16"])
     add(g, "--channels_last", action="store_true", help="channels_last memory format (faster CNNs)")
@@ -189,12 +199,12 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
         help="torch.compile the training model (default backend inductor; 'eager' checks the capture only)")
     m = p.add_argument_group("mixup / cutmix")
     add(m, "--turn_on_mixup_or_cutmix", action="store_true")
-    add(m, "--mixup", type=float, default=0.8, help="mixup alpha")
-    add(m, "--cutmix", type=float, default=1.0, help="cutmix alpha")
-    add(m, "--mixup_prob", type=float, default=1.0)
-    add(m, "--mixup_switch_prob", type=float, default=0.5)
+    add(m, "--mixup", type=float, default=0.8, range="[0, inf)", help="mixup alpha")
+    add(m, "--cutmix", type=float, default=1.0, range="[0, inf)", help="cutmix alpha")
+    add(m, "--mixup_prob", type=float, default=1.0, range="[0, 1]")
+    add(m, "--mixup_switch_prob", type=float, default=0.5, range="[0, 1]")
     add(m, "--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
-    add(m, "--cutmix_minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    add(m, "--cutmix_minmax", type=float, nargs=2, default=None, range="[0, 1]", metavar=("MIN", "MAX"),
         help="cutmix box area ratio bounds (timm; replaces the alpha-sampled box size)")
     return p
 
@@ -204,21 +214,23 @@ def run_args(add_help: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     add(g, "--config", default=None, help="YAML file of defaults; flags given on the command line win")
     add(g, "--snapshot_dir", default="runs/run", help="run folder: config, checkpoints, results.jsonl")
-    add(g, "--save_every_n_epochs", type=int, default=0, help="also keep epoch_<k>.pt every n epochs")
+    add(g, "--save_every_n_epochs", type=int, default=0, range="[0, inf)", help="also keep epoch_<k>.pt every n epochs")
     add(g, "--eval_mode", default="val", choices=["val", "test", "train"],
         help="split evaluated after each epoch; best.pt is picked on val only (never on test, unlike the paper)")
     add(g, "--dataset", default="cub", help="the paper's flag: CUB-200-2011 (and Waterbirds) is the only dataset")
     add(g, "--resplit", action="store_true", help="the paper's flag, unused there too: accepted, no effect")
-    add(g, "--log_interval", type=int, default=10, help="steps between updates of the progress bar's loss")
+    add(g, "--log_interval", type=int, default=10, range="[1, inf)",
+        help="steps between updates of the progress bar's loss")
     add(g, "--eval_only", action="store_true", help="evaluate the checkpoint in --snapshot_dir (or --checkpoint)")
     add(g, "--checkpoint", default=None, help="checkpoint for --eval_only (default SNAPSHOT_DIR/best.pt or last.pt)")
     add(g, "--resume_training", action="store_true", help="continue from SNAPSHOT_DIR/last.pt")
     add(g, "--trust_checkpoint", action="store_true",
         help="allow loading a checkpoint that needs arbitrary unpickling (only for files you trust)")
-    add(g, "--seed", type=int, default=0)
+    add(g, "--seed", type=int, default=0, range="[0, inf)")
     add(g, "--device", default="auto", choices=["auto", "cpu", "cuda"])
-    add(g, "--threads", type=int, default=None, help="torch CPU threads per process")
-    add(g, "--max_steps_per_epoch", type=int, default=None, help="cap on training steps per epoch (smoke tests)")
+    add(g, "--threads", type=int, default=None, range="[1, inf)", help="torch CPU threads per process")
+    add(g, "--max_steps_per_epoch", type=int, default=None, range="[1, inf)",
+        help="cap on training steps per epoch (smoke tests)")
     add(g, "--no_progress", action="store_true", help="no tqdm bars")
     w = p.add_argument_group("wandb (optional; WANDB_MODE=offline works without network)")
     add(w, "--wandb", action="store_true")
@@ -272,7 +284,7 @@ def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add(parser, "--masks", default="gt", help="'gt' or a predicted-mask folder (DIR/<image folder>/<rel>.png)")
     add(parser, "--out_subdir", required=True, help="NAME: writes ROOT/NAME and ROOT/NAME_waterbirds")
     add(parser, "--mask_fill", default="black", choices=["black", "mean", "blur"])
-    add(parser, "--mask_threshold", type=int, default=0)
+    add(parser, "--mask_threshold", type=int, default=0, range="[0, 254]")
     return parser
 
 
@@ -306,7 +318,8 @@ def resolve_paper_flags(cfg: argparse.Namespace) -> None:
 
 
 def validate_config(cfg: argparse.Namespace) -> None:
-    """Flag combinations that cannot work, caught before anything is built or written."""
+    """Flag combinations that cannot work, caught before anything is built or written (each numeric
+    flag's own range is checked earlier, by the parser: see `add`)."""
     from bgmask.distributed import resolve_device
     from bgmask.errors import UserError, require_dir
     from bgmask.masking.strategies import create_strategy
@@ -333,14 +346,8 @@ def validate_config(cfg: argparse.Namespace) -> None:
     if late_set and not strategy.masks_features:
         raise UserError(f"{late_set[0]} applies to feature-level masking (--strategy late), not --strategy "
                         f"{cfg.strategy}")
-    if cfg.epochs < 1 and not cfg.eval_only:
-        raise UserError(f"--epochs must be >= 1, got {cfg.epochs}")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.wandb_resume_id and not (cfg.wandb and cfg.resume_training):
         raise UserError("--wandb_resume_id continues a wandb run: it needs --wandb and --resume_training")
-    if cfg.log_interval < 1:
-        raise UserError(f"--log_interval must be >= 1, got {cfg.log_interval}")
     if cfg.resume_training and cfg.eval_only:
         raise UserError("--resume_training and --eval_only exclude each other")
     if cfg.use_amp and cfg.amp_dtype == "fp16" and resolve_device(cfg.device).type == "cpu":

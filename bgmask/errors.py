@@ -6,6 +6,7 @@ import argparse
 import difflib
 import errno
 import functools
+import math
 import re
 import sys
 from pathlib import Path
@@ -32,7 +33,19 @@ class ArgumentParser(argparse.ArgumentParser):
         ns, extra = self.parse_known_args(args, namespace)
         if extra:
             self._chosen(ns).error(f"unrecognized arguments: {' '.join(extra)}")
+        self._chosen(ns).check_ranges(ns)
         return ns
+
+    def check_ranges(self, ns) -> None:
+        """The one range check: every numeric flag's value (command line or --config) against the
+        Interval its definition declared (`bgmask.args.add(..., range=...)`); NaN and inf never pass.
+        None (an optional flag left unset) is allowed."""
+        for action in self._actions:
+            if action.type not in (int, float) or action.option_strings == []:
+                continue
+            value = getattr(ns, action.dest, None)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                _check_number(action.option_strings[0], v, getattr(action, "range", None), action.type)
 
     def _chosen(self, ns) -> ArgumentParser:
         """The parser of the subcommand given on the command line (self without subcommands)."""
@@ -55,6 +68,44 @@ class ArgumentParser(argparse.ArgumentParser):
             if close:
                 hint = f"did you mean {close[0]}? "
         raise UserError(f"{message} ({hint}see {self.prog} --help)")
+
+
+_INTERVAL = re.compile(r"^([\[(])\s*([-+.\w]+)\s*,\s*([-+.\w]+)\s*([\])])$")
+
+
+class Interval:
+    """The values a numeric flag accepts, written as in maths: "[0, 1]", "(0, inf)", "[1, 4096]";
+    a bound of inf means unbounded on that side. NaN and +-inf are never inside."""
+
+    def __init__(self, text: str):
+        m = _INTERVAL.match(text)
+        if not m:
+            raise ValueError(f"not an interval: {text!r} (expected e.g. '[0, 1]' or '(0, inf)')")
+        self.text, self.lo, self.hi = text, float(m[2]), float(m[3])
+        self.lo_open, self.hi_open = m[1] == "(", m[4] == ")"
+
+    def __contains__(self, v) -> bool:
+        above = self.lo < v if self.lo_open else self.lo <= v
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return math.isfinite(v) and above and below
+
+    def __str__(self) -> str:
+        if math.isinf(self.hi) and math.isinf(self.lo):
+            return "finite"
+        if math.isinf(self.hi):
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {self.text}"
+
+
+def _check_number(flag: str, v, interval: Interval | None, kind) -> None:
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if interval is not None and v not in interval:
+        raise UserError(f"{flag} must be {interval}, got {v}")
+    if interval is None and not math.isfinite(v):
+        raise UserError(f"{flag} must be a finite number, got {v}")
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -56,8 +56,8 @@ def config_args(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--launcher", choices=list(LAUNCHER_ENV), default="none",
                    help="job launcher: pytorch under torchrun or `python -m torch.distributed.launch "
                         "--use_env` (without their environment: one process); none = one process")
-    g.add_argument("--local_rank", "--local-rank", type=int, default=0,
-                   help="set by torch.distributed.launch without --use_env; becomes LOCAL_RANK")
+    A.add(g, "--local_rank", type=int, default=0, range="[0, inf)",
+          help="set by torch.distributed.launch without --use_env; becomes LOCAL_RANK")
     return p
 
 
@@ -98,9 +98,9 @@ def segmenter_args(add_help: bool = False) -> argparse.ArgumentParser:
           help=f"slim checkpoint ({SLIM_NAME} written by train.py) or, with --trust_full_checkpoint, "
                "a full mmengine one (iter_N.pth)")
     A.add(g, "--out_dir", default=None, help="mask folder: DIR/<image folder>/<relpath>.png (0/255)")
-    A.add(g, "--batch_size", type=int, default=16)
+    A.add(g, "--batch_size", type=int, default=16, range="[1, inf)")
     A.add(g, "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    A.add(g, "--empty_warn_fraction", type=float, default=0.05,
+    A.add(g, "--empty_warn_fraction", type=float, default=0.05, range="[0, 1]",
           help="warn when more than this fraction of the predicted masks has no bird pixel")
     A.add(g, "--overwrite", action="store_true", help="replace the outputs of another segmenter")
     A.add(g, "--no_progress", action="store_true")
