@@ -19,6 +19,7 @@ are asked for, mask (1, H, W) float in {0, 1} with 1 = bird.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,22 +35,47 @@ METADATA_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_
 SPLITS = ("train", "val", "test")
 
 
-def _read_pairs(path: Path) -> list[tuple[int, str]]:
+def read_text(path: Path, what: str = "CUB metadata file") -> str:
+    """The file as UTF-8 text; a byte that is not UTF-8 is one line naming file:line."""
     if not path.is_file():
-        raise UserError(f"CUB metadata file not found: {path} (expected the CUB_200_2011 layout)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(" ", 1)
-            if len(parts) != 2 or not parts[0].isdigit():
-                raise UserError(f"{path}:{lineno}: expected '<integer id> <value>', got {line!r}")
-            rows.append((int(parts[0]), parts[1].strip()))
+        raise UserError(f"{what} not found: {path} (expected the CUB_200_2011 layout)")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{lineno}: byte 0x{data[e.start]:02x} is not UTF-8 (expected UTF-8 text)") from None
+
+
+def _read_pairs(path: Path) -> list[tuple[int, int, str]]:
+    """(line number, id, value) of each `<id> <value>` line; an id given twice is an error."""
+    rows, first_line = [], {}
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(" ", 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise UserError(f"{path}:{lineno}: expected '<integer id> <value>', got {line!r}")
+        key = int(parts[0])
+        if key in first_line:
+            raise UserError(f"{path}:{lineno}: id {key} is already on line {first_line[key]} "
+                            "(expected each id once)")
+        first_line[key] = lineno
+        rows.append((lineno, key, parts[1].strip()))
     if not rows:
         raise UserError(f"CUB metadata file is empty: {path}")
     return rows
+
+
+def _read_int_column(path: Path, what: str, allowed: range, expected: str) -> dict[int, int]:
+    """id -> value of a `<image id> <integer>` file whose values all lie in `allowed`."""
+    out = {}
+    for lineno, img_id, value in _read_pairs(path):
+        if not value.isdigit() or int(value) not in allowed:
+            raise UserError(f"{path}:{lineno}: {what} {value!r} of image {img_id} out of range (expected {expected})")
+        out[img_id] = int(value)
+    return out
 
 
 @dataclass
@@ -70,26 +96,16 @@ class CUBMetadata:
 
 def read_cub_metadata(root: str | Path) -> CUBMetadata:
     root = require_dir(root, "CUB root folder")
-    images = _read_pairs(root / "images.txt")
-    classes = _read_pairs(root / "classes.txt")
-    class_ids = [cid for cid, _ in classes]
-    if sorted(class_ids) != list(range(1, len(classes) + 1)):
+    relpaths = {img_id: rel for _, img_id, rel in _read_pairs(root / "images.txt")}
+    classes = {cid: name for _, cid, name in _read_pairs(root / "classes.txt")}
+    if sorted(classes) != list(range(1, len(classes) + 1)):
         raise UserError(f"{root / 'classes.txt'}: class ids must be 1..{len(classes)}")
-    class_names = [name for _, name in sorted(classes)]
-    relpaths = dict(images)
-    labels: dict[int, int] = {}
-    for img_id, value in _read_pairs(root / "image_class_labels.txt"):
-        if not value.isdigit() or not 1 <= int(value) <= len(classes):
-            raise UserError(
-                f"{root / 'image_class_labels.txt'}: class id {value!r} of image {img_id} out of range "
-                f"(expected 1..{len(classes)})"
-            )
-        labels[img_id] = int(value) - 1
-    is_train: dict[int, bool] = {}
-    for img_id, value in _read_pairs(root / "train_test_split.txt"):
-        if value not in ("0", "1"):
-            raise UserError(f"{root / 'train_test_split.txt'}: expected 0 or 1 for image {img_id}, got {value!r}")
-        is_train[img_id] = value == "1"
+    class_names = [classes[c] for c in sorted(classes)]
+    n = len(classes)
+    labels = {i: c - 1 for i, c in _read_int_column(root / "image_class_labels.txt", "class id", range(1, n + 1),
+                                                     f"an integer in 1..{n}").items()}
+    is_train = {i: v == 1 for i, v in _read_int_column(root / "train_test_split.txt", "split value", range(2),
+                                                        "0 or 1: 1 = train, 0 = test").items()}
     ids = sorted(relpaths)
     for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)):
         missing = [i for i in ids if i not in table]
@@ -127,17 +143,51 @@ def split_ids(meta: CUBMetadata, split: str, train_split: float = 1.0, split_see
     return ids
 
 
-def read_waterbirds_metadata(path: Path) -> dict[str, tuple[int, int]]:
-    """Map img_filename -> (y, place) from a Waterbirds metadata.csv."""
-    out = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        need = {"img_filename", "y", "place"}
-        if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise UserError(f"{path}: expected columns img_id,img_filename,y,split,place,place_filename")
-        for row in reader:
-            out[row["img_filename"]] = (int(row["y"]), int(row["place"]))
+WATERBIRDS_COLUMNS = {"img_id": None, "y": range(2), "split": range(3), "place": range(2)}  # None: any integer
+WATERBIRDS_TEST_SPLIT = 2  # metadata.csv's split column: 0 = train, 1 = val, 2 = test
+
+
+def read_waterbirds_metadata(path: Path) -> dict[str, tuple[int, int, int]]:
+    """Map img_filename -> (y, place, split) from a Waterbirds metadata.csv; a repeated file or id, or
+    a value that is not an integer of its column's range, is one line naming file:line."""
+    reader = csv.DictReader(io.StringIO(read_text(path, "Waterbirds metadata.csv"), newline=""))
+    if reader.fieldnames is None or not {"img_filename", *WATERBIRDS_COLUMNS} <= set(reader.fieldnames):
+        raise UserError(f"{path}: expected columns img_id,img_filename,y,split,place,place_filename")
+    out, first_line = {}, {}
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        values = {col: _csv_int(row[col], allowed, f"{where}: {col}") for col, allowed in WATERBIRDS_COLUMNS.items()}
+        for key in (row["img_filename"], values["img_id"]):
+            if key in first_line:
+                raise UserError(f"{where}: {key!r} is already on line {first_line[key]} (expected each image once)")
+            first_line[key] = reader.line_num
+        out[row["img_filename"]] = (values["y"], values["place"], values["split"])
     return out
+
+
+def _csv_int(value: str | None, allowed: range | None, what: str) -> int:
+    text = (value or "").strip()
+    if not text.lstrip("-").isdigit() or (allowed is not None and int(text) not in allowed):
+        want = f"one of {', '.join(map(str, allowed))}" if allowed is not None else "an integer"
+        raise UserError(f"{what} is {value!r} (expected {want})")
+    return int(text)
+
+
+def check_waterbirds_split(meta_csv: Path, groups: dict, test_relpaths: list[str]) -> None:
+    """The CUB test images evaluated on the Waterbirds folder must be exactly its own test split
+    (split == 2), else evaluation would silently score Waterbirds' training birds."""
+    ours = set(test_relpaths)
+    theirs = {rel for rel, (_, _, split) in groups.items() if split == WATERBIRDS_TEST_SPLIT}
+    disagree = sorted(ours ^ theirs)
+    if disagree:
+        rel = disagree[0]
+        if rel in ours:
+            why = f"a CUB test image, split {groups[rel][2]} there" if rel in groups else "a CUB test image, not there"
+        else:
+            why = "split 2 there, not a CUB test image (train_test_split.txt)"
+        raise UserError(f"{meta_csv}: {len(disagree)} images disagree between CUB's test split and this file's "
+                        f"split column (2 = test), e.g. {rel} ({why}); Waterbirds evaluation needs exactly its "
+                        "test images")
 
 
 def mask_relpath(relpath: str) -> str:
@@ -220,10 +270,12 @@ class CUBDataset(Dataset):
         self.image_dir = require_dir(self.root / self.image_subdir, f"image folder '{self.image_subdir}'")
         if self.masks is not None:
             self.masks.check(self.root, self.image_subdir)
-        self.groups: dict[str, tuple[int, int]] = {}
+        self.groups: dict[str, tuple[int, int, int]] = {}
         meta_csv = self.image_dir / "metadata.csv"
         if meta_csv.is_file():
             self.groups = read_waterbirds_metadata(meta_csv)
+            if self.split == "test":
+                check_waterbirds_split(meta_csv, self.groups, [self.meta.relpaths[i] for i in self.ids])
         if self.check_files:
             self._check_files()
 
@@ -266,7 +318,7 @@ class CUBDataset(Dataset):
             mask = load_mask(self.mask_path(img_id), image.size, self.masks.threshold)
         if self.transform is not None:
             image, mask = self.transform(image, mask)
-        y, place = self.groups.get(self.meta.relpaths[img_id], (-1, -1))
+        y, place, _ = self.groups.get(self.meta.relpaths[img_id], (-1, -1, -1))
         record = {
             "image": image,
             "label": self.meta.labels[img_id],
