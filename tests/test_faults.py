@@ -513,8 +513,8 @@ def test_make_binary_seg_killed_midway(zygote, synth, tmp_path):
     n = count_files(ref / "images", ".jpg")
     argv = ["make-binary-seg", "--cub_root", synth, "--out", out, "--val_fraction", "0.1", "--seed", "0"]
     log = tmp_path / "log"
-    # binary_seg copies images through its own `atomic_path` import, annotations go through bgmask.io's
-    fault = {"at": "atomic_write", "n": 1, "modules": ["bgmask.io", "bgmask.data.binary_seg"]}
+    # images (bgmask.data.images.write_upright) and annotations both go through bgmask.io's atomic_path
+    fault = {"at": "atomic_write", "n": 1, "modules": ["bgmask.io"]}
     assert zygote.run("bgmask", argv, log, fault) == -signal.SIGKILL, tail(log)
     assert [p.name.endswith(".tmp") for p in out.iterdir()] == [True], list(out.iterdir())
 
@@ -526,7 +526,7 @@ def test_make_binary_seg_killed_midway(zygote, synth, tmp_path):
     assert 0 < count_files(out / "images", ".jpg") < n
     assert_whole_images(out)
 
-    fault = {"at": "atomic_write", "n": n // 3, "modules": ["bgmask.io", "bgmask.data.binary_seg"]}
+    fault = {"at": "atomic_write", "n": n // 3, "modules": ["bgmask.io"]}
     assert zygote.run("bgmask", argv, log, fault) == -signal.SIGKILL, tail(log)
     assert len(temp_files(out)) == 1  # the half-written file, never under its real name
     assert_whole_images(out)
