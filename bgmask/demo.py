@@ -77,12 +77,13 @@ def demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
           help="default fits ~10 CPU minutes; full = every row x 3 seeds; paper = print the real-data commands")
     A.add(parser, "--rows", nargs="+", default=None,
           help="rows as model:strategy:masks:init, e.g. cnn:late:GT:scratch vit:early:predicted:frozen")
-    A.add(parser, "--seeds", nargs="+", type=int, default=None)
-    A.add(parser, "--epochs", type=int, default=None, help="override the preset's epochs for every model")
-    A.add(parser, "--correlation_sweep", nargs="+", type=float, default=None,
+    A.add(parser, "--seeds", nargs="+", type=int, default=None, range="[0, 2147483647]")
+    A.add(parser, "--epochs", type=int, default=None, range="[1, 100000]",
+          help="override the preset's epochs for every model")
+    A.add(parser, "--correlation_sweep", nargs="+", type=float, default=None, range="[0, 1]",
           help="also train the CNN baseline at these training correlations and plot accuracy against them")
     A.add(parser, "--fresh", action="store_true", help="redo every stage")
-    A.add(parser, "--threads", type=int, default=None)
+    A.add(parser, "--threads", type=int, default=None, range="[1, 1024]")
     A.add(parser, "--data_path", default=None, help="--preset paper: the real CUB_200_2011 root")
     return parser
 

@@ -39,10 +39,8 @@ PARSERS = {
     "predict_masks.py": lambda: _runner("predict_parser"),
     "gen_masked_image_dataset.py": lambda: _runner("gen_masked_parser"),
     "convert_checkpoint.py": lambda: _runner("convert_parser"),
+    "bgmask demo": lambda: _cli_sub("demo"),
 }
-# bgmask/demo.py's demo_args (--seeds, --epochs, --correlation_sweep, --threads) declares no ranges yet:
-# strict xfail, so the day it does this test says to drop the mark.
-UNRANGED_ELSEWHERE = {"bgmask demo": lambda: _cli_sub("demo")}
 
 
 def numeric_actions(parser):
@@ -93,10 +91,8 @@ def _flag_action(parser, flag):
     return next(a for a in numeric_actions(parser) if a.option_strings[0] == flag)
 
 
-@pytest.mark.parametrize("name", [*PARSERS, *UNRANGED_ELSEWHERE])
+@pytest.mark.parametrize("name", sorted(PARSERS))
 def test_every_numeric_flag_declares_a_range(name):
-    if name in UNRANGED_ELSEWHERE:
-        pytest.xfail("bgmask/demo.py's flags have no ranges yet")
     parser = PARSERS[name]()
     missing = [a.option_strings[0] for a in numeric_actions(parser) if a.choices is None and not hasattr(a, "range")]
     assert not missing, f"{name}: numeric flags without range=...: {missing}"
