@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from bgmask.cli import main as cli_main
 from bgmask.data import CUBDataset, MaskSource, build_transform, read_cub_metadata, split_ids
 from bgmask.data.binary_seg import make_binary_seg
 from bgmask.errors import UserError, one_line
+
+from conftest import write_tiny_cub
 
 
 def test_metadata_and_splits(tiny_cub):
@@ -163,3 +167,26 @@ def test_one_line_unwraps_worker_traceback():
     wrapped = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1\nbgmask.errors.UserError: image not found: /a/b.jpg\n')
     assert one_line(wrapped) == "image not found: /a/b.jpg"
+
+
+def test_mask_of_another_size_is_found_before_training(tmp_path, capsys):
+    """Every mask's size is checked against its (upright) image's from the headers when a dataset is built,
+    for every split: a mask one pixel wider stops train.py at once, naming it and the count."""
+    from bgmask.data import CUBDataset, MaskSource
+    from bgmask.scripts import train_early
+
+    root = write_tiny_cub(tmp_path / "CUB")
+    rel = (root / "images.txt").read_text().split()[1]  # the first image (a training one)
+    mask = root / "segmentations" / rel.replace(".jpg", ".png")
+    arr = np.asarray(Image.open(mask))
+    Image.fromarray(np.pad(arr, ((0, 0), (0, 1)))).save(mask)
+    with pytest.raises(UserError, match=rf"1 of 12 train masks do not have their image's size: {re.escape(str(mask))} "
+                                        r"is 41x32, its image 40x32$"):
+        CUBDataset(root, "train", masks=MaskSource("gt"))
+    CUBDataset(root, "test", masks=MaskSource("gt"))  # the other splits are fine
+    CUBDataset(root, "train")  # no masks asked for: nothing to compare
+    assert train_early(["--data_path", str(root), "--strategy", "early", "--snapshot_dir", str(tmp_path / "r"),
+                        "--image_size", "32", "--epochs", "1", "--num_workers", "0", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1 of 12 train masks do not have their image's size" in err
+    assert not (tmp_path / "r" / "config.yaml").exists()

@@ -289,6 +289,27 @@ class CUBDataset(Dataset):
                     f"{what} listed in {self.root / 'images.txt'} not found: {missing[0]} "
                     f"({len(missing)} of {len(self.ids)} {self.split} {what}s missing)"
                 )
+        if self.masks is not None:
+            self._check_mask_sizes()
+
+    def _check_mask_sizes(self, shown: int = 3) -> None:
+        """Every mask has its (upright) image's size, read from the file headers only: a mismatch is found
+        before training starts, not when the first epoch reaches it."""
+        from bgmask.data.images import upright_size
+
+        bad = []
+        for i in self.ids:
+            image, mask = self.image_path(i), self.mask_path(i)
+            try:
+                sizes = upright_size(image), upright_size(mask)
+            except (UnidentifiedImageError, OSError, SyntaxError) as e:
+                raise UserError(f"cannot read the header of {image} or {mask}: corrupt or not an image "
+                                f"({e.__class__.__name__})") from None
+            if sizes[0] != sizes[1]:
+                bad.append(f"{mask} is {sizes[1][0]}x{sizes[1][1]}, its image {sizes[0][0]}x{sizes[0][1]}")
+        if bad:
+            raise UserError(f"{len(bad)} of {len(self.ids)} {self.split} masks do not have their image's size: "
+                            + "; ".join(bad[:shown]) + ("; ..." if len(bad) > shown else ""))
 
     @property
     def num_classes(self) -> int:
