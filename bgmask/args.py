@@ -51,7 +51,15 @@ def make_binary_seg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="fraction of CUB train images held out as the segmentation val split")
     add(parser, "--seed", type=int, default=0, range="[0, inf)")
     add(parser, "--overwrite", action="store_true")
+    workers_arg(parser)
     return parser
+
+
+def workers_arg(parser) -> None:
+    from bgmask.pool import default_workers
+
+    add(parser, "--workers", type=int, default=default_workers(), range="[0, 256]",
+        help="worker processes for the per-image loop (0 or 1: none); default min(CPU cores, 8)")
 
 
 # ---------------------------------------------------------------- training / evaluation flag groups
@@ -285,6 +293,7 @@ def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add(parser, "--out_subdir", required=True, help="NAME: writes ROOT/NAME and ROOT/NAME_waterbirds")
     add(parser, "--mask_fill", default="black", choices=["black", "mean", "blur"])
     add(parser, "--mask_threshold", type=int, default=0, range="[0, 254]")
+    workers_arg(parser)
     return parser
 
 

@@ -23,14 +23,16 @@ def cmd_make_synthetic(ns: argparse.Namespace) -> int:
 def cmd_make_binary_seg(ns: argparse.Namespace) -> int:
     from bgmask.data.binary_seg import make_binary_seg
 
-    print(make_binary_seg(ns.cub_root, ns.out, ns.val_fraction, ns.seed, ns.overwrite).to_text())
+    print(make_binary_seg(ns.cub_root, ns.out, ns.val_fraction, ns.seed, ns.overwrite,
+                          workers=ns.workers).to_text())
     return 0
 
 
 def cmd_make_masked(ns: argparse.Namespace) -> int:
     from bgmask.masking.make_masked import make_masked
 
-    counts = make_masked(ns.cub_root, ns.masks, ns.out_subdir, ns.mask_fill, ns.mask_threshold)
+    counts = make_masked(ns.cub_root, ns.masks, ns.out_subdir, ns.mask_fill, ns.mask_threshold,
+                         workers=ns.workers)
     for sub, n in counts.items():
         print(f"{n} masked images in {ns.cub_root}/{sub}")
     return 0

@@ -491,8 +491,8 @@ def test_make_masked_killed_midway(zygote, synth, tmp_path):
     assert 0 < assert_whole_images(synth / "images_masked")
 
     log = tmp_path / "log"
-    fault = {"at": "atomic_write", "n": n // 3, "modules": ["bgmask.io"]}
-    assert zygote.run("bgmask", argv, log, fault) == -signal.SIGKILL, tail(log)
+    fault = {"at": "atomic_write", "n": n // 3, "modules": ["bgmask.io"]}  # one process: the fault kills it
+    assert zygote.run("bgmask", [*argv, "--workers", "1"], log, fault) == -signal.SIGKILL, tail(log)
     assert len(temp_files(synth / "images_masked")) == 1
     assert_whole_images(synth / "images_masked")
 
@@ -514,8 +514,8 @@ def test_make_binary_seg_killed_midway(zygote, synth, tmp_path):
     argv = ["make-binary-seg", "--cub_root", synth, "--out", out, "--val_fraction", "0.1", "--seed", "0"]
     log = tmp_path / "log"
     # images (bgmask.data.images.write_upright) and annotations both go through bgmask.io's atomic_path
-    fault = {"at": "atomic_write", "n": 1, "modules": ["bgmask.io"]}
-    assert zygote.run("bgmask", argv, log, fault) == -signal.SIGKILL, tail(log)
+    fault = {"at": "atomic_write", "n": 1, "modules": ["bgmask.io"]}  # one process (--workers 1): the fault kills it
+    assert zygote.run("bgmask", [*argv, "--workers", "1"], log, fault) == -signal.SIGKILL, tail(log)
     assert [p.name.endswith(".tmp") for p in out.iterdir()] == [True], list(out.iterdir())
 
     with open(log, "ab") as log_file:
@@ -527,7 +527,7 @@ def test_make_binary_seg_killed_midway(zygote, synth, tmp_path):
     assert_whole_images(out)
 
     fault = {"at": "atomic_write", "n": n // 3, "modules": ["bgmask.io"]}
-    assert zygote.run("bgmask", argv, log, fault) == -signal.SIGKILL, tail(log)
+    assert zygote.run("bgmask", [*argv, "--workers", "1"], log, fault) == -signal.SIGKILL, tail(log)
     assert len(temp_files(out)) == 1  # the half-written file, never under its real name
     assert_whole_images(out)
 

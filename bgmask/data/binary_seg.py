@@ -15,6 +15,7 @@ not) and the annotation, drawn on the upright image, lines up with it.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -22,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath, read_cub_metadata, split_ids
 from bgmask.data.images import write_upright
 from bgmask.errors import UserError
 from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, remove_stale_temp
+from bgmask.pool import run_each
 
 
 @dataclass
@@ -53,7 +54,7 @@ def prepare_output_dir(out_dir: Path, overwrite: bool, marker: str | None = None
 
 
 def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: float = 0.1, seed: int = 0,
-                    overwrite: bool = False, progress: bool = True) -> BinarySegSummary:
+                    overwrite: bool = False, progress: bool = True, workers: int = 1) -> BinarySegSummary:
     cub_root, out_dir = Path(cub_root), Path(out_dir)
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
@@ -88,15 +89,20 @@ def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: flo
         "config": config, "counts": {k: len(v) for k, v in splits.items()}
         | ({"waterbird_test": len(splits["test"])} if wb_dir.is_dir() else {}),
     }, indent=2))
-    for src, src_mask, dst, dst_ann in tqdm(jobs, desc="make-binary-seg", disable=not progress):
-        if dst.is_file() and (dst_ann is None or dst_ann.is_file()):
-            continue  # finished by an earlier, interrupted run (writes are atomic)
-        if not src.is_file():
-            raise UserError(f"image listed in {cub_root / 'images.txt'} not found: {src}")
-        image = load_rgb(src)  # upright RGB; also validates the image
-        if dst_ann is not None:
-            mask = load_mask(src_mask, image.size, threshold=0)
-            atomic_save_image(dst_ann, Image.fromarray(mask.astype(np.uint8)))
-        write_upright(src, image, dst)  # every decoder (OpenCV in MMSeg too) reads `image`
+    todo = [job for job in jobs if not (job[2].is_file() and (job[3] is None or job[3].is_file()))]
+    run_each(functools.partial(_export_one, images_txt=cub_root / "images.txt"), todo, workers,
+             "make-binary-seg", progress)  # finished files of an earlier, interrupted run skipped
     counts = json.loads((out_dir / "split_info.json").read_text())["counts"]
     return BinarySegSummary(out_dir, counts)
+
+
+def _export_one(job: tuple[Path, Path, Path, Path | None], images_txt: Path) -> None:
+    """One (source image, source mask, out image, out annotation or None) job, each file atomic."""
+    src, src_mask, dst, dst_ann = job
+    if not src.is_file():
+        raise UserError(f"image listed in {images_txt} not found: {src}")
+    image = load_rgb(src)  # upright RGB; also validates the image
+    if dst_ann is not None:
+        mask = load_mask(src_mask, image.size, threshold=0)
+        atomic_save_image(dst_ann, Image.fromarray(mask.astype(np.uint8)))
+    write_upright(src, image, dst)  # every decoder (OpenCV in MMSeg too) reads `image`

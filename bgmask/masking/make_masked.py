@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, load_mask, load_rgb, read_cub_metadata
 from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgmask.errors import UserError, require_dir
 from bgmask.masking.strategies import apply_early_mask
 from bgmask.io import atomic_path, atomic_save_image, atomic_write_text, remove_stale_temp
+from bgmask.pool import run_each
 
 
 def masked_pixels(image: Image.Image, mask: np.ndarray, fill: str = "black") -> Image.Image:
@@ -40,7 +40,9 @@ def check_out_subdir(root: Path, out_subdir: str) -> None:
 
 
 def make_masked(cub_root: str | Path, masks: str = "gt", out_subdir: str = "images_masked", fill: str = "black",
-                threshold: int = 0, progress: bool = True) -> dict[str, int]:
+                threshold: int = 0, progress: bool = True, workers: int = 1) -> dict[str, int]:
+    """Masked copies of ROOT/images (and of the Waterbirds test images); `workers` processes write them
+    (0 or 1: this process), byte for byte the same files."""
     root = Path(cub_root)
     meta = read_cub_metadata(root)
     check_out_subdir(root, out_subdir)
@@ -55,19 +57,21 @@ def make_masked(cub_root: str | Path, masks: str = "gt", out_subdir: str = "imag
         source.check(root, src_sub)
         require_dir(root / src_sub, "image folder")
         remove_stale_temp(root / dst_sub, recursive=True)  # half-written files of a killed run
-        done = 0
-        for i in tqdm(ids, desc=f"make-masked {dst_sub}", disable=not progress):
-            rel = meta.relpaths[i]
-            dst = root / dst_sub / rel
-            if not dst.is_file():
-                image = load_rgb(root / src_sub / rel)
-                mask = load_mask(source.path(root, src_sub, rel), image.size, threshold)
-                atomic_save_image(dst, masked_pixels(image, mask, fill))
-            done += 1
+        todo = [(root / src_sub / rel, source.path(root, src_sub, rel), root / dst_sub / rel, fill, threshold)
+                for rel in (meta.relpaths[i] for i in ids) if not (root / dst_sub / rel).is_file()]
+        run_each(_write_masked_copy, todo, workers, f"make-masked {dst_sub}", progress)
         atomic_write_text(root / dst_sub / "masked_copy.json", json.dumps(
             {"source_images": src_sub, "masks": masks, "fill": fill, "threshold": threshold}, indent=2))
         if (root / src_sub / "metadata.csv").is_file():
             with atomic_path(root / dst_sub / "metadata.csv") as tmp:
                 shutil.copyfile(root / src_sub / "metadata.csv", tmp)
-        counts[dst_sub] = done
+        counts[dst_sub] = len(ids)
     return counts
+
+
+def _write_masked_copy(job: tuple[Path, Path, Path, str, int]) -> None:
+    """One (image, mask, output, fill, threshold) job: the masked copy, written atomically."""
+    src, mask_path, dst, fill, threshold = job
+    image = load_rgb(src)
+    mask = load_mask(mask_path, image.size, threshold)
+    atomic_save_image(dst, masked_pixels(image, mask, fill))

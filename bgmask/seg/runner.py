@@ -104,6 +104,7 @@ def segmenter_args(add_help: bool = False) -> argparse.ArgumentParser:
           help="warn when more than this fraction of the predicted masks has no bird pixel")
     A.add(g, "--overwrite", action="store_true", help="replace the outputs of another segmenter")
     A.add(g, "--no_progress", action="store_true")
+    A.workers_arg(g)
     trust_arg(g)
     return p
 
@@ -473,10 +474,12 @@ def _open_segmenter(config: str | None, checkpoint: str | Path, batch_size: int,
 
 def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None, checkpoint: str | Path,
                   batch_size: int = 16, device: str = "auto", empty_warn_fraction: float = 0.05,
-                  overwrite: bool = False, trust_full_checkpoint: bool = False, progress: bool = True) -> dict:
+                  overwrite: bool = False, trust_full_checkpoint: bool = False, progress: bool = True,
+                  workers: int = 0) -> dict:
     """Write DIR/images/<rel>.png for every image and DIR/<Waterbirds folder>/<rel>.png for the test
     images of the Waterbirds folder (0 = background, 255 = bird, the image's size), one atomic file at a
-    time; files already there are kept. Returns a summary (counts, images/s, coverage)."""
+    time; files already there are kept; `workers` DataLoader processes decode the images. Returns a summary
+    (counts, images/s, coverage)."""
     from bgmask.data.cub import WATERBIRDS_SUBDIR, read_cub_metadata
 
     root, out = Path(cub_root), Path(out_dir)
@@ -487,13 +490,14 @@ def predict_masks(cub_root: str | Path, out_dir: str | Path, config: str | None,
         for sub in ("images", WATERBIRDS_SUBDIR):
             shutil.rmtree(out / sub, ignore_errors=True)
     _start_folder(out, "predict_info.json", info)
-    return _run_jobs(seg, _mask_jobs(root, out, meta), _write_mask, out, batch_size, progress, empty_warn_fraction)
+    return _run_jobs(seg, _mask_jobs(root, out, meta), _write_mask, out, batch_size, progress, empty_warn_fraction,
+                     workers=workers)
 
 
 def mask_image_folder(data_path: str | Path, save_path: str | Path | None, config: str | None,
                       checkpoint: str | Path, fill: str = "black", batch_size: int = 16, device: str = "auto",
                       empty_warn_fraction: float = 0.05, overwrite: bool = False,
-                      trust_full_checkpoint: bool = False, progress: bool = True) -> dict:
+                      trust_full_checkpoint: bool = False, progress: bool = True, workers: int = 0) -> dict:
     """The paper's gen_masked_image_dataset.py: every DATA_PATH/<class folder>/<file>.jpg is segmented and
     written as SAVE_PATH/<class folder>/<file>.jpg (JPEG) with the background filled (black: the pixels
     whose predicted class is background set to 0), early masking's own fill. A rerun skips finished
@@ -508,7 +512,7 @@ def mask_image_folder(data_path: str | Path, save_path: str | Path | None, confi
     replace = _claim_folder(out, "masked_copy.json", info, overwrite, "masked images", "--save_path")
     _start_folder(out, "masked_copy.json", info)
     return _run_jobs(seg, jobs, functools.partial(_write_masked, fill=fill), out, batch_size, progress,
-                     empty_warn_fraction, replace=replace)
+                     empty_warn_fraction, replace=replace, workers=workers)
 
 
 def _paper_folders(data_path: str | Path, save_path: str | Path | None) -> tuple[Path, Path]:
@@ -574,29 +578,53 @@ def _write_masked(image, mask, dst: Path, fill: str = "black") -> None:
 
 
 def _run_jobs(seg, jobs: list[tuple[Path, Path]], write, out: Path, batch_size: int, progress: bool,
-              empty_warn_fraction: float, replace: bool = False) -> dict:
+              empty_warn_fraction: float, replace: bool = False, workers: int = 0) -> dict:
     """Segment the source image of every (source, output) job whose output is missing (every job with
     `replace`) and `write(image, mask, output)`; returns the summary."""
     todo = [(src, dst) for src, dst in jobs if replace or not dst.is_file()]
     todo.sort(key=lambda job: (_image_hw(job[0]), str(job[0])))  # equal sizes batch together
     t0 = time.perf_counter()
-    coverage = _predict_and_save(seg, todo, batch_size, progress, write)
+    coverage = _predict_and_save(seg, todo, batch_size, progress, write, workers)
     return _predict_summary(out, len(jobs), len(todo), coverage, time.perf_counter() - t0, empty_warn_fraction)
 
 
-def _predict_and_save(seg, todo: list[tuple[Path, Path]], batch_size: int, progress: bool, write) -> list[float]:
-    """Predict the masks of `todo` in batches and write each output; returns each mask's bird fraction."""
+class _DecodedImages:
+    """The (image, output) jobs as a map-style dataset: (upright RGB (h, w, 3) uint8, output path)."""
+
+    def __init__(self, todo: list[tuple[Path, Path]]):
+        self.todo = todo
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+
+        from bgmask.data.cub import load_rgb
+
+        src, dst = self.todo[i]
+        return np.array(load_rgb(src)), dst
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def _predict_and_save(seg, todo: list[tuple[Path, Path]], batch_size: int, progress: bool, write,
+                      workers: int = 0) -> list[float]:
+    """Predict the masks of `todo` in batches of consecutive jobs (sorted by size) and write each output;
+    `workers` DataLoader processes decode the next batches meanwhile. Returns each mask's bird fraction."""
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from bgmask.data.cub import load_rgb
-
+    batches = [list(range(i, min(i + batch_size, len(todo)))) for i in range(0, len(todo), batch_size)]
+    loader = DataLoader(_DecodedImages(todo), batch_sampler=batches, num_workers=workers, collate_fn=_as_list,
+                        prefetch_factor=4 if workers else None)
     coverage = []
     bar = tqdm(total=len(todo), desc="predict masks", unit="img", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        images = [load_rgb(src) for src, _ in chunk]
-        masks = seg.predict_images(images)  # [(h, w) uint8 {0, 1}], 1 = bird
-        for (_, dst), image, m in zip(chunk, images, masks):
+    for chunk in loader:
+        masks = seg.predict_images([image for image, _ in chunk])  # [(h, w) uint8 {0, 1}], 1 = bird
+        for (image, dst), m in zip(chunk, masks):
             write(image, m, dst)
             coverage.append(float(m.mean()))
         bar.update(len(chunk))
@@ -642,7 +670,8 @@ def predict_main(argv=None) -> int:
     if not ns.out_dir:
         raise UserError("--out_dir is required (the mask folder to write)")
     s = predict_masks(ns.cub_root, ns.out_dir, ns.config, ns.checkpoint, ns.batch_size, ns.device,
-                      ns.empty_warn_fraction, ns.overwrite, ns.trust_full_checkpoint, not ns.no_progress)
+                      ns.empty_warn_fraction, ns.overwrite, ns.trust_full_checkpoint, not ns.no_progress,
+                      ns.workers)
     _print_predict_summary(s)
     return 0
 
@@ -661,7 +690,7 @@ def _gen_masked_paper(ns: argparse.Namespace) -> int:
         raise UserError("--out_dir / --out_subdir go with --cub_root; with --data_path the output is --save_path")
     s = mask_image_folder(ns.data_path, ns.save_path, ns.config, ns.checkpoint, ns.mask_fill, ns.batch_size,
                           ns.device, ns.empty_warn_fraction, ns.overwrite, ns.trust_full_checkpoint,
-                          not ns.no_progress)
+                          not ns.no_progress, ns.workers)
     _print_predict_summary(s, "masked images")
     return 0
 
@@ -677,10 +706,11 @@ def _gen_masked_cub_root(ns: argparse.Namespace) -> int:
     check_out_subdir(Path(ns.cub_root), out_subdir)  # before the (long) prediction, not after it
     out_dir = ns.out_dir or str(Path(ns.cub_root) / f"{out_subdir}_masks")
     s = predict_masks(ns.cub_root, out_dir, ns.config, ns.checkpoint, ns.batch_size, ns.device,
-                      ns.empty_warn_fraction, ns.overwrite, ns.trust_full_checkpoint, not ns.no_progress)
+                      ns.empty_warn_fraction, ns.overwrite, ns.trust_full_checkpoint, not ns.no_progress,
+                      ns.workers)
     _print_predict_summary(s)
     counts = make_masked(ns.cub_root, masks=out_dir, out_subdir=out_subdir, fill=ns.mask_fill,
-                         progress=not ns.no_progress)
+                         progress=not ns.no_progress, workers=ns.workers)
     for sub, n in counts.items():
         print(f"{n} masked images in {Path(ns.cub_root) / sub}")
     return 0
