@@ -14,7 +14,6 @@ import timm
 import torch
 
 from bgmask import args as A
-from bgmask.errors import UserError
 from bgmask.scripts import eval_early, eval_late, script_strategies, train_early, train_late
 
 from conftest import write_tiny_cub
