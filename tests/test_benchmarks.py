@@ -102,3 +102,23 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert "FAIL fp16_scaler" in p.stdout and "--amp_dtype fp16 needs CUDA" in p.stdout, p.stdout
     rows = json.loads((tmp_path / "out/bench/bench.json").read_text())["rows"]
     assert [r["row"] for r in rows] == ["64 px, 10 classes", "224 px, 10 classes"]
+
+
+def test_bench_prep_rows(tmp_path):
+    """bench_prep.py on a tiny tree: a 1-worker and a 2-worker row per stage, the second divided by the first,
+    and the data folder itself left untouched (it works on a copy)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import write_tiny_cub
+
+    import bench_prep
+
+    root = write_tiny_cub(tmp_path / "CUB", per_class=(10, 2))  # 10 % of 10 per class: a val split for make-binary-seg
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    rows = bench_prep.main(["--data_path", str(root), "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert [(r["model"], r["row"]) for r in rows] == [
+        ("make-binary-seg", "1 worker(s)"), ("make-binary-seg", "2 worker(s)"),
+        ("make-masked", "1 worker(s)"), ("make-masked", "2 worker(s)")]
+    assert all(r["images"] > 0 for r in rows) and rows[1]["ratio"] == pytest.approx(
+        rows[1]["images_per_s"] / rows[0]["images_per_s"]) and rows[1]["goal"] == 1.7
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert json.loads((tmp_path / "r.json").read_text())[3]["row"] == "2 worker(s)"
