@@ -122,3 +122,21 @@ def test_bench_prep_rows(tmp_path):
         rows[1]["images_per_s"] / rows[0]["images_per_s"]) and rows[1]["goal"] == 1.7
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
     assert json.loads((tmp_path / "r.json").read_text())[3]["row"] == "2 worker(s)"
+
+
+@pytest.mark.slow
+def test_bench_cub_scale_smoke(tmp_path):
+    """bench_cub_scale.py at 2 classes: the tree is generated once (CUB-like sizes, non-square) and every
+    data stage gives a row; a second call reuses the tree."""
+    import bench_cub_scale
+    from PIL import Image
+
+    rows = bench_cub_scale.main(["--out", str(tmp_path), "--num_classes", "2"])
+    assert [r["row"].split(",")[0] for r in rows] == [
+        "start-up checks (3 splits", "one epoch of training data", "make-binary-seg", "make-masked"]
+    assert rows[0]["images"] == 2 * (29 + 28) + 2 * 28 and rows[1]["images"] == 2 * 29
+    sizes = {Image.open(p).size for p in (tmp_path / "CUB_200_2011" / "images").rglob("*.jpg")}
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes) and max(max(s) for s in sizes) <= 500
+    done = (tmp_path / "CUB_200_2011" / "done").read_text()
+    bench_cub_scale.main(["--out", str(tmp_path), "--num_classes", "2"])
+    assert (tmp_path / "CUB_200_2011" / "done").read_text() == done  # not generated again
