@@ -1,5 +1,6 @@
-"""Every data stage on a CUB-sized tree: 200 classes, 11,788 images (5,994 train / 5,794 test), CUB-like
-non-square sizes (4:3 and 3:4, long side 300-500 px), a few grayscale and CMYK JPEGs.
+"""Every data stage on a CUB-sized tree: 200 classes, 11,400 images (29 train / 28 test per class; CUB has
+5,994 / 5,794) plus their Waterbirds copies, CUB-like non-square sizes (4:3 and 3:4, long side 300-500 px),
+a few grayscale and CMYK JPEGs.
 
     python benchmarks/bench_cub_scale.py --out /tmp/cub_scale [--workers 2] [--seg_config CFG --seg_checkpoint CKPT]
     python benchmarks/bench_cub_scale.py --out /tmp/small --num_classes 20   # a tenth, to try it
