@@ -11,12 +11,12 @@ next run removes.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import concurrent.futures.process
 import ctypes
 import multiprocessing
 import os
 import signal
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
@@ -70,7 +70,7 @@ def _run_pool(fn, jobs: list, workers: int, bar) -> None:
         futures = [ex.submit(_run_chunk, fn, chunk) for chunk in chunks]
         for done in cf.as_completed(futures):
             bar.update(done.result())
-    except cf.process.BrokenProcessPool:
+    except BrokenProcessPool:
         raise UserError("a worker process ended abruptly (killed, e.g. out of memory?); the files written "
                         "are whole: rerun to resume (--workers 1 uses no worker process)") from None
     finally:
