@@ -53,6 +53,18 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return main_demo(ns)
 
 
+def cmd_pretrain(ns: argparse.Namespace) -> int:
+    from bgmask.zoo import main_pretrain
+
+    return main_pretrain(ns)
+
+
+def cmd_mask_sweep(ns: argparse.Namespace) -> int:
+    from bgmask.sweep import main_sweep
+
+    return main_sweep(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="bgmask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     from bgmask.demo import demo_args
 
     demo_args(p).set_defaults(func=cmd_demo)
+    p = sub.add_parser("pretrain", help="make a stand-in pretrained backbone of the model zoo (bgmask/zoo/)")
+    from bgmask.zoo import pretrain_args
+
+    pretrain_args(p).set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("mask-sweep", help="accuracy against mask quality: perturbed GT masks, early and late masking")
+    from bgmask.sweep import sweep_args
+
+    sweep_args(p).set_defaults(func=cmd_mask_sweep)
     return parser
 
 
