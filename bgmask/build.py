@@ -95,10 +95,18 @@ def strategy_of(cfg: Namespace, data_cfg: dict) -> Strategy:
 def train_transform(cfg: Namespace, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The training transform the flags name (built up front by validate_config too, so a bad
     augmentation flag is refused before anything is written)."""
-    return build_transform(True, cfg.image_size, cfg.augmentations_to_use, mean, std, cfg.crop_pct,
-                           imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, aa=cfg.aa,
-                           train_interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter,
-                           reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount)
+    return full_decode(cfg, build_transform(
+        True, cfg.image_size, cfg.augmentations_to_use, mean, std, cfg.crop_pct,
+        imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, aa=cfg.aa,
+        train_interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter, reprob=cfg.reprob,
+        remode=cfg.remode, recount=cfg.recount))
+
+
+def full_decode(cfg: Namespace, transform):
+    """--decode_full: the transform asks for full-size JPEG decoding."""
+    if getattr(cfg, "decode_full", False):
+        transform.decode_min_side = None
+    return transform
 
 
 def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_masks: bool = True) -> dict[str, CUBDataset]:
@@ -108,7 +116,7 @@ def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_mask
     mean, std = data_cfg["mean"], data_cfg["std"]
     needs_mask = create_strategy(cfg.strategy).needs_mask and with_masks
     masks = MaskSource(cfg.mask_source, cfg.mask_threshold) if needs_mask else None
-    eval_tf = build_transform(False, cfg.image_size, mean=mean, std=std, crop_pct=cfg.crop_pct)
+    eval_tf = full_decode(cfg, build_transform(False, cfg.image_size, mean=mean, std=std, crop_pct=cfg.crop_pct))
     common = dict(root=root, train_split=cfg.train_split, split_seed=cfg.split_seed)
     out = {}
     if train:
@@ -193,6 +201,12 @@ class Parts:
     meta: dict
 
 
+def resolve_channels_last(cfg: Namespace, model) -> None:
+    """--channels_last unset (None) -> the backbone family's preference, recorded in cfg as what ran."""
+    if getattr(cfg, "channels_last", None) is None:
+        cfg.channels_last = model.family.prefers_channels_last
+
+
 def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
     """The model (built right after seeding: its initial weights depend on the seed only), the data,
     the strategy and the optimisation."""
@@ -201,6 +215,7 @@ def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
     model = build_model(kwargs)
     if kwargs["late_mask_stage"] == "auto":  # resolved by the backbone's family; recorded as what ran
         kwargs["late_mask_stage"] = cfg.late_mask_stage = model.late_mask_stage
+    resolve_channels_last(cfg, model)
     data_cfg = data_config(model, cfg)
     mask_fn = mask_fn or online_segmenter(cfg, dist, data_cfg)
     datasets = build_datasets(cfg, data_cfg, with_masks=mask_fn is None)

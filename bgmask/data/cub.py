@@ -196,27 +196,35 @@ def mask_relpath(relpath: str) -> str:
 
 def load_rgb(path: Path) -> Image.Image:
     """The image upright, as 8-bit RGB (`bgmask.data.images`: the one decoding rule)."""
-    from bgmask.data.images import decode_rgb
+    return load_rgb_reduced(path, None)[0]
+
+
+def load_rgb_reduced(path: Path, min_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_rgb` and the image's full (w, h); with `min_side`, a large JPEG comes out reduced by 2, 4 or 8
+    (see `bgmask.data.images.decode_rgb_reduced`)."""
+    from bgmask.data.images import decode_rgb_reduced
 
     try:
-        return decode_rgb(path)
+        return decode_rgb_reduced(path, min_side)
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: corrupt or not an image ({e.__class__.__name__})") from None
 
 
-def load_mask(path: Path, size: tuple[int, int], threshold: int = 0) -> np.ndarray:
+def load_mask(path: Path, size: tuple[int, int], threshold: int = 0,
+              reduced: tuple[int, int] | None = None) -> np.ndarray:
     """Binary mask (H, W) uint8 in {0, 1}: 1 where the stored value > threshold. `size` is the upright
-    image's (width, height); the mask is decoded by the same rule (EXIF Orientation applied)."""
-    from bgmask.data.images import decode_mask
+    image's full (width, height); the mask is decoded by the same rule (EXIF Orientation applied) and, when
+    its image was decoded `reduced` to a smaller (w, h), reduced alike before the threshold."""
+    from bgmask.data.images import decode_mask, reduce_mask
 
     try:
         mask = decode_mask(path)
         if mask.size != size:
             w, h = mask.size
             raise UserError(f"mask {path} is {w}x{h} but its image is {size[0]}x{size[1]} (expected the same size)")
-        arr = np.asarray(mask)
+        arr = np.asarray(reduce_mask(mask, reduced) if reduced else mask)
     except FileNotFoundError:
         raise UserError(f"mask not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -333,10 +341,10 @@ class CUBDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         img_id = self.ids[index]
-        image = load_rgb(self.image_path(img_id))
+        image, full = load_rgb_reduced(self.image_path(img_id), getattr(self.transform, "decode_min_side", None))
         mask = None
         if self.masks is not None:
-            mask = load_mask(self.mask_path(img_id), image.size, self.masks.threshold)
+            mask = load_mask(self.mask_path(img_id), full, self.masks.threshold, image.size)
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         y, place, _ = self.groups.get(self.meta.relpaths[img_id], (-1, -1, -1))

@@ -63,17 +63,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _open_upright(path: str | Path) -> tuple[Image.Image, bool]:
-    """The decoded, upright image and whether it was stored rotated/flipped."""
+def _open_upright(path: str | Path, min_side: int | None = None) -> tuple[Image.Image, bool, tuple[int, int]]:
+    """The decoded, upright image, whether it was stored rotated/flipped, and its full upright (w, h).
+    With `min_side`, a JPEG is decoded at the smallest of libjpeg's 1/1, 1/2, 1/4, 1/8 scales whose both
+    sides stay >= min_side (Pillow's draft mode: the DCT itself is scaled, so decoding costs ~1/k^2)."""
     with Image.open(path) as img:
         turned = orientation(img) != 1
+        w, h = img.size
+        if min_side and img.format == "JPEG":
+            img.draft(img.mode, (min_side, min_side))
         img.load()
-        return (ImageOps.exif_transpose(img) if turned else img.copy()), turned
+        full = (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
+        return (ImageOps.exif_transpose(img) if turned else img.copy()), turned, full
 
 
 def decode_rgb(path: str | Path) -> Image.Image:
     """The image file as upright 8-bit RGB. Raises Pillow's / the OS's errors for unreadable files."""
     return to_rgb(_open_upright(path)[0])
+
+
+def decode_rgb_reduced(path: str | Path, min_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_rgb`, but a JPEG at least twice `min_side` on its shorter side comes out reduced by 2, 4 or 8
+    (its shorter side still >= min_side), with the full upright (w, h) it has on disk. Masks follow with
+    `reduce_mask`. None = full size, as `decode_rgb`."""
+    image, _, full = _open_upright(path, min_side)
+    return to_rgb(image), full
+
+
+def reduce_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A full-size mask brought to the (w, h) a reduced JPEG decode gave its image: box-averaged by the same
+    integer factor (both round the size up), so its soft edge stays a soft edge for the threshold."""
+    if mask.size == size:
+        return mask
+    factor = round(mask.size[0] / size[0])
+    out = mask.reduce(factor) if factor > 1 else mask
+    return out if out.size == size else out.resize(size, Image.Resampling.BOX)
 
 
 def decode_mask(path: str | Path) -> Image.Image:

@@ -26,6 +26,9 @@ Training sets (`--augmentations_to_use`), after the paper's `engine/transforms_c
 Evaluation: Resize(floor(image_size / crop_pct)) (shorter side, bilinear, antialias) -> CenterCrop(image_size).
 crop_pct 1.0 (the default) is the paper's Resize(image_size) + CenterCrop(image_size); 0.875 is timm's crop.
 
+Decoding: a transform whose first step resizes the shorter side to R (every set but `timm`, whose random
+crop reads full-resolution pixels) declares `decode_min_side = R`, and the dataset decodes a JPEG at least
+twice that size at 1/2, 1/4 or 1/8 scale in libjpeg (`--decode_full` turns it off), mask reduced alike.
 Normalisation: train and eval use the same mean/std (the model's). The paper's
 `--imagenet_default_mean_and_std` switched the timm TRAIN transform alone to Inception mean/std 0.5 while
 evaluation kept ImageNet's; bgmask refuses it, since early masking's fill and the online segmenter read
@@ -203,6 +206,9 @@ class JointTransform:
     std: tuple
     erasing: object | None = None  # tensor -> tensor, image only
     augment: JointAutoAugment | None = None
+    # the shorter side the first resize brings the image to: a JPEG decoded reduced to no less than this
+    # (see CUBDataset) loses nothing that resize keeps; None = the first step crops at full resolution
+    decode_min_side: int | None = None
 
     def __post_init__(self):
         self._to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
@@ -277,20 +283,21 @@ def cub_original_set(image_size: int, mean: tuple, std: tuple, flags: TimmFlags)
     geometric = v2.Compose([v2.Resize(image_size, antialias=True), v2.RandomHorizontalFlip(),
                             v2.RandomAffine(degrees=90, translate=(0.2, 0.2), scale=(0.8, 1.2)),
                             v2.RandomCrop(image_size)])
-    return JointTransform(geometric, v2.ColorJitter(brightness=0.1), mean, std)
+    return JointTransform(geometric, v2.ColorJitter(brightness=0.1), mean, std, decode_min_side=image_size)
 
 
 def torchvision_set(image_size: int, mean: tuple, std: tuple, flags: TimmFlags) -> JointTransform:
-    return JointTransform(resize_center_crop(image_size, math.floor(image_size * TORCHVISION_RESIZE)), None, mean, std)
+    resize = math.floor(image_size * TORCHVISION_RESIZE)
+    return JointTransform(resize_center_crop(image_size, resize), None, mean, std, decode_min_side=resize)
 
 
 def flip_set(image_size: int, mean: tuple, std: tuple, flags: TimmFlags) -> JointTransform:
     geometric = v2.Compose([resize_center_crop(image_size, image_size), v2.RandomHorizontalFlip()])
-    return JointTransform(geometric, None, mean, std)
+    return JointTransform(geometric, None, mean, std, decode_min_side=image_size)
 
 
 def none_set(image_size: int, mean: tuple, std: tuple, flags: TimmFlags) -> JointTransform:
-    return JointTransform(resize_center_crop(image_size, image_size), None, mean, std)
+    return JointTransform(resize_center_crop(image_size, image_size), None, mean, std, decode_min_side=image_size)
 
 
 TRAIN_SETS = {"timm": timm_set, "cub_original": cub_original_set, "torchvision": torchvision_set,
@@ -310,7 +317,8 @@ def build_transform(train: bool, image_size: int, augmentations: str = "timm", m
         raise UserError(f"--crop_pct must be in (0, 1], got {crop_pct}")
     mean, std = tuple(mean), tuple(std)
     if not train:
-        return JointTransform(resize_center_crop(image_size, math.floor(image_size / crop_pct)), None, mean, std)
+        resize = math.floor(image_size / crop_pct)
+        return JointTransform(resize_center_crop(image_size, resize), None, mean, std, decode_min_side=resize)
     if not imagenet_default_mean_and_std:
         raise UserError("--imagenet_default_mean_and_std is not supported: in the paper it switched the training "
                         "transform alone to Inception mean/std 0.5 while evaluation kept ImageNet's; bgmask always "

@@ -74,6 +74,9 @@ class BackboneFamily:
     model_cls: type[nn.Module] = nn.Module
     supports_second_last: bool = False
     supports_output_stride: bool = False  # timm's dilated last stages (CNNs)
+    # what --channels_last auto means: on for convolutional families, whose conv kernels run faster in
+    # NHWC (measured 1.14-1.30x per training step on the 2-core CPU, benchmarks/README.md); a ViT has one conv
+    prefers_channels_last: bool = False
 
     def default_late_stage(self) -> str:
         """What late_mask_stage="auto" means (the paper: the second-last stage of a CNN, the last ViT block)."""
@@ -233,6 +236,7 @@ class ViTFamily(BackboneFamily):
 
 @register_family("cnn", nn.Module)
 class CNNFamily(BackboneFamily):
+    prefers_channels_last = True
     """Any timm CNN whose forward_features gives (B, C, h, w) and whose head pools with one global average
     pool: the model keeps its own classifier (built with num_classes=K, head_type "timm"). Masks the last
     stage only; subclasses that can split off the last stage set `supports_second_last`."""
