@@ -257,6 +257,16 @@ def train_parser(description: str, strategies=None, default: str | None = None) 
     )
 
 
+def eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags that only the evaluation scripts (eval_waterbirds.py) add to the training parser."""
+    g = parser.add_argument_group("attribution (where the model looks: bgmask.attribution)")
+    add(g, "--attribution_images", type=int, default=None, range="[0, inf)", metavar="N",
+        help="per split, N images (a fixed subset drawn with --seed) whose InputXGradient maps of the predicted "
+             "class give <split>/attr_bg_fraction: the share of positive attribution on GT background; 0 = off; "
+             "default 64 when ROOT/segmentations exists, else off (an explicit N needs it)")
+    return parser
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse flags; `--config FILE.yaml` supplies defaults (unknown keys are an error)."""
     import yaml

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from bgmask import build
 from bgmask.args import validate_config
+from bgmask.attribution import evaluation_attribution, gt_mask_splits
 from bgmask.checkpoint import load_checkpoint, saved_classifier
 from bgmask.data import CUBDataset
 from bgmask.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -228,8 +229,8 @@ def fit(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
 
 def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     """A saved classifier (bgmask's, or the paper's snapshot_best.pt: `checkpoint.saved_classifier`) on val (if
-    any), test, Waterbirds and the diagnostics; the data may be pointed elsewhere. The record is appended
-    to the results.jsonl beside the checkpoint, tagged `split: "eval"`."""
+    any), test, Waterbirds, the diagnostics and where it looks (`bgmask.attribution`); the data may be pointed
+    elsewhere. The record is appended to the results.jsonl beside the checkpoint, tagged `split: "eval"`."""
     ckpt = cfg.checkpoint
     if ckpt is None:
         best = Path(cfg.snapshot_dir) / "best.pt"
@@ -240,8 +241,10 @@ def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     model.to(dist.device)
     mask_fn = mask_fn or build.online_segmenter(cfg, dist, data_cfg)
     datasets = build.build_datasets(cfg, data_cfg, train=False, with_masks=mask_fn is None)
-    metrics = final_splits(model, datasets, build.strategy_of(cfg, data_cfg), dist, cfg, mask_fn, data_cfg,
-                           ["val", "test", "waterbirds"])
+    strategy = build.strategy_of(cfg, data_cfg)
+    gt_sets = gt_mask_splits(cfg, datasets, dist.is_main)  # before predicting: no GT masks stops at once
+    metrics = final_splits(model, datasets, strategy, dist, cfg, mask_fn, data_cfg, ["val", "test", "waterbirds"])
+    metrics.update(evaluation_attribution(model, strategy, datasets, gt_sets, cfg, dist, mask_fn))
     record = {"epoch": epoch, "split": EVAL_SPLIT, "checkpoint": str(ckpt), **metrics}
     log_evaluation(record, Path(ckpt).parent, dist)
     return record

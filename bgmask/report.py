@@ -1,7 +1,9 @@
 """`bgmask report RUN_DIR...`: aggregate run folders into one table (mean ± std over seeds) and plots.
 
 A run folder is what `train.py` writes: config.yaml + final_metrics.json. Rows are keyed by
-(model, strategy, mask source, initialisation); several seeds of the same key are averaged.
+(model, strategy, mask source, initialisation); several seeds of the same key are averaged. The
+attribution columns (`OPTIONAL_COLUMNS`) appear when some run has them: training does not compute
+them, so they come from the run's latest evaluation line in results.jsonl (eval_waterbirds.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ COLUMNS = [
     ("waterbirds/worst_group_acc", "worst-group acc"),
     ("diag/bg_only_acc", "BG-only acc"),
     ("diag/bg_gap", "BG-gap"),
+]
+OPTIONAL_COLUMNS = [
+    ("test/attr_bg_fraction", "BG attribution (test)"),
+    ("waterbirds/attr_bg_fraction", "BG attribution (Waterbirds)"),
 ]
 KEY_FIELDS = ("model", "strategy", "masks", "init")
 
@@ -78,18 +84,39 @@ def load_runs(run_dirs) -> list[Row]:
         if not cfg_file.is_file() or not metrics_file.is_file():
             raise UserError(f"{d} is not a finished run folder (expected config.yaml and final_metrics.json)")
         cfg = yaml.safe_load(cfg_file.read_text())
-        metrics = json.loads(metrics_file.read_text())
+        metrics = {**latest_evaluation(d), **json.loads(metrics_file.read_text())}
         key = describe_run(cfg)
         row = rows.setdefault(tuple(key.values()), Row(key))
         row.runs.append(str(d))
         if "num_classes" in metrics:
             row.num_classes.add(int(metrics["num_classes"]))
-        for metric, _ in COLUMNS:
+        for metric, _ in COLUMNS + OPTIONAL_COLUMNS:
             if metric in metrics:
                 row.values.setdefault(metric, []).append(float(metrics[metric]))
     if not rows:
         raise UserError("no run folders given")
     return list(rows.values())
+
+
+def latest_evaluation(run_dir: Path) -> dict:
+    """The attribution metrics of the run's last `split: "eval"` line in results.jsonl ({} if none)."""
+    from bgmask.runfolder import EVAL_SPLIT, RESULTS
+
+    found = {}
+    path = run_dir / RESULTS
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a torn line of a killed writer
+            continue
+        if isinstance(rec, dict) and rec.get("split") == EVAL_SPLIT:
+            found = {k: rec[k] for k, _ in OPTIONAL_COLUMNS if isinstance(rec.get(k), (int, float))}
+    return found
+
+
+def shown_columns(rows: list[Row]) -> list[tuple[str, str]]:
+    """COLUMNS, plus each optional column that some row has a value for."""
+    return COLUMNS + [(m, name) for m, name in OPTIONAL_COLUMNS if any(r.values.get(m) for r in rows)]
 
 
 def _fmt(stat, n) -> str:
@@ -100,13 +127,17 @@ def _fmt(stat, n) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    head = ["model", "strategy", "masks", "init", "seeds"] + [name for _, name in COLUMNS]
+    columns = shown_columns(rows)
+    head = ["model", "strategy", "masks", "init", "seeds"] + [name for _, name in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         n = len(r.runs)
-        cells = [r.key[k] for k in KEY_FIELDS] + [str(n)] + [_fmt(r.stat(m), n) for m, _ in COLUMNS]
+        cells = [r.key[k] for k in KEY_FIELDS] + [str(n)] + [_fmt(r.stat(m), n) for m, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nAccuracies in %; BG-gap = mixed-same − mixed-rand accuracy (points).\n"
+    note = "Accuracies in %; BG-gap = mixed-same − mixed-rand accuracy (points)."
+    if len(columns) > len(COLUMNS):
+        note += " BG attribution = share of the positive input × gradient attribution on GT background (%)."
+    return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def rows_as_records(rows: list[Row]) -> list[dict]:
@@ -115,7 +146,7 @@ def rows_as_records(rows: list[Row]) -> list[dict]:
         rec = dict(r.key)
         rec["seeds"] = len(r.runs)
         rec["runs"] = r.runs
-        for m, _ in COLUMNS:
+        for m, _ in shown_columns(rows):
             s = r.stat(m)
             rec[m] = None if s is None else s[0]
             rec[m + "_std"] = None if s is None else s[1]

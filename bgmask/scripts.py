@@ -21,6 +21,8 @@ METRIC_ROWS = [
     ("diag/mixed_same_acc", "mixed-same"),
     ("diag/mixed_rand_acc", "mixed-rand"),
     ("diag/bg_gap", "BG-gap (mixed-same - mixed-rand)"),
+    ("test/attr_bg_fraction", "attribution on the background, CUB test (share)"),
+    ("waterbirds/attr_bg_fraction", "attribution on the background, Waterbirds (share)"),
 ]
 
 
@@ -92,6 +94,7 @@ def eval_main(argv, feature_level: bool, description: str) -> int:
     parser = A.train_parser(description, script_strategies(feature_level))
     A.add(parser, "--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md, PREFIX kept "
                                               "whole (default: beside the checkpoint, waterbirds_eval)")
+    A.eval_args(parser)
     cfg = parse_noting_arch(parser, argv)
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a best.pt / last.pt written by train.py)")
