@@ -105,6 +105,9 @@ def data_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--batch_size", type=int, default=32, range="[1, inf)", help="per process")
     add(g, "--eval_batch_size", type=int, default=None, range="[1, inf)", help="default: 2 x batch_size")
     add(g, "--num_workers", type=int, default=2, range="[0, inf)")
+    add(g, "--decode_full", action="store_true",
+        help="decode every JPEG at full size (default: a JPEG twice or more the size the first resize needs is "
+             "decoded at 1/2, 1/4 or 1/8 scale by libjpeg, its mask reduced alike; see bgmask/data/transforms.py)")
     return p
 
 
@@ -202,7 +205,10 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--grad_norm_clip", type=float, default=None, range="(0, inf)")
     add(g, "--use_amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + grad scaler with --amp_dtype fp16 on CUDA)")
     add(g, "--amp_dtype", default="bf16", choices=["bf16", "fp16"])
-    add(g, "--channels_last", action="store_true", help="channels_last memory format (faster CNNs)")
+    add(g, "--channels_last", action="store_const", const=True, default=None,
+        help="channels_last memory format (default: on for CNN backbones, off for ViTs: see --no_channels_last)")
+    add(g, "--no_channels_last", dest="channels_last", action="store_const", const=False,
+        help="keep the contiguous (NCHW) memory format even for a CNN")
     add(g, "--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
         help="torch.compile the training model (default backend inductor; 'eager' checks the capture only)")
     m = p.add_argument_group("mixup / cutmix")

@@ -239,6 +239,9 @@ def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     model, data_cfg, epoch = saved_classifier(Path(ckpt), cfg, probe.num_classes)
     seed_everything(cfg.seed)
     model.to(dist.device)
+    build.resolve_channels_last(cfg, model)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     mask_fn = mask_fn or build.online_segmenter(cfg, dist, data_cfg)
     datasets = build.build_datasets(cfg, data_cfg, train=False, with_masks=mask_fn is None)
     strategy = build.strategy_of(cfg, data_cfg)

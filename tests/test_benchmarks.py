@@ -140,3 +140,23 @@ def test_bench_cub_scale_smoke(tmp_path):
     done = (tmp_path / "CUB_200_2011" / "done").read_text()
     bench_cub_scale.main(["--out", str(tmp_path), "--num_classes", "2"])
     assert (tmp_path / "CUB_200_2011" / "done").read_text() == done  # not generated again
+
+
+@pytest.mark.slow
+def test_bench_defaults_smoke(tmp_path):
+    """bench_defaults.py on a tiny tree of 200 px JPEGs: every stage gives a default row divided by its
+    plain row, measured in the same run."""
+    import bench_defaults
+
+    from bgmask.data.synthetic import Quirks, generate_synthetic
+
+    root = tmp_path / "CUB_200_2011"
+    generate_synthetic(root, num_classes=2, image_size=200, train_per_class=4, test_per_class=2, seed=0,
+                       progress=False, quirks=Quirks(varied_sizes=True))
+    rows = bench_defaults.main(["--root", str(root), "--model", "bgmask_resnet_tiny", "--num_classes", "2",
+                                "--image_size", "32", "--batch_size", "2", "--steps", "1", "--epoch_steps", "1",
+                                "--images", "4", "--repeats", "1"])
+    assert len(rows) == 16 and [r["row"].rsplit(" — ", 1)[1] for r in rows] == ["default", "plain"] * 8
+    for default, plain in zip(rows[::2], rows[1::2]):
+        assert default["vs"] == plain["row"] and default["ratio"] == pytest.approx(
+            default["images_per_s"] / plain["images_per_s"])
