@@ -59,6 +59,8 @@ def describe_run(cfg: dict) -> dict[str, str]:
         model += " (CLS)"
     elif cfg.get("patch_tokens_only"):
         model += " (GAP)"
+    elif "vit" in model.lower():
+        model += " (CLS+GAP)"  # a ViT with neither flag: the paper's default head on both
     return {"model": model, "strategy": strategy, "masks": masks, "init": init}
 
 
@@ -192,12 +194,88 @@ def bar_chart(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------ the paper's table layout
+
+PAPER_METRICS = (("test/acc", "in-dist."), ("waterbirds/acc", "WB"), ("waterbirds/worst_group_acc", "worst"))
+
+
+def strategy_label(key: dict) -> str:
+    return key["strategy"] if key["masks"] == "-" else f"{key['strategy']} ({key['masks']})"
+
+
+def paper_layout(rows: list[Row]) -> tuple[list[tuple[str, str]], list[str], dict]:
+    """Rows = (backbone with head, init), columns = strategy (masks), as the paper's tables; cells -> Row."""
+    lines, strategies, cells = [], [], {}
+    for r in rows:
+        line, col = (r.key["model"].removeprefix("bgmask_"), r.key["init"]), strategy_label(r.key)
+        lines += [line] if line not in lines else []
+        strategies += [col] if col not in strategies else []
+        cells[line, col] = r
+    order = {name: i for i, name in enumerate(STRATEGIES)}
+    strategies.sort(key=lambda c: (order.get(c.split(" ")[0], len(order)), c))
+    return lines, strategies, cells
+
+
+def paper_table(rows: list[Row]) -> str:
+    """The paper-style pivot: one line per backbone x head x init, strategy x (in-distribution, Waterbirds,
+    worst group) across; the best value of each column in bold."""
+    lines, strategies, cells = paper_layout(rows)
+    cols = [(st, m, name) for st in strategies for m, name in PAPER_METRICS]
+    best = {}
+    for st, m, _ in cols:
+        vals = [cells[ln, st].stat(m)[0] for ln in lines if (ln, st) in cells and cells[ln, st].stat(m)]
+        best[st, m] = max(vals) if vals else None
+    head = ["backbone", "init"] + [f"{st}: {name}" for st, _, name in cols]
+    out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(cols)]
+    for ln in lines:
+        cells_txt = []
+        for st, m, _ in cols:
+            r = cells.get((ln, st))
+            stat = r.stat(m) if r else None
+            txt = _fmt(stat, len(r.runs)) if r else "–"
+            bold = stat is not None and best[st, m] is not None and abs(stat[0] - best[st, m]) < 1e-12
+            cells_txt.append(f"**{txt}**" if bold else txt)
+        out.append("| " + " | ".join([ln[0], ln[1], *cells_txt]) + " |")
+    return "\n".join(out) + "\n\nIn-dist. = CUB test, WB = Waterbirds, worst = Waterbirds worst group (%); best per column in bold.\n"
+
+
+def paper_bars(rows: list[Row], path: Path) -> None:
+    """Waterbirds and worst-group accuracy, grouped as the paper's table: one group per backbone x init,
+    one bar per strategy (error bars = std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines, strategies, cells = paper_layout(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(lines) * 2), 4.6), sharey=True)
+    width = 0.8 / max(1, len(strategies))
+    x = np.arange(len(lines))
+    colours = plt.get_cmap("tab10")
+    for ax, (metric, title) in zip(axes, (("waterbirds/acc", "Waterbirds accuracy"),
+                                          ("waterbirds/worst_group_acc", "Waterbirds worst-group accuracy"))):
+        for k, st in enumerate(strategies):
+            stats = [cells[ln, st].stat(metric) if (ln, st) in cells else None for ln in lines]
+            ax.bar(x - 0.4 + width * (k + 0.5), [100 * s[0] if s else np.nan for s in stats], width,
+                   yerr=[100 * s[1] if s else 0 for s in stats], label=st, color=colours(k), capsize=2)
+        ax.set_xticks(x, [f"{m}\n{i}" for m, i in lines], fontsize=7, rotation=20, ha="right")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 105)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=7, frameon=False, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(run_dirs, out_dir: str | Path, title: str = "Results") -> dict[str, Path]:
     out_dir = Path(out_dir)
     rows = load_runs(run_dirs)  # before anything is written: a bad run folder leaves no empty report
     out_dir.mkdir(parents=True, exist_ok=True)
     rows.sort(key=lambda r: tuple(r.key[k] for k in KEY_FIELDS))
-    md = f"# {title}\n\n" + markdown_table(rows) + "\n![accuracy](accuracy_bars.png)\n"
+    md = (f"# {title}\n\n## As the paper's tables\n\n" + paper_table(rows) + "\n![paper layout](paper_bars.png)\n\n"
+          "## Every row\n\n" + markdown_table(rows) + "\n![accuracy](accuracy_bars.png)\n")
     records = rows_as_records(rows)
     buf = io.StringIO()
     fields = list(records[0].keys())
@@ -206,9 +284,10 @@ def write_report(run_dirs, out_dir: str | Path, title: str = "Results") -> dict[
     for rec in records:
         writer.writerow({**rec, "runs": ";".join(rec["runs"])})
     paths = {"md": out_dir / "results.md", "csv": out_dir / "results.csv", "json": out_dir / "results.json",
-             "bars": out_dir / "accuracy_bars.png"}
+             "bars": out_dir / "accuracy_bars.png", "paper_bars": out_dir / "paper_bars.png"}
     atomic_write_text(paths["md"], md)
     atomic_write_text(paths["csv"], buf.getvalue())
     atomic_write_text(paths["json"], json.dumps(records, indent=2))
     bar_chart(rows, paths["bars"])
+    paper_bars(rows, paths["paper_bars"])
     return paths

@@ -62,3 +62,36 @@ def test_chance_line_follows_the_runs_number_of_classes(tmp_path):
     assert chance_level(load_runs([*four, ten])) is None
     old = fake_run(tmp_path / "old", {**base, "strategy": "late", "seed": 0}, m)
     assert chance_level(load_runs([*four, old])) is None
+
+
+def test_paper_table_pivots_and_marks_the_best(tmp_path):
+    """One line per backbone (with its ViT head) x init, strategy x (in-dist, WB, worst) across, the best of
+    each column in bold; cells computed by hand; the grouped chart is written."""
+    from bgmask.report import load_runs, paper_table
+
+    base = {"data_path": str(tmp_path), "image_sub_path_train": "images", "pretrained_file": "zoo:x"}
+    runs = []
+    for arch, head, frozen, strategy, values in [
+        ("bgmask_vit_tiny", {"patch_tokens_only": True}, True, "baseline", (0.9, 0.1, 0.0)),
+        ("bgmask_vit_tiny", {"patch_tokens_only": True}, True, "early", (0.8, 0.7, 0.6)),
+        ("bgmask_vit_tiny", {}, False, "baseline", (0.95, 0.2, 0.1)),
+        ("bgmask_vit_tiny", {}, False, "early", (0.85, 0.75, 0.5)),
+        ("bgmask_resnet_tiny", {}, False, "late", (0.7, 0.5, 0.4)),
+    ]:
+        cfg = {**base, **head, "model_arch": arch, "strategy": strategy, "freeze_backbone": frozen, "seed": 0}
+        if strategy != "baseline":
+            cfg["mask_source"] = "/pred"
+        runs.append(fake_run(tmp_path / f"r{len(runs)}", cfg, dict(zip(
+            ("test/acc", "waterbirds/acc", "waterbirds/worst_group_acc"), values))))
+    table = paper_table(load_runs(runs))
+    lines = table.splitlines()
+    assert lines[0] == ("| backbone | init | baseline: in-dist. | baseline: WB | baseline: worst | early (predicted): "
+                        "in-dist. | early (predicted): WB | early (predicted): worst | late (predicted): in-dist. | "
+                        "late (predicted): WB | late (predicted): worst |")
+    assert "| vit_tiny (GAP) | pretrained, frozen | 90.0 | 10.0 | 0.0 | 80.0 | 70.0 | **60.0** | – | – | – |" in lines
+    assert ("| vit_tiny (CLS+GAP) | pretrained, fine-tuned | **95.0** | **20.0** | **10.0** | **85.0** | **75.0** | 50.0 "
+            "| – | – | – |") in lines
+    assert "| resnet_tiny | pretrained, fine-tuned | – | – | – | – | – | – | **70.0** | **50.0** | **40.0** |" in lines
+    assert cli_main(["report", *map(str, runs), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "paper_bars.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## As the paper's tables" in (tmp_path / "rep" / "results.md").read_text()
