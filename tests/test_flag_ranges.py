@@ -43,6 +43,19 @@ PARSERS = {
 }
 
 
+def _cli_subcommands() -> list[str]:
+    import argparse
+
+    from bgmask.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+# every `bgmask` subcommand, also one added later (pretrain, mask-sweep, ...)
+PARSERS.update({f"bgmask {name}": (lambda n=name: _cli_sub(n)) for name in _cli_subcommands()})
+
+
 def numeric_actions(parser):
     return [a for a in parser._actions if a.option_strings and a.type in (int, float)]
 
@@ -67,10 +80,11 @@ def _argv(parser, action, value: str) -> list[str]:
     n = action.nargs if isinstance(action.nargs, int) else 1
     argv = [action.option_strings[0], *[value] * n]
     for a in parser._actions:
+        placeholder = str(next(iter(a.choices))) if a.choices else "x"  # a required choice flag takes a valid one
         if a.required and not a.option_strings:
-            argv.append("x")
+            argv.append(placeholder)
         elif a.required:
-            argv += [a.option_strings[0], "x"]
+            argv += [a.option_strings[0], placeholder]
     for group in parser._mutually_exclusive_groups:
         if group.required:
             argv += [group._group_actions[0].option_strings[0], "x"]
