@@ -1,20 +1,22 @@
 """`bgmask demo` / `make demo`: the paper's whole comparison, offline, on the synthetic benchmark.
 
 Stages (each skipped on a rerun when its outputs exist for the same inputs; `--fresh` redoes all):
-  1. data        synthetic CUB + Waterbirds benchmark (and, with pretrained rows, an unbiased
-                 pre-training set of other species on random backgrounds)
+  1. data        synthetic CUB + Waterbirds benchmark
   2. segmenter   cub_binary_segmentation -> small MMSeg segmenter -> mIoU / mDice on test and Waterbirds
   3. masks       predicted masks for every image (cached folder) + early-masked copies
-  4. pretrain    (pretrained rows only) each backbone trained on the unbiased set: the stand-in for
-                 hub weights, which cannot be downloaded here
-  5. runs        {baseline, early, late} x {CNN, ViT-GAP} with predicted masks, plus oracle (GT) rows
-  6. report      results.md/csv/json, accuracy_bars.png, examples.png (+ correlation_sweep.png)
+  4. runs        the paper's grid: {baseline, early, late} x {CNN, ViT} x {frozen, fine-tuned}, from the
+                 shipped stand-in pretrained backbones (`bgmask pretrain`, bgmask/zoo_weights/: hub weights
+                 cannot be downloaded here), predicted masks; `--preset full` adds the ViT's CLS and
+                 CLS+GAP heads, GT-mask rows and 3 seeds; `--preset scratch` is the from-scratch control
+  5. report      results.md/csv/json as the paper's tables, paper_bars.png, accuracy_bars.png,
+                 examples.png (+ correlation_sweep.png)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import shutil
 import time
@@ -26,9 +28,19 @@ from bgmask.errors import UserError
 from bgmask.io import atomic_write_text
 from bgmask.masking.strategies import STRATEGIES
 
-MODELS = {"cnn": "bgmask_resnet_tiny", "vit": "bgmask_vit_tiny"}
-INITS = ("scratch", "frozen", "finetuned")
+# model key -> (timm name, head flags, zoo backbone); "vit" is the GAP head, the paper's most robust ViT
+MODELS = {"cnn": "bgmask_resnet_tiny", "vit": "bgmask_vit_tiny", "vit_cls": "bgmask_vit_tiny",
+          "vit_both": "bgmask_vit_tiny"}
+HEAD_FLAGS = {"vit": ["--patch_tokens_only"], "vit_cls": ["--class_token_only"], "vit_both": []}
+ZOO = {"cnn": "zoo:cnn", "vit": "zoo:vit", "vit_cls": "zoo:vit", "vit_both": "zoo:vit"}
+INITS = ("frozen", "finetuned", "scratch")
+PRETRAINED = ("frozen", "finetuned")
 MASKS = ("-", "GT", "predicted")
+
+
+def kind(model: str) -> str:
+    """'cnn' or 'vit': the key of the per-model recipe (epochs, lr)."""
+    return "vit" if model.startswith("vit") else "cnn"
 
 
 def strategy_rows(model: str, init: str, gt: bool) -> list[tuple]:
@@ -39,8 +51,9 @@ def strategy_rows(model: str, init: str, gt: bool) -> list[tuple]:
 
 
 # (model key, strategy, masks, init)
-ROWS_DEFAULT = strategy_rows("cnn", "scratch", gt=True) + strategy_rows("vit", "scratch", gt=False)
-ROWS_FULL = [row for init in INITS for m in MODELS for row in strategy_rows(m, init, gt=True)]
+ROWS_DEFAULT = [row for init in PRETRAINED for m in ("cnn", "vit") for row in strategy_rows(m, init, gt=False)]
+ROWS_FULL = [row for init in PRETRAINED for m in MODELS for row in strategy_rows(m, init, gt=m in ("cnn", "vit"))]
+ROWS_SCRATCH = strategy_rows("cnn", "scratch", gt=True) + strategy_rows("vit", "scratch", gt=False)  # the control
 
 
 @dataclass
@@ -50,8 +63,9 @@ class Preset:
     train_per_class: int = 200
     test_per_class: int = 50
     correlation: float = 0.95
-    epochs: dict = field(default_factory=lambda: {"cnn": 8, "vit": 6})
-    pretrain_epochs: dict = field(default_factory=lambda: {"cnn": 6, "vit": 6})
+    # init -> model kind -> epochs; the pretrained backbones need fewer than training from scratch
+    epochs: dict = field(default_factory=lambda: {"scratch": {"cnn": 8, "vit": 6}, "frozen": {"cnn": 4, "vit": 4},
+                                                  "finetuned": {"cnn": 4, "vit": 4}})
     batch_size: int = 64
     lr: dict = field(default_factory=lambda: {"cnn": 2e-3, "vit": 1e-3})
     seg_iters: int = 600
@@ -61,10 +75,10 @@ class Preset:
 
 PRESETS = {
     "default": Preset(),
-    "full": Preset(train_per_class=400, test_per_class=100, epochs={"cnn": 12, "vit": 15},
-                   pretrain_epochs={"cnn": 10, "vit": 12}, seg_iters=1500, rows=list(ROWS_FULL), seeds=(0, 1, 2)),
-    "tiny": Preset(num_classes=3, image_size=32, train_per_class=12, test_per_class=5, epochs={"cnn": 1, "vit": 1},
-                   pretrain_epochs={"cnn": 1, "vit": 1}, batch_size=12, seg_iters=20,
+    "full": Preset(rows=list(ROWS_FULL), seeds=(0, 1, 2)),
+    "scratch": Preset(rows=list(ROWS_SCRATCH)),
+    "tiny": Preset(num_classes=3, image_size=32, train_per_class=12, test_per_class=5,
+                   epochs={init: {"cnn": 1, "vit": 1} for init in INITS}, batch_size=12, seg_iters=20,
                    rows=[("cnn", "baseline", "-", "scratch"), ("cnn", "early", "predicted", "scratch"),
                          ("cnn", "late", "GT", "scratch"), ("vit", "late", "predicted", "frozen"),
                          ("cnn", "baseline", "-", "finetuned")]),
@@ -74,7 +88,9 @@ PRESETS = {
 def demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     A.add(parser, "--out", default="demo_output")
     A.add(parser, "--preset", default="default", choices=[*PRESETS, "paper"],
-          help="default fits ~10 CPU minutes; full = every row x 3 seeds; paper = print the real-data commands")
+          help="default: the paper's grid on the shipped pretrained backbones, ~10 CPU minutes; full = all three "
+               "ViT heads, GT-mask rows, 3 seeds; scratch = the from-scratch control; paper = print the real-data "
+               "commands")
     A.add(parser, "--rows", nargs="+", default=None,
           help="rows as model:strategy:masks:init, e.g. cnn:late:GT:scratch vit:early:predicted:frozen")
     A.add(parser, "--seeds", nargs="+", type=int, default=None, range="[0, 2147483647]")
@@ -135,31 +151,28 @@ def run_name(row, seed) -> str:
     return f"{model}-{strategy}-{masks.replace('-', 'none')}-{init}-s{seed}".lower()
 
 
-def classifier_argv(row, seed, p: Preset, data: Path, pred_masks: Path | None, pretrained: dict, run_dir: Path,
-                    threads) -> list[str]:
+def classifier_argv(row, seed, p: Preset, data: Path, pred_masks: Path | None, run_dir: Path, threads) -> list[str]:
     model, strategy, masks, init = row
     argv = ["--data_path", str(data), "--model_arch", MODELS[model], "--strategy", strategy,
             "--image_size", str(p.image_size), "--crop_pct", "1.0", "--augmentations_to_use", "flip",
-            "--epochs", str(p.epochs[model]), "--batch_size", str(p.batch_size), "--lr", str(p.lr[model]),
+            "--epochs", str(p.epochs[init][kind(model)]), "--batch_size", str(p.batch_size),
+            "--lr", str(p.lr[kind(model)]),
             "--weight_decay", "0.05", "--scheduler_type", "cosine", "--min_lr", "1e-5", "--seed", str(seed),
             "--snapshot_dir", str(run_dir), "--num_workers", "1", "--no_progress"]
     argv += ["--smoothing", "0"]  # the demo's recipe, not the paper's default 0.1
     if STRATEGIES[strategy].masks_features:
         argv += ["--late_mask_stage", "last"]  # the mask on the final map, for the CNN too
-    if model == "cnn":
-        argv.append("--channels_last")
-    if model == "vit":
-        argv.append("--patch_tokens_only")
+    argv += HEAD_FLAGS.get(model, [])
     if threads:
         argv += ["--threads", str(threads)]
     if masks == "predicted":
         argv += ["--mask_source", str(pred_masks)]
-    if init in ("frozen", "finetuned"):
-        argv += ["--pretrained_file", pretrained[model]]
-    if init == "frozen":
+    if init in PRETRAINED:
+        argv += ["--pretrained_file", ZOO[model]]
+    if init == "frozen":  # a linear probe: only the head trains
         argv += ["--freeze_backbone", "--lr", "1e-2"]
-    if init == "finetuned":
-        argv += ["--lr", str(p.lr[model] / 4), "--scratch_lr_factor", "10"]
+    if init == "finetuned":  # the backbone at a quarter of the from-scratch lr, the new head at 10x that
+        argv += ["--lr", str(p.lr[kind(model)] / 4), "--scratch_lr_factor", "10"]
     return argv
 
 
@@ -203,8 +216,7 @@ def main_demo(ns: argparse.Namespace) -> int:
                      test_per_class=p.test_per_class, correlation=p.correlation, seed=0)
     data = make_data(stages, out, data_args)
     pred_masks, seg_result = make_masks(stages, out, data, data_args, p)
-    pretrained = pretrain(stages, out, data_args, p, ns.threads)
-    run_dirs = train_rows(out, p, data, pred_masks, pretrained, ns.threads)
+    run_dirs = train_rows(out, p, data, pred_masks, ns.threads)
     sweep = correlation_sweep(out, p, ns.correlation_sweep, ns.threads) if ns.correlation_sweep else None
     write_demo_report(out, run_dirs, data, pred_masks, seg_result, sweep)
     print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s", flush=True)
@@ -212,13 +224,13 @@ def main_demo(ns: argparse.Namespace) -> int:
 
 
 def resolve_preset(ns: argparse.Namespace) -> Preset:
-    p = PRESETS[ns.preset]
+    p = copy.deepcopy(PRESETS[ns.preset])  # the presets are shared: flags change this run's copy only
     if ns.rows:
         p.rows = parse_rows(ns.rows)
     if ns.seeds:
         p.seeds = tuple(ns.seeds)
     if ns.epochs:
-        p.epochs = {k: ns.epochs for k in p.epochs}
+        p.epochs = {init: {k: ns.epochs for k in by_kind} for init, by_kind in p.epochs.items()}
     return p
 
 
@@ -252,35 +264,7 @@ def make_masks(stages: Stages, out: Path, data: Path, data_args: dict, p: Preset
     return pred_masks, seg_result
 
 
-def pretrain(stages: Stages, out: Path, data_args: dict, p: Preset, threads) -> dict:
-    """Stage 4 (only for pretrained rows): each backbone trained on an unbiased set of other species."""
-    pretrained = {}
-    for model in sorted({r[0] for r in p.rows if r[3] != "scratch"}):
-        pre_args = dict(data_args, seed=1000, correlation=0.1)  # other species, random backgrounds
-        pre_data = out / "data" / "pretrain_cub"
-        pre_inputs = {"data": pre_args, "model": MODELS[model], "epochs": p.pretrain_epochs[model]}
-
-        def fn(model=model, pre_args=pre_args, pre_data=pre_data):
-            import torch
-
-            from bgmask.checkpoint import load_checkpoint
-            from bgmask.data.synthetic import generate_synthetic
-
-            if not (pre_data / "images.txt").is_file():
-                generate_synthetic(pre_data, overwrite=True, progress=False, **pre_args)
-            run_dir = out / "pretrain" / model
-            argv = classifier_argv((model, "baseline", "-", "scratch"), 0, p, pre_data, None, {}, run_dir, threads)
-            argv[argv.index("--epochs") + 1] = str(p.pretrain_epochs[model])
-            train_run(argv, run_dir)
-            weights = out / "pretrain" / f"{model}_backbone.pth"
-            torch.save(load_checkpoint(run_dir / "last.pt")["model"], weights)
-            return str(weights)
-
-        pretrained[model] = stages.run(f"pretrain_{model}", pre_inputs, fn, lambda w: w)
-    return pretrained
-
-
-def train_rows(out: Path, p: Preset, data: Path, pred_masks, pretrained: dict, threads) -> list[Path]:
+def train_rows(out: Path, p: Preset, data: Path, pred_masks, threads) -> list[Path]:
     """Stage 5: every row x seed, one line each (a finished run is read back, not retrained)."""
     from tqdm import tqdm
 
@@ -288,7 +272,7 @@ def train_rows(out: Path, p: Preset, data: Path, pred_masks, pretrained: dict, t
     run_dirs = []
     for seed, row in tqdm(jobs, desc="[demo] runs", unit="run", leave=False):
         run_dir = out / "runs" / run_name(row, seed)
-        argv = classifier_argv(row, seed, p, data, pred_masks, pretrained, run_dir, threads)
+        argv = classifier_argv(row, seed, p, data, pred_masks, run_dir, threads)
         t0 = time.perf_counter()
         final = train_run(argv, run_dir)
         tqdm.write(f"[demo] run {run_dir.name}: in-dist {final['test/acc']:.3f}  Waterbirds "
@@ -339,7 +323,7 @@ def correlation_sweep(out: Path, p: Preset, values, threads) -> list[dict]:
                                correlation=corr, seed=0, overwrite=True, progress=False)
         for strategy, masks in (("baseline", "-"), ("early", "GT")):
             run_dir = out / "sweep" / f"corr{corr:g}-{strategy}"
-            argv = classifier_argv(("cnn", strategy, masks, "scratch"), 0, p, data, None, {}, run_dir, threads)
+            argv = classifier_argv(("cnn", strategy, masks, "scratch"), 0, p, data, None, run_dir, threads)
             final = train_run(argv, run_dir)
             points.append({"correlation": corr, "strategy": strategy, "test/acc": final["test/acc"],
                            "waterbirds/acc": final["waterbirds/acc"]})

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bgmask import args as A
-from bgmask.demo import MODELS, PRESETS, Preset, Stages, classifier_argv, make_data, train_run
+from bgmask.demo import INITS, MODELS, PRESETS, Preset, Stages, classifier_argv, make_data, train_run
 from bgmask.errors import UserError, require_dir
 from bgmask.io import atomic_write_text
 from bgmask.masking.perturb import PERTURBATIONS, check_perturbation, folder_miou, write_perturbed_masks
@@ -54,7 +54,7 @@ MODE_TITLES = {"test": "trained on GT masks, tested on perturbed masks",
 METRICS = ("test/acc", "waterbirds/acc", "waterbirds/worst_group_acc")
 MASK_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs_mask)
 GRIDS = {"tiny": ("erode:2", "dilate:2")}  # other presets: every perturbation at its default strengths
-SWEEP_MODELS = {"tiny": ("cnn", "vit")}
+DEFAULT_MODELS = ("cnn", "vit")  # the demo's CNN and its ViT with the GAP head
 
 
 @dataclass
@@ -90,6 +90,7 @@ class SweepConfig:
     workers: int = 1
     mask_seed: int = 0
     mask_threshold: int = 0
+    init: str = "finetuned"
     progress: bool = True
 
 
@@ -110,6 +111,9 @@ def sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     A.add(parser, "--strategies", nargs="+", default=list(MASK_STRATEGIES), choices=list(MASK_STRATEGIES))
     A.add(parser, "--seeds", nargs="+", type=int, default=None, range="[0, 2147483647]", help="training seeds")
     A.add(parser, "--epochs", type=int, default=None, range="[1, 100000]", help="override the preset's epochs")
+    A.add(parser, "--init", default="finetuned", choices=list(INITS),
+          help="the backbones as the demo's rows start them: the shipped pretrained ones frozen or fine-tuned, or "
+               "from scratch")
     A.add(parser, "--threads", type=int, default=None, range="[1, 1024]", help="torch CPU threads")
     A.add(parser, "--mask_seed", type=int, default=0, range="[0, 2147483647]", help="seed of the perturbations")
     A.add(parser, "--mask_threshold", type=int, default=0, range="[0, 254]",
@@ -168,16 +172,16 @@ def _number(text: str) -> float:
 def config_from_args(ns: argparse.Namespace) -> SweepConfig:
     p = copy.deepcopy(PRESETS[ns.preset])  # the demo's presets are shared objects
     if ns.epochs:
-        p.epochs = {k: ns.epochs for k in p.epochs}
+        p.epochs = {init: {k: ns.epochs for k in by_kind} for init, by_kind in p.epochs.items()}
     specs = ns.perturbations or GRIDS.get(ns.preset, tuple(PERTURBATIONS))
     data = require_dir(ns.data_path, "--data_path") if ns.data_path else None
     pred = require_dir(ns.pred_masks, "--pred_masks") if ns.pred_masks else None
     return SweepConfig(out=Path(ns.out), preset=p, grid=parse_grid(specs),
                        perturb_at=tuple(dict.fromkeys(ns.perturb_at)),
-                       models=tuple(dict.fromkeys(ns.models or SWEEP_MODELS.get(ns.preset, tuple(MODELS)))),
+                       models=tuple(dict.fromkeys(ns.models or DEFAULT_MODELS)),
                        strategies=tuple(dict.fromkeys(ns.strategies)), seeds=tuple(ns.seeds or p.seeds),
                        data_path=data, pred_masks=pred, threads=ns.threads, workers=ns.workers,
-                       mask_seed=ns.mask_seed, mask_threshold=ns.mask_threshold)
+                       mask_seed=ns.mask_seed, mask_threshold=ns.mask_threshold, init=ns.init)
 
 
 # -------------------------------------------------------------------------------------- stages
@@ -266,8 +270,8 @@ def segmenter_point(cfg: SweepConfig, stages: Stages, data: Path, data_id: dict)
 def train_point(cfg: SweepConfig, data: Path, masks: MaskPoint, model: str, strategy: str, seed: int):
     """The run trained with `masks` (demo.train_run: read back when finished, resumed when interrupted)."""
     run_dir = cfg.out / "runs" / f"{model}-{strategy}-{masks.key}-s{seed}"
-    row = (model, strategy, "GT" if masks.dir is None else "predicted", "scratch")
-    argv = classifier_argv(row, seed, cfg.preset, data, masks.dir, {}, run_dir, cfg.threads)
+    row = (model, strategy, "GT" if masks.dir is None else "predicted", cfg.init)
+    argv = classifier_argv(row, seed, cfg.preset, data, masks.dir, run_dir, cfg.threads)
     argv += ["--mask_threshold", str(cfg.mask_threshold)]
     return run_dir, argv, train_run(argv, run_dir)
 
