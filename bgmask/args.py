@@ -259,12 +259,12 @@ def train_parser(description: str, strategies=None, default: str | None = None) 
     return ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[data_args(), model_args(), masking_args(strategies=strategies, default=default), optim_args(),
-                 run_args()],
+                 run_args(), eval_args(ArgumentParser(add_help=False))],
     )
 
 
 def eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags that only the evaluation scripts (eval_waterbirds.py) add to the training parser."""
+    """The flags of the final evaluation (train.py's last step and eval_waterbirds.py) beyond the splits'."""
     g = parser.add_argument_group("attribution (where the model looks: bgmask.attribution)")
     add(g, "--attribution_images", type=int, default=None, range="[0, inf)", metavar="N",
         help="per split, N images (a fixed subset drawn with --seed) whose InputXGradient maps of the predicted "

@@ -187,9 +187,15 @@ def end_epoch(parts: build.Parts, progress: Progress, stats: dict, folder: RunFo
     barrier()
 
 
+def attribution_sets(cfg: Namespace, datasets: dict, dist: DistInfo) -> dict:
+    """The GT-mask twins of the final splits for the attribution fraction (see bgmask.attribution)."""
+    return gt_mask_splits(cfg, {s: datasets[s] for s in ("test", "waterbirds") if s in datasets}, dist.is_main)
+
+
 def final_report(parts: build.Parts, progress: Progress, folder: RunFolder, cfg: Namespace,
-                 dist: DistInfo) -> dict:
-    """Test, Waterbirds and diagnostics of the best-on-val model when there is a val split, else the last."""
+                 dist: DistInfo, gt_sets: dict) -> dict:
+    """Test, Waterbirds, diagnostics and attribution of the best-on-val model when there is a val split,
+    else the last."""
     final_from, best = "last", Path(cfg.snapshot_dir) / "best.pt"
     if progress.best is not None and best.is_file():
         barrier()
@@ -197,6 +203,8 @@ def final_report(parts: build.Parts, progress: Progress, folder: RunFolder, cfg:
         final_from = "best"
     final = final_splits(parts.model, parts.datasets, parts.strategy, dist, cfg, parts.mask_fn, parts.data_config,
                          ["test", "waterbirds"])
+    final.update(evaluation_attribution(parts.model, parts.strategy, parts.datasets, gt_sets, cfg, dist,
+                                        parts.mask_fn))
     record = {"epoch": cfg.epochs, "split": "final", "checkpoint": final_from,
               "num_classes": parts.meta["num_classes"], **final}
     folder.finish(record, step=cfg.epochs)
@@ -208,6 +216,7 @@ def fit(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     folder, resuming = open_run_folder(cfg, dist)
     seed_everything(cfg.seed)
     parts = build.build_parts(cfg, dist, mask_fn)
+    gt_sets = attribution_sets(cfg, parts.datasets, dist)  # an explicit N without GT masks stops here
     progress = resume(parts, cfg, dist.world_size, dist.is_main) if resuming else Progress()
     if resuming:
         folder.prepare_resume(progress.epoch)
@@ -222,7 +231,7 @@ def fit(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
                                 parts.mixup, parts.scaler, parts.mask_fn)
         parts.scheduler.step(epoch + 1)
         end_epoch(parts, progress, stats, folder, cfg, dist)
-    return final_report(parts, progress, folder, cfg, dist)
+    return final_report(parts, progress, folder, cfg, dist, gt_sets)
 
 
 # -------------------------------------------------------------------------------------- evaluate

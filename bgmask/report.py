@@ -2,8 +2,8 @@
 
 A run folder is what `train.py` writes: config.yaml + final_metrics.json. Rows are keyed by
 (model, strategy, mask source, initialisation); several seeds of the same key are averaged. The
-attribution columns (`OPTIONAL_COLUMNS`) appear when some run has them: training does not compute
-them, so they come from the run's latest evaluation line in results.jsonl (eval_waterbirds.py).
+attribution columns (`OPTIONAL_COLUMNS`) appear when some run has them: from train.py's final metrics,
+or from the run's latest evaluation line in results.jsonl (eval_waterbirds.py), which wins.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def load_runs(run_dirs) -> list[Row]:
         if not cfg_file.is_file() or not metrics_file.is_file():
             raise UserError(f"{d} is not a finished run folder (expected config.yaml and final_metrics.json)")
         cfg = yaml.safe_load(cfg_file.read_text())
-        metrics = {**latest_evaluation(d), **json.loads(metrics_file.read_text())}
+        metrics = {**json.loads(metrics_file.read_text()), **latest_evaluation(d)}  # a later evaluation wins
         key = describe_run(cfg)
         row = rows.setdefault(tuple(key.values()), Row(key))
         row.runs.append(str(d))

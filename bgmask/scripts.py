@@ -94,7 +94,6 @@ def eval_main(argv, feature_level: bool, description: str) -> int:
     parser = A.train_parser(description, script_strategies(feature_level))
     A.add(parser, "--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md, PREFIX kept "
                                               "whole (default: beside the checkpoint, waterbirds_eval)")
-    A.eval_args(parser)
     cfg = parse_noting_arch(parser, argv)
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a best.pt / last.pt written by train.py)")

@@ -237,3 +237,24 @@ def test_negative_count_is_refused_by_the_flag_range(data, runs, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--attribution_images must be >= 0, got -1" in err, err
     assert not (tmp_path / "ev.json").exists()
+
+
+def test_training_reports_the_fraction_in_its_final_metrics(runs):
+    """train.py's final evaluation carries the fraction too (the default subset): exactly 0 for early
+    masking, and the report reads it from final_metrics.json."""
+    base = json.loads((runs["baseline"] / "final_metrics.json").read_text())
+    early = json.loads((runs["early"] / "final_metrics.json").read_text())
+    assert early["test/attr_bg_fraction"] == early["waterbirds/attr_bg_fraction"] == 0.0
+    assert early["test/attr_images"] == 9 and 0.0 < base["test/attr_bg_fraction"] <= 1.0
+
+
+def test_training_with_an_explicit_count_and_no_gt_masks_stops_before_training(data, tmp_path, capsys):
+    from bgmask.scripts import train_early
+
+    bare = tmp_path / "CUB"
+    shutil.copytree(data, bare, ignore=shutil.ignore_patterns("segmentations"))
+    run = tmp_path / "run"
+    assert train_early(["--data_path", str(bare), "--snapshot_dir", str(run), "--image_size", "32", "--epochs", "1",
+                        "--num_workers", "0", "--attribution_images", "4", "--no_progress"]) == 2
+    assert "--attribution_images 4 needs ground-truth masks" in capsys.readouterr().err
+    assert not (run / "last.pt").exists()
