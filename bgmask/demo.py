@@ -282,8 +282,9 @@ def train_rows(out: Path, p: Preset, data: Path, pred_masks, threads) -> list[Pa
 
 
 def write_demo_report(out: Path, run_dirs, data: Path, pred_masks, seg_result, sweep) -> None:
-    """Stage 6: results.md/csv/json, the bar chart, the example grid (+ the correlation sweep)."""
-    from bgmask.demo_plots import example_grid, sweep_plot
+    """Stage 5: results.md/csv/json (the paper layout first), the bar charts, the example grid, the
+    attribution grid of the fine-tuned runs (+ the correlation sweep)."""
+    from bgmask.demo_plots import attribution_examples, example_grid, sweep_plot
     from bgmask.report import write_report
 
     report = out / "report"
@@ -292,6 +293,13 @@ def write_demo_report(out: Path, run_dirs, data: Path, pred_masks, seg_result, s
     grid = example_grid(run_dirs, data, pred_masks, report / "examples.png")
     extra.append(f"\n![examples]({grid.name})\n")
     pictures = [paths["bars"], grid]
+    looked = [d for d in run_dirs if "-finetuned-s" in Path(d).name] or list(run_dirs)
+    attribution = attribution_examples(looked[:8], data, pred_masks, report / "attribution.png")
+    if attribution is not None:
+        pictures.append(attribution)
+        extra.append("\n## Where the models look\n\nInputXGradient of the predicted class on Waterbirds images "
+                     "(`bgmask.attribution`; inferno colours, bright = strong positive evidence), through each run's strategy; the tables' "
+                     f"BG attribution columns give its share on the background.\n\n![attribution]({attribution.name})\n")
     if sweep:
         pictures.append(sweep_plot(sweep, report / "correlation_sweep.png"))
         extra.append(f"\n![correlation sweep]({pictures[-1].name})\n")

@@ -116,3 +116,43 @@ def sweep_plot(points: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _run_model(run_dir: Path):
+    """(config, model in eval mode, strategy, data_config) of a finished run."""
+    from bgmask.checkpoint import load_checkpoint, model_from_checkpoint
+    from bgmask.masking import create_strategy
+
+    cfg = Namespace(**yaml.safe_load((run_dir / "config.yaml").read_text()))
+    ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+    state = load_checkpoint(ckpt)
+    dc = state["data_config"]
+    strategy = create_strategy(cfg.strategy, mean=tuple(dc["mean"]), std=tuple(dc["std"]), mask_fill=cfg.mask_fill)
+    return cfg, model_from_checkpoint(state, ckpt).eval(), strategy, dc
+
+
+def attribution_examples(run_dirs, data_root: Path, pred_masks: Path | None, path: Path, n: int = 4,
+                         seed: int = 0) -> Path | None:
+    """Where each model looks: n Waterbirds images (a seeded subset), their GT masks, and one attribution
+    map per run (`bgmask.attribution`, through the run's strategy). Masked strategies see the predicted
+    masks (`pred_masks`), as the demo's runs do, else GT masks; runs that read other masks are left out.
+    None when no run is left."""
+    from bgmask.attribution import draw_attribution_grid, subset_indices, take
+    from bgmask.data import CUBDataset
+    from bgmask.data.transforms import build_transform
+
+    source = str(pred_masks) if pred_masks else "gt"
+    runs = [(Path(r).name.rsplit("-s", 1)[0], *_run_model(Path(r))) for r in run_dirs]
+    runs = [r for r in runs if not r[3].needs_mask or r[1].mask_source == source]
+    if not runs:
+        return None
+    dc = runs[0][4]
+    tf = build_transform(False, dc["image_size"], mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"])
+    gt = CUBDataset(data_root, "test", image_subdir=WATERBIRDS_SUBDIR, masks=MaskSource("gt"), transform=tf)
+    pick = subset_indices(len(gt), n, seed)
+    batch = take(gt, pick)
+    seen = take(CUBDataset(data_root, "test", image_subdir=WATERBIRDS_SUBDIR, masks=MaskSource(source),
+                           transform=tf), pick)["mask"]
+    columns = [(name, model, strategy) for name, _, model, strategy, _ in runs]
+    return draw_attribution_grid(path, batch["image"], batch["mask"], columns, mean=dc["mean"], std=dc["std"],
+                                 strategy_masks=seen, cell=96)

@@ -35,7 +35,8 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert sorted((p["correlation"], p["strategy"]) for p in sweep) == [
         (0.1, "baseline"), (0.1, "early"), (0.9, "baseline"), (0.9, "early")]
     assert "correlation_sweep.png" in md
-    for png in ("accuracy_bars.png", "examples.png", "correlation_sweep.png"):
+    assert "## As the paper's tables" in md and "## Where the models look" in md and "BG attribution (test)" in md
+    for png in ("accuracy_bars.png", "paper_bars.png", "examples.png", "attribution.png", "correlation_sweep.png"):
         data = (report / png).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 10_000, png
     assert json.loads((report / "results.json").read_text())[0]["seeds"] == 1
@@ -62,3 +63,25 @@ def test_paper_preset_prints_commands(capsys):
     assert cli_main(["demo", "--preset", "paper", "--data_path", "/data/CUB_200_2011"]) == 0
     text = capsys.readouterr().out
     assert "torchrun --nproc_per_node=4" in text and "--image_size 518" in text and "/data/CUB_200_2011" in text
+
+
+def test_default_rows_are_the_papers_grid_on_the_zoo():
+    from pathlib import Path
+
+    from bgmask.demo import PRESETS, ROWS_DEFAULT, ROWS_FULL, ROWS_SCRATCH, classifier_argv
+
+    assert sorted(ROWS_DEFAULT) == sorted((m, s, "-" if s == "baseline" else "predicted", i)
+                                          for m in ("cnn", "vit") for s in ("baseline", "early", "late")
+                                          for i in ("frozen", "finetuned"))
+    assert {r[0] for r in ROWS_FULL} == {"cnn", "vit", "vit_cls", "vit_both"} and PRESETS["full"].seeds == (0, 1, 2)
+    assert {r[3] for r in ROWS_FULL} == {"frozen", "finetuned"} and {r[3] for r in ROWS_SCRATCH} == {"scratch"}
+    p = PRESETS["default"]
+    argv = classifier_argv(("vit_cls", "late", "predicted", "frozen"), 1, p, Path("d"), Path("m"), Path("r"), None)
+    flag = {k: v for k, v in zip(argv, argv[1:]) if k.startswith("--")}
+    assert flag["--pretrained_file"] == "zoo:vit" and flag["--mask_source"] == "m" and flag["--seed"] == "1"
+    assert "--class_token_only" in argv and "--freeze_backbone" in argv and argv[len(argv) - 1 - argv[::-1].index("--lr") + 1] == "1e-2"
+    argv = classifier_argv(("cnn", "baseline", "-", "finetuned"), 0, p, Path("d"), None, Path("r"), None)
+    assert "zoo:cnn" in argv and "--freeze_backbone" not in argv and "--scratch_lr_factor" in argv
+    argv = classifier_argv(("vit", "early", "GT", "scratch"), 0, p, Path("d"), None, Path("r"), None)
+    assert "--pretrained_file" not in argv and "--patch_tokens_only" in argv
+    assert argv[argv.index("--epochs") + 1] == str(p.epochs["scratch"]["vit"])
