@@ -50,7 +50,8 @@ def test_run_all_quick_prints_one_table_of_every_part(tmp_path):
     for arch in ("bgmask_resnet_tiny", "bgmask_vit_tiny"):
         names = [r["row"] for r in rows if r["model"] == arch]
         assert names == ["bare timm model", "engine/baseline", "engine/early", "engine/late",
-                         "engine/late + online segmenter", "engine+data/baseline", "engine+data/early",
+                         "engine/late + online segmenter", "segmenter forward alone",
+                         "engine/late + segmenter forward (sum of both)", "engine+data/baseline", "engine+data/early",
                          "engine+data/late", "bare forward, no grad", "eval/baseline", "eval/early", "eval/late"]
         for r in rows:
             if r["model"] == arch and r["ref"]:
@@ -59,6 +60,11 @@ def test_run_all_quick_prints_one_table_of_every_part(tmp_path):
                 assert r["ratio"] == pytest.approx(r["images_per_s"] / ref["images_per_s"])
         assert by[("train", arch, "engine/late")]["vs"] == "engine/baseline"
         assert by[("train", arch, "engine/late")]["goal"] == 0.85
+        late, seg, both = (by[("train", arch, n)] for n in ("engine/late", "segmenter forward alone",
+                                                              "engine/late + segmenter forward (sum of both)"))
+        assert both["seconds"] == pytest.approx(late["seconds"] + seg["seconds"]) and both["images"] == late["images"]
+        online = by[("train", arch, "engine/late + online segmenter")]
+        assert online["vs"] == both["row"] and online["goal"] == 0.95
     masks = [r for r in rows if r["section"] == "masks"]
     assert masks[1]["row"].startswith("predict_masks.py") and masks[1]["images"] == 4 * 10 + 2 * 10 * 2
     assert all(r["images_per_s"] > 0 and r["seconds"] > 0 and r["peak_mem_mib"] > 0 for r in rows)
