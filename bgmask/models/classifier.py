@@ -22,7 +22,6 @@ the mask).
 from __future__ import annotations
 
 import logging
-import os
 
 import timm
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 from bgmask.errors import UserError
 from bgmask.models.families import family_of
 from bgmask.models.heads import check_late_pool
-from bgmask.models.weights import check_model_arch, create_timm_model, load_pretrained_file
+from bgmask.models.weights import check_model_arch, create_timm_model, load_pretrained_file, resolve_pretrained_file
 
 _logger = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ def create_classifier(model_arch: str, num_classes: int, *, head: str | None = N
     """Build a Classifier from a timm model name (see the module docstring).
 
     pretrained: timm's pretrained weights (local cache first; UserError at once without network).
-    pretrained_file: a checkpoint file to load instead (takes precedence over `pretrained`).
+    pretrained_file: a checkpoint file or `zoo:NAME` to load instead (takes precedence over `pretrained`).
     image_size: ViT input size (position embedding sized / resampled to it); CNNs accept any size.
     late_mask_stage: "last", "second_last" or "auto" (the family's default: see `BackboneFamily`).
     output_stride: CNNs only, timm's dilation of the last stages (32 = none).
@@ -192,8 +191,8 @@ def create_classifier(model_arch: str, num_classes: int, *, head: str | None = N
     if pretrained_file is not None and pretrained:
         _logger.info("pretrained_file given: loading %s instead of timm's pretrained weights", pretrained_file)
         pretrained = False
-    if pretrained_file is not None and not os.path.isfile(pretrained_file):
-        raise UserError(f"pretrained_file not found: {pretrained_file} (expected a .pth/.safetensors state dict)")
+    if pretrained_file is not None:  # a missing file or a bad zoo:NAME fails before anything is built
+        pretrained_file = resolve_pretrained_file(pretrained_file, model_arch)
     check_model_arch(model_arch)
 
     def build(pretrained: bool) -> nn.Module:

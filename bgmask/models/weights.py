@@ -7,7 +7,9 @@ a checkpoint file (`--pretrained_file`).
   - timm-format keys (any timm checkpoint of the architecture, also the original DINOv2 / FB ConvNeXt
     formats, converted by timm's checkpoint filter), our own `Classifier.state_dict()` (keys `backbone.*`,
     `head.*`), and either with a DistributedDataParallel `module.` prefix;
-  - for ViTs, any grid size: the position embedding is resampled to the model's grid.
+  - for ViTs, any grid size: the position embedding is resampled to the model's grid;
+  - `zoo:NAME`: a backbone of the model zoo shipped in bgmask/zoo_weights/ (made by `bgmask pretrain`,
+    listed in its zoo.json), its sha256 checked against zoo.json on every load.
 Classifier-head tensors whose shape does not fit (another class count) are dropped and stay freshly
 initialised; a file whose backbone tensors mostly do not fit is rejected with a UserError.
 """
@@ -15,6 +17,8 @@ initialised; a file whose backbone tensors mostly do not fit is rejected with a 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import os
 import pickle
@@ -31,6 +35,9 @@ from bgmask.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
+ZOO_PREFIX = "zoo:"
+ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo_weights"  # package data (pyproject)
+ZOO_INDEX = "zoo.json"
 HUB_TIMEOUT_S = 3.0
 STATE_DICT_KEYS = ("model", "state_dict", "model_state")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -138,6 +145,63 @@ def create_timm_model(model_arch: str, pretrained: bool = False, **kwargs) -> nn
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the model zoo (`--pretrained_file zoo:NAME`; bgmask.zoo writes it)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_zoo_index(zoo_dir: str | Path | None = None) -> dict[str, dict]:
+    """name -> entry of ZOO_DIR/zoo.json (`{"models": {NAME: {"file", "sha256", "model_arch", ...}}}`);
+    {} when there is no index yet."""
+    path = Path(zoo_dir or ZOO_DIR) / ZOO_INDEX
+    if not path.is_file():
+        return {}
+    try:
+        models = json.loads(path.read_text(encoding="utf-8")).get("models")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        models = None
+    keys = ("file", "sha256", "model_arch")
+    if not isinstance(models, dict) or not all(  # a file name, not a path that could leave the zoo folder
+            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in keys) and Path(e["file"]).name == e["file"]
+            for e in models.values()):
+        raise UserError(f"{path}: not a zoo index (expected JSON {{\"models\": {{NAME: {{{', '.join(keys)}, ...}}}}}})")
+    return models
+
+
+def resolve_pretrained_file(spec: str | Path, model_arch: str | None = None) -> str:
+    """The file a `--pretrained_file` value names: `zoo:NAME` -> the zoo's file, after checking that it
+    holds `model_arch` weights and that its sha256 is the one zoo.json records; anything else is a path
+    that must exist."""
+    spec = str(spec)
+    if not spec.startswith(ZOO_PREFIX):
+        if not os.path.isfile(spec):
+            raise UserError(f"pretrained_file not found: {spec} (expected a .pth/.safetensors state dict or zoo:NAME)")
+        return spec
+    name, zoo = spec[len(ZOO_PREFIX):], read_zoo_index()
+    if name not in zoo:
+        raise UserError(f"unknown zoo model {spec!r}; the zoo ({ZOO_DIR / ZOO_INDEX}) has "
+                        f"{', '.join(ZOO_PREFIX + n for n in sorted(zoo)) or 'no models'}")
+    entry = zoo[name]
+    path = ZOO_DIR / entry["file"]
+    if model_arch is not None and model_arch.split(".")[0] != entry["model_arch"]:
+        raise UserError(f"{spec} holds {entry['model_arch']} weights, not {model_arch} (pass --model_arch "
+                        f"{entry['model_arch']})")
+    if not path.is_file():
+        raise UserError(f"{spec}: {path} is missing (remade by: {entry.get('command', 'bgmask pretrain')})")
+    actual = file_sha256(path)
+    if actual != entry["sha256"]:
+        raise UserError(f"{spec}: {path} has sha256 {actual}, zoo.json records {entry['sha256']} (a changed or "
+                        f"damaged file: restore it, or remake it with {entry.get('command', 'bgmask pretrain')})")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # checkpoint files
 
 
@@ -215,8 +279,9 @@ def _timm_filter(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, tor
 
 
 def load_pretrained_file(classifier, path: str | Path) -> None:
-    """Load a checkpoint file into a `Classifier` (see the module docstring for what is accepted)."""
-    path = Path(path)
+    """Load a checkpoint file or `zoo:NAME` into a `Classifier` (see the module docstring for what is
+    accepted)."""
+    path = Path(resolve_pretrained_file(path, classifier.model_arch))
     sd = _strip(read_state_dict(path), "module.")
     target = classifier.state_dict()
     head_keys = set(classifier.head_state_keys())
