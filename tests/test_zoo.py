@@ -38,7 +38,7 @@ def test_shipped_file_matches_its_record(name):
     assert weights.file_sha256(path) == entry["sha256"]
     assert path.stat().st_size == entry["bytes"]
     assert entry["command"].startswith("bgmask pretrain --model ") and f"--name {name} " in entry["command"]
-    assert entry["data"]["correlation"] == 0.1 and entry["data"]["seed"] != 0  # independent habitats, not the demo's
+    assert entry["data"]["correlation"] == 0.95 and entry["data"]["seed"] != 0  # habitat context; not the demo's species
     assert entry["chosen"] in [c["recipe"]["name"] for c in entry["candidates"]]
     assert entry["val_acc"] == max(c["val_acc"] for c in entry["candidates"])
 
@@ -136,14 +136,14 @@ def test_pretrain_tiny_writes_a_loadable_entry_and_reproduces_it(tmp_path, monke
     assert sorted(index) == ["other", "tiny"] and index["other"] == other  # the other entry kept
     e = index["tiny"]
     assert e["command"] == ("bgmask pretrain --model cnn --name tiny --recipes lr2e-3 lr4e-3 --epochs 1 "
-                            "--masked_warmup_epochs 0 --num_classes 3 --train_per_class 10 --test_per_class 2 "
+                            "--masked_warmup_epochs 0 --num_classes 3 --correlation 0.95 --train_per_class 10 --test_per_class 2 "
                             "--data_seed 1000 --image_size 64 --val_fraction 0.1 --batch_size 8 --seed 0 --dtype auto "
                             "--threads 1 --num_workers 0 --max_steps_per_epoch 2")
     assert e["masked_warmup"] is None
     assert [c["recipe"]["name"] for c in e["candidates"]] == ["lr2e-3", "lr4e-3"]
     assert all(len(c["val_acc_per_epoch"]) == 1 for c in e["candidates"])
     assert e["data"] == {"generator": "bgmask.data.synthetic.generate_synthetic", "num_classes": 3,
-                         "image_size": 64, "train_per_class": 10, "test_per_class": 2, "correlation": 0.1,
+                         "image_size": 64, "train_per_class": 10, "test_per_class": 2, "correlation": 0.95,
                          "seed": 1000, "val_fraction": 0.1, "split_seed": 0}
     path = out / "tiny.safetensors"
     assert (e["sha256"], e["bytes"], e["model_arch"]) == (weights.file_sha256(path), path.stat().st_size,
@@ -153,7 +153,7 @@ def test_pretrain_tiny_writes_a_loadable_entry_and_reproduces_it(tmp_path, monke
     stored = safetensors.torch.load_file(str(path))
     assert torch.equal(clf.state_dict()["backbone.conv1.weight"], stored["conv1.weight"].float())
     # train.py's flag: one fine-tuning step from zoo:tiny on the pretraining data itself
-    data = tmp_path / "w" / "data" / "synbirds_3sp_s1000_64px_10+2"
+    data = tmp_path / "w" / "data" / "synbirds_3sp_s1000_64px_10+2_c0.95"
     cfg = A.parse_with_config(A.train_parser("t"), [
         "--data_path", str(data), "--model_arch", "bgmask_resnet_tiny", "--pretrained_file", "zoo:tiny",
         "--epochs", "1", "--batch_size", "8", "--image_size", "64", "--max_steps_per_epoch", "1", "--num_workers", "0",
