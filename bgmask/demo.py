@@ -65,7 +65,7 @@ class Preset:
     correlation: float = 0.95
     # init -> model kind -> epochs; the pretrained backbones need fewer than training from scratch
     epochs: dict = field(default_factory=lambda: {"scratch": {"cnn": 8, "vit": 6}, "frozen": {"cnn": 4, "vit": 4},
-                                                  "finetuned": {"cnn": 4, "vit": 4}})
+                                                  "finetuned": {"cnn": 4, "vit": 3}})
     batch_size: int = 64
     lr: dict = field(default_factory=lambda: {"cnn": 2e-3, "vit": 1e-3})
     seg_iters: int = 600
