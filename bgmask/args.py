@@ -229,8 +229,9 @@ def run_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--config", default=None, help="YAML file of defaults; flags given on the command line win")
     add(g, "--snapshot_dir", default="runs/run", help="run folder: config, checkpoints, results.jsonl")
     add(g, "--save_every_n_epochs", type=int, default=0, range="[0, inf)", help="also keep epoch_<k>.pt every n epochs")
-    add(g, "--eval_mode", default="val", choices=["val", "test", "train"],
-        help="split evaluated after each epoch; best.pt is picked on val only (never on test, unlike the paper)")
+    add(g, "--eval_mode", default="val", choices=["val", "test", "train", "none"],
+        help="split evaluated after each epoch (none: only the final evaluation); best.pt is picked on val only "
+             "(never on test, unlike the paper)")
     add(g, "--dataset", default="cub", help="the paper's flag: CUB-200-2011 (and Waterbirds) is the only dataset")
     add(g, "--resplit", action="store_true", help="the paper's flag, unused there too: accepted, no effect")
     add(g, "--log_interval", type=int, default=10, range="[1, inf)",

@@ -64,8 +64,8 @@ class Preset:
     test_per_class: int = 50
     correlation: float = 0.95
     # init -> model kind -> epochs; the pretrained backbones need fewer than training from scratch
-    epochs: dict = field(default_factory=lambda: {"scratch": {"cnn": 8, "vit": 6}, "frozen": {"cnn": 3, "vit": 3},
-                                                  "finetuned": {"cnn": 3, "vit": 3}})
+    epochs: dict = field(default_factory=lambda: {"scratch": {"cnn": 8, "vit": 6}, "frozen": {"cnn": 3, "vit": 2},
+                                                  "finetuned": {"cnn": 3, "vit": 2}})
     batch_size: int = 64
     lr: dict = field(default_factory=lambda: {"cnn": 2e-3, "vit": 1e-3})
     seg_iters: int = 400
@@ -159,7 +159,7 @@ def classifier_argv(row, seed, p: Preset, data: Path, pred_masks: Path | None, r
             "--lr", str(p.lr[kind(model)]),
             "--weight_decay", "0.05", "--scheduler_type", "cosine", "--min_lr", "1e-5", "--seed", str(seed),
             "--snapshot_dir", str(run_dir), "--num_workers", "1", "--no_progress"]
-    argv += ["--smoothing", "0"]  # the demo's recipe, not the paper's default 0.1
+    argv += ["--smoothing", "0", "--eval_mode", "none"]  # the demo's recipe; only the final evaluation counts
     if STRATEGIES[strategy].masks_features:
         argv += ["--late_mask_stage", "last"]  # the mask on the final map, for the CNN too
     argv += HEAD_FLAGS.get(model, [])

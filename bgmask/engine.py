@@ -172,16 +172,18 @@ def epoch_loader(dataset, sampler, cfg: Namespace, dist: DistInfo, epoch: int) -
 
 def end_epoch(parts: build.Parts, progress: Progress, stats: dict, folder: RunFolder, cfg: Namespace,
               dist: DistInfo) -> None:
-    """Evaluate after an epoch, log it, write the checkpoints."""
-    eval_split = {"train": "train_eval", "val": "val"}.get(cfg.eval_mode, "test")
-    eval_split = eval_split if eval_split in parts.datasets else "test"  # no val split: train_split 1
-    metrics = evaluate_splits(parts.model, parts.datasets, parts.strategy, dist, cfg, [eval_split], parts.mask_fn)
+    """Evaluate after an epoch (not with --eval_mode none), log it, write the checkpoints."""
+    eval_split = {"train": "train_eval", "val": "val", "none": None}.get(cfg.eval_mode, "test")
+    eval_split = eval_split if eval_split in parts.datasets or eval_split is None else "test"  # no val split
+    metrics = evaluate_splits(parts.model, parts.datasets, parts.strategy, dist, cfg, [eval_split],
+                              parts.mask_fn) if eval_split else {}
     epoch = progress.epoch + 1
     improved = progress.update(epoch, metrics.get("val/acc") if eval_split == "val" else None)
     if dist.is_main:
-        folder.log({"epoch": epoch, "split": eval_split, **stats, **metrics}, step=epoch)
-        print(f"epoch {epoch}/{cfg.epochs} loss {stats['train/loss']:.4f} {eval_split}/acc "
-              f"{metrics[f'{eval_split}/acc']:.4f} ({stats['train/images_per_s']:.0f} img/s)", flush=True)
+        folder.log({"epoch": epoch, "split": eval_split or "train", **stats, **metrics}, step=epoch)
+        acc = f" {eval_split}/acc {metrics[f'{eval_split}/acc']:.4f}" if eval_split else ""
+        print(f"epoch {epoch}/{cfg.epochs} loss {stats['train/loss']:.4f}{acc} "
+              f"({stats['train/images_per_s']:.0f} img/s)", flush=True)
         state = training_state(parts, progress, cfg, {**parts.meta, "world_size": dist.world_size})
         save_epoch(Path(cfg.snapshot_dir), state, improved, cfg.save_every_n_epochs)
     barrier()

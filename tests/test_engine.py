@@ -505,3 +505,21 @@ def test_fp16_autocast_needs_cuda(cub, tmp_path, capsys, device):
     pass the check and fail later inside torch)."""
     assert train_early(base_argv(cub, tmp_path / "run", "--use_amp", "--amp_dtype", "fp16", "--device", device)) == 2
     assert capsys.readouterr().err.strip() == "error: --amp_dtype fp16 needs CUDA; use the default bf16 on CPU"
+
+
+def test_eval_mode_none_skips_the_per_epoch_evaluation_only(cub, tmp_path, capsys):
+    """--eval_mode none: no evaluation after each epoch, the same weights and final metrics as a run that
+    evaluates after each epoch (evaluation consumes no training randomness)."""
+    finals = {}
+    for mode in ("test", "none"):
+        run = tmp_path / mode
+        assert train_early(base_argv(cub, run, "--epochs", "2", "--eval_mode", mode, "--strategy", "early")) == 0
+        rows = read_jsonl(run / "results.jsonl")
+        assert [r["split"] for r in rows] == ([mode, mode, "final"] if mode == "test" else ["train", "train", "final"])
+        assert ("test/acc" in rows[0]) == (mode == "test") and "train/loss" in rows[0]
+        finals[mode] = {k: v for k, v in rows[-1].items() if "/acc" in k or k.startswith("diag/")}
+        weights = load_checkpoint(run / "last.pt")["model"]
+        finals[mode]["weights"] = torch.cat([w.flatten().float() for w in weights.values()])
+    assert torch.equal(finals["test"].pop("weights"), finals["none"].pop("weights"))
+    assert finals["test"] == finals["none"]
+    assert "epoch 1/2 loss" in capsys.readouterr().out
