@@ -142,7 +142,7 @@ def attribution_examples(run_dirs, data_root: Path, pred_masks: Path | None, pat
     from bgmask.data.transforms import build_transform
 
     source = str(pred_masks) if pred_masks else "gt"
-    runs = [(Path(r).name.rsplit("-s", 1)[0], *_run_model(Path(r))) for r in run_dirs]
+    runs = [(" ".join(Path(r).name.split("-")[:2]), *_run_model(Path(r))) for r in run_dirs]  # "cnn early"
     runs = [r for r in runs if not r[3].needs_mask or r[1].mask_source == source]
     if not runs:
         return None
