@@ -98,6 +98,10 @@ def demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
           help="override the preset's epochs for every model")
     A.add(parser, "--correlation_sweep", nargs="+", type=float, default=None, range="[0, 1]",
           help="also train the CNN baseline at these training correlations and plot accuracy against them")
+    A.add(parser, "--mask_sweep", nargs="*", default=None, metavar="NAME[:S1,S2,...]",
+          help="also run `bgmask mask-sweep` on the demo's data (its fine-tuned CNN and ViT, early and late, "
+               "perturbed at test, the segmenter's masks as points) and put sweep.png in the report; the "
+               "perturbations as mask-sweep's --perturbations (none given: erode:1,2,4 dilate:1,2,4 drop:0.25,0.5)")
     A.add(parser, "--fresh", action="store_true", help="redo every stage")
     A.add(parser, "--threads", type=int, default=None, range="[1, 1024]")
     A.add(parser, "--data_path", default=None, help="--preset paper: the real CUB_200_2011 root")
@@ -218,7 +222,8 @@ def main_demo(ns: argparse.Namespace) -> int:
     pred_masks, seg_result = make_masks(stages, out, data, data_args, p)
     run_dirs = train_rows(out, p, data, pred_masks, ns.threads)
     sweep = correlation_sweep(out, p, ns.correlation_sweep, ns.threads) if ns.correlation_sweep else None
-    write_demo_report(out, run_dirs, data, pred_masks, seg_result, sweep)
+    masks_png = mask_sweep(out, ns, data, pred_masks) if ns.mask_sweep is not None else None
+    write_demo_report(out, run_dirs, data, pred_masks, seg_result, sweep, masks_png)
     print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s", flush=True)
     return 0
 
@@ -281,7 +286,21 @@ def train_rows(out: Path, p: Preset, data: Path, pred_masks, threads) -> list[Pa
     return run_dirs
 
 
-def write_demo_report(out: Path, run_dirs, data: Path, pred_masks, seg_result, sweep) -> None:
+def mask_sweep(out: Path, ns: argparse.Namespace, data: Path, pred_masks) -> Path:
+    """`bgmask mask-sweep` on the demo's data with the demo's preset; returns its sweep.png."""
+    from bgmask.errors import ArgumentParser
+    from bgmask.sweep import config_from_args, run_sweep, sweep_args, write_sweep
+
+    argv = ["--data_path", str(data), "--out", str(out / "mask_sweep"), "--perturb_at", "test",
+            "--preset", ns.preset if ns.preset in PRESETS else "default",
+            "--perturbations", *(ns.mask_sweep or ["erode:1,2,4", "dilate:1,2,4", "drop:0.25,0.5"])]
+    argv += ["--pred_masks", str(pred_masks)] if pred_masks else []
+    argv += ["--threads", str(ns.threads)] if ns.threads else []
+    cfg = config_from_args(sweep_args(ArgumentParser(prog="bgmask demo --mask_sweep")).parse_args(argv))
+    return write_sweep(run_sweep(cfg), cfg)["png"]
+
+
+def write_demo_report(out: Path, run_dirs, data: Path, pred_masks, seg_result, sweep, masks_png=None) -> None:
     """Stage 5: results.md/csv/json (the paper layout first), the bar charts, the example grid, the
     attribution grid of the fine-tuned runs (+ the correlation sweep)."""
     from bgmask.demo_plots import attribution_examples, example_grid, sweep_plot
@@ -303,6 +322,10 @@ def write_demo_report(out: Path, run_dirs, data: Path, pred_masks, seg_result, s
     if sweep:
         pictures.append(sweep_plot(sweep, report / "correlation_sweep.png"))
         extra.append(f"\n![correlation sweep]({pictures[-1].name})\n")
+    if masks_png:
+        pictures.append(Path(shutil.copyfile(masks_png, report / "mask_sweep.png")))
+        extra.append("\n## Accuracy against mask quality\n\n`bgmask mask-sweep` (tables in "
+                     f"{masks_png.parent / 'sweep.md'}).\n\n![mask sweep](mask_sweep.png)\n")
     with open(paths["md"], "a", encoding="utf-8") as f:
         f.write("".join(extra))
     print("\n" + paths["md"].read_text().split("\n![")[0].rstrip() + "\n")  # the table; the pictures are files

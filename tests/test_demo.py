@@ -16,7 +16,7 @@ from bgmask.errors import UserError
 def test_tiny_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--preset", "tiny", "--out", str(out), "--threads", "1",
-                     "--correlation_sweep", "0.1", "0.9"]) == 0
+                     "--correlation_sweep", "0.1", "0.9", "--mask_sweep", "erode:2"]) == 0
     printed = capsys.readouterr().out
     report = out / "report"
     md = (report / "results.md").read_text()
@@ -36,7 +36,11 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
         (0.1, "baseline"), (0.1, "early"), (0.9, "baseline"), (0.9, "early")]
     assert "correlation_sweep.png" in md
     assert "## As the paper's tables" in md and "## Where the models look" in md and "BG attribution (test)" in md
-    for png in ("accuracy_bars.png", "paper_bars.png", "examples.png", "attribution.png", "correlation_sweep.png"):
+    assert "## Accuracy against mask quality" in md
+    sweep_rows = json.loads((out / "mask_sweep" / "sweep.json").read_text())["rows"]
+    assert {(r["perturbation"], r["strength"]) for r in sweep_rows} >= {("erode", 2)}
+    for png in ("accuracy_bars.png", "paper_bars.png", "examples.png", "attribution.png", "correlation_sweep.png",
+                "mask_sweep.png"):
         data = (report / png).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 10_000, png
     assert json.loads((report / "results.json").read_text())[0]["seeds"] == 1
@@ -46,7 +50,7 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     # a rerun skips every stage and every finished run
     assert cli_main(["demo", "--preset", "tiny", "--out", str(out), "--threads", "1"]) == 0
     again = capsys.readouterr().out
-    assert again.count("up to date, skipped") >= 4 and "epoch 1/1" not in again
+    assert again.count("up to date, skipped") >= 3 and "epoch 1/1" not in again
 
 
 def test_demo_rows_are_validated(capsys):
