@@ -49,8 +49,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     from bgmask.demo import main_demo
+    from bgmask.sweep import demo_mask_sweep
 
-    return main_demo(ns)
+    return main_demo(ns, mask_sweep=demo_mask_sweep)
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:

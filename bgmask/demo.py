@@ -203,7 +203,9 @@ def train_run(argv: list[str], run_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------------------- main
 
-def main_demo(ns: argparse.Namespace) -> int:
+def main_demo(ns: argparse.Namespace, mask_sweep=None) -> int:
+    """The demo's stages; `mask_sweep(out, ns, data, pred_masks) -> png` runs --mask_sweep (bgmask.sweep builds
+    on this module, so the CLI hands it in)."""
     if ns.preset == "paper":
         print(paper_commands(ns.data_path or "/path/to/CUB_200_2011"))
         return 0
@@ -222,7 +224,7 @@ def main_demo(ns: argparse.Namespace) -> int:
     pred_masks, seg_result = make_masks(stages, out, data, data_args, p)
     run_dirs = train_rows(out, p, data, pred_masks, ns.threads)
     sweep = correlation_sweep(out, p, ns.correlation_sweep, ns.threads) if ns.correlation_sweep else None
-    masks_png = mask_sweep(out, ns, data, pred_masks) if ns.mask_sweep is not None else None
+    masks_png = mask_sweep(out, ns, data, pred_masks) if ns.mask_sweep is not None and mask_sweep else None
     write_demo_report(out, run_dirs, data, pred_masks, seg_result, sweep, masks_png)
     print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s", flush=True)
     return 0
@@ -284,20 +286,6 @@ def train_rows(out: Path, p: Preset, data: Path, pred_masks, threads) -> list[Pa
                    f"{final.get('waterbirds/acc', float('nan')):.3f}  ({time.perf_counter() - t0:.0f} s)")
         run_dirs.append(run_dir)
     return run_dirs
-
-
-def mask_sweep(out: Path, ns: argparse.Namespace, data: Path, pred_masks) -> Path:
-    """`bgmask mask-sweep` on the demo's data with the demo's preset; returns its sweep.png."""
-    from bgmask.errors import ArgumentParser
-    from bgmask.sweep import config_from_args, run_sweep, sweep_args, write_sweep
-
-    argv = ["--data_path", str(data), "--out", str(out / "mask_sweep"), "--perturb_at", "test",
-            "--preset", ns.preset if ns.preset in PRESETS else "default",
-            "--perturbations", *(ns.mask_sweep or ["erode:1,2,4", "dilate:1,2,4", "drop:0.25,0.5"])]
-    argv += ["--pred_masks", str(pred_masks)] if pred_masks else []
-    argv += ["--threads", str(ns.threads)] if ns.threads else []
-    cfg = config_from_args(sweep_args(ArgumentParser(prog="bgmask demo --mask_sweep")).parse_args(argv))
-    return write_sweep(run_sweep(cfg), cfg)["png"]
 
 
 def write_demo_report(out: Path, run_dirs, data: Path, pred_masks, seg_result, sweep, masks_png=None) -> None:

@@ -414,3 +414,16 @@ def write_sweep(rows: list[dict], cfg: SweepConfig) -> dict[str, Path]:
     sweep_plot(rows, paths["png"])
     atomic_write_text(paths["md"], sweep_markdown(rows) + f"\n![sweep]({paths['png'].name})\n")
     return paths
+
+
+def demo_mask_sweep(out: Path, ns: argparse.Namespace, data: Path, pred_masks) -> Path:
+    """`bgmask demo --mask_sweep`: the sweep on the demo's data with the demo's preset; returns its sweep.png."""
+    from bgmask.errors import ArgumentParser
+
+    argv = ["--data_path", str(data), "--out", str(out / "mask_sweep"), "--perturb_at", "test",
+            "--preset", ns.preset if ns.preset in PRESETS else "default",
+            "--perturbations", *(ns.mask_sweep or ["erode:1,2,4", "dilate:1,2,4", "drop:0.25,0.5"])]
+    argv += ["--pred_masks", str(pred_masks)] if pred_masks else []
+    argv += ["--threads", str(ns.threads)] if ns.threads else []
+    cfg = config_from_args(sweep_args(ArgumentParser(prog="bgmask demo --mask_sweep")).parse_args(argv))
+    return write_sweep(run_sweep(cfg), cfg)["png"]
