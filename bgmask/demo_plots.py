@@ -13,19 +13,25 @@ from PIL import Image
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, load_mask, read_cub_metadata
 
 
-def _predict_examples(run_dir: Path, ids: list[int]) -> dict[int, int]:
-    """The run's predicted class for the Waterbirds version of each id."""
+def _run_model(run_dir: Path):
+    """(config, model in eval mode, strategy, data_config) of a finished run."""
     from bgmask.checkpoint import load_checkpoint, model_from_checkpoint
-    from bgmask.data import CUBDataset
-    from bgmask.data.transforms import build_transform
     from bgmask.masking import create_strategy
 
     cfg = Namespace(**yaml.safe_load((run_dir / "config.yaml").read_text()))
     ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     state = load_checkpoint(ckpt)
-    model = model_from_checkpoint(state, ckpt).eval()
     dc = state["data_config"]
     strategy = create_strategy(cfg.strategy, mean=tuple(dc["mean"]), std=tuple(dc["std"]), mask_fill=cfg.mask_fill)
+    return cfg, model_from_checkpoint(state, ckpt).eval(), strategy, dc
+
+
+def _predict_examples(run_dir: Path, ids: list[int]) -> dict[int, int]:
+    """The run's predicted class for the Waterbirds version of each id."""
+    from bgmask.data import CUBDataset
+    from bgmask.data.transforms import build_transform
+
+    cfg, model, strategy, dc = _run_model(run_dir)
     tf = build_transform(False, dc["image_size"], mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"])
     sub = cfg.image_sub_path_test
     masks = MaskSource(cfg.mask_source, cfg.mask_threshold) if strategy.needs_mask else None
@@ -116,19 +122,6 @@ def sweep_plot(points: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _run_model(run_dir: Path):
-    """(config, model in eval mode, strategy, data_config) of a finished run."""
-    from bgmask.checkpoint import load_checkpoint, model_from_checkpoint
-    from bgmask.masking import create_strategy
-
-    cfg = Namespace(**yaml.safe_load((run_dir / "config.yaml").read_text()))
-    ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
-    state = load_checkpoint(ckpt)
-    dc = state["data_config"]
-    strategy = create_strategy(cfg.strategy, mean=tuple(dc["mean"]), std=tuple(dc["std"]), mask_fill=cfg.mask_fill)
-    return cfg, model_from_checkpoint(state, ckpt).eval(), strategy, dc
 
 
 def attribution_examples(run_dirs, data_root: Path, pred_masks: Path | None, path: Path, n: int = 4,

@@ -68,13 +68,13 @@ def _open_upright(path: str | Path, min_side: int | None = None) -> tuple[Image.
     With `min_side`, a JPEG is decoded at the smallest of libjpeg's 1/1, 1/2, 1/4, 1/8 scales whose both
     sides stay >= min_side (Pillow's draft mode: the DCT itself is scaled, so decoding costs ~1/k^2)."""
     with Image.open(path) as img:
-        turned = orientation(img) != 1
+        turn = orientation(img)  # read once: every dataset item comes through here
         w, h = img.size
         if min_side and img.format == "JPEG":
             img.draft(img.mode, (min_side, min_side))
         img.load()
-        full = (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
-        return (ImageOps.exif_transpose(img) if turned else img.copy()), turned, full
+        full = (h, w) if turn in (5, 6, 7, 8) else (w, h)
+        return (ImageOps.exif_transpose(img) if turn != 1 else img.copy()), turn != 1, full
 
 
 def decode_rgb(path: str | Path) -> Image.Image:
