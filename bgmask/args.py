@@ -275,33 +275,41 @@ def eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse flags; `--config FILE.yaml` supplies defaults (unknown keys are an error)."""
-    import yaml
-
-    from bgmask.errors import UserError, require_file
+    """Parse flags; `--config FILE.yaml` supplies defaults (unknown keys are an error). Each value of the
+    file goes through the same per-flag conversion and check as the command line's
+    (`bgmask.flagvalues.flag_value`), with the file named in its error line."""
+    from bgmask.flagvalues import settings_from_mapping
 
     pre = ArgumentParser(add_help=False)
     add(pre, "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        path = require_file(known.config, "--config file")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"--config {path}: expected a mapping of flag names to values")
-        actions = {a.dest: a for a in parser._actions}
-        unknown = sorted(set(values) - set(actions))
-        if unknown:
-            raise UserError(f"--config {path}: unknown keys {', '.join(unknown)}")
-        for key, value in values.items():  # argparse checks choices on the command line only
-            choices = actions[key].choices
-            if choices is not None and value is not None and value not in choices:
-                raise UserError(f"--config {path}: {key}={value!r} is not one of {', '.join(map(str, choices))} "
-                                "(for this script)")
-        parser.set_defaults(**values)
+        path = known.config
+        parser.set_defaults(**settings_from_mapping(parser, read_config(path), f"--config {path}"))
     return parser.parse_args(argv)
+
+
+def read_config(path) -> dict:
+    """The mapping in a --config YAML file; a missing, non-UTF-8 or malformed file is one line naming it."""
+    import yaml
+
+    from bgmask.errors import UserError, require_file
+
+    path = require_file(path, "--config file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag names to values")
+    return values
 
 
 def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -37,15 +37,12 @@ class ArgumentParser(argparse.ArgumentParser):
         return ns
 
     def check_ranges(self, ns) -> None:
-        """The one range check: every numeric flag's value (command line or --config) against the
-        Interval its definition declared (`bgmask.args.add(..., range=...)`); NaN and inf never pass.
-        None (an optional flag left unset) is allowed."""
-        for action in self._actions:
-            if action.type not in (int, float) or action.option_strings == []:
-                continue
-            value = getattr(ns, action.dest, None)
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                _check_number(action.option_strings[0], v, getattr(action, "range", None), action.type)
+        """The one check of every setting's value (command line or --config), `bgmask.flagvalues`: its
+        type, choices and the Interval its definition declared (`bgmask.args.add(..., range=...)`); NaN
+        and inf never pass. None (an optional flag left unset) is allowed."""
+        from bgmask.flagvalues import check_namespace
+
+        check_namespace(self, ns)
 
     def _chosen(self, ns) -> ArgumentParser:
         """The parser of the subcommand given on the command line (self without subcommands)."""
@@ -95,17 +92,6 @@ class Interval:
         if math.isinf(self.hi):
             return f"{'>' if self.lo_open else '>='} {self.lo:g}"
         return f"in {self.text}"
-
-
-def _check_number(flag: str, v, interval: Interval | None, kind) -> None:
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    if interval is not None and v not in interval:
-        raise UserError(f"{flag} must be {interval}, got {v}")
-    if interval is None and not math.isfinite(v):
-        raise UserError(f"{flag} must be a finite number, got {v}")
 
 
 def require_file(path: str | Path, what: str) -> Path:
