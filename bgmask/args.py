@@ -7,6 +7,7 @@ Flags use the paper's underscore spelling (`--image_size`); each also accepts a 
 from __future__ import annotations
 
 import argparse
+import functools
 
 from bgmask.errors import ArgumentParser, Interval
 
@@ -310,6 +311,23 @@ def read_config(path) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values")
     return values
+
+
+@functools.lru_cache(maxsize=1)
+def _train_flags() -> argparse.ArgumentParser:
+    return train_parser("saved settings")  # every strategy: a checkpoint may come from either script
+
+
+def checked_settings(values, source: str) -> dict:
+    """A run's saved flags (a checkpoint's `config`), each through the command line's check
+    (`bgmask.flagvalues`); a bad value is one line starting with `source`. Keys that are no flag of this
+    bgmask (a checkpoint of another version) are kept as they are."""
+    from bgmask.errors import UserError
+    from bgmask.flagvalues import settings_from_mapping
+
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: its saved settings are not a mapping of flag names to values")
+    return settings_from_mapping(_train_flags(), values, source, unknown="keep")
 
 
 def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

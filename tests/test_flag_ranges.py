@@ -180,15 +180,17 @@ def test_config_values_are_checked_alike(tmp_path):
 # ------------------------------------------------------- the YAML path: every setting of every parser
 
 def _settings(parser):
-    from bgmask.flagvalues import settable
-
-    return settable(parser)
+    """dest -> actions, as bgmask.flagvalues.settable (written out here: the catalogue is collected from
+    the parsers alone)."""
+    out = {}
+    for a in parser._actions:
+        if not isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+            out.setdefault(a.dest, []).append(a)
+    return out
 
 
 def _bad_yaml_values(action) -> list:
     """Typed values (as YAML gives them) that the flag must refuse."""
-    from bgmask.flagvalues import _expected  # noqa: F401 -- the module under test must exist
-
     if action.nargs == 0:  # a switch
         return ["false", "true", 1] if isinstance(action.default, bool) or action.default is None else ["x"]
     bad = [{"a": 1}]
