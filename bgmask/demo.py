@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
+from bgmask.folderlock import hold_folder
 from bgmask.io import atomic_write_text
 from bgmask.masking.strategies import STRATEGIES
 
@@ -215,7 +216,11 @@ def main_demo(ns: argparse.Namespace, mask_sweep=None) -> int:
         torch.set_num_threads(ns.threads)
     p = resolve_preset(ns)
     out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with hold_folder(out, "--out"):  # one demo per folder: its stages and runs are this process's alone
+        return demo_stages(ns, p, out, mask_sweep)
+
+
+def demo_stages(ns: argparse.Namespace, p: Preset, out: Path, mask_sweep) -> int:
     stages = Stages(out, ns.fresh)
     t_start = time.perf_counter()
     data_args = dict(num_classes=p.num_classes, image_size=p.image_size, train_per_class=p.train_per_class,

@@ -15,6 +15,7 @@ shares of it, so the order per rank (and the result) differs. Checkpoints and re
 from __future__ import annotations
 
 import math
+import os
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -242,10 +243,7 @@ def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     """A saved classifier (bgmask's, or the paper's snapshot_best.pt: `checkpoint.saved_classifier`) on val (if
     any), test, Waterbirds, the diagnostics and where it looks (`bgmask.attribution`); the data may be pointed
     elsewhere. The record is appended to the results.jsonl beside the checkpoint, tagged `split: "eval"`."""
-    ckpt = cfg.checkpoint
-    if ckpt is None:
-        best = Path(cfg.snapshot_dir) / "best.pt"
-        ckpt = best if best.is_file() else Path(cfg.snapshot_dir) / "last.pt"
+    ckpt = cfg.checkpoint if cfg.checkpoint is not None else checkpoint_of(cfg)
     probe = CUBDataset(cfg.data_path, "test", check_files=False)
     model, data_cfg, epoch = saved_classifier(Path(ckpt), cfg, probe.num_classes)
     seed_everything(cfg.seed)
@@ -280,6 +278,29 @@ def run(cfg: Namespace, mask_fn=None) -> dict:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)
     try:
-        return evaluate(cfg, dist, mask_fn) if cfg.eval_only else fit(cfg, dist, mask_fn)
+        with folder_lock(cfg, dist.is_main):
+            return evaluate(cfg, dist, mask_fn) if cfg.eval_only else fit(cfg, dist, mask_fn)
     finally:
         cleanup()
+
+
+def checkpoint_of(cfg: Namespace) -> Path:
+    """The checkpoint an evaluation reads: --checkpoint, else SNAPSHOT_DIR/best.pt, else last.pt."""
+    if cfg.checkpoint is not None:
+        return Path(cfg.checkpoint)
+    best = Path(cfg.snapshot_dir) / "best.pt"
+    return best if best.is_file() else Path(cfg.snapshot_dir) / "last.pt"
+
+
+def folder_lock(cfg: Namespace, is_main: bool):
+    """The lock on the folder the run writes (`bgmask.folderlock`), taken on rank 0 before anything is
+    written: --snapshot_dir for training; for an evaluation the checkpoint's folder, where its line is
+    logged (a folder that cannot be written, e.g. shared read-only weights, is evaluated unlocked: the
+    evaluation writes nothing there)."""
+    from bgmask.folderlock import hold_folder
+
+    if not cfg.eval_only:
+        return hold_folder(cfg.snapshot_dir, "--snapshot_dir", enabled=is_main)
+    folder = checkpoint_of(cfg).parent
+    writable = folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    return hold_folder(folder, "the checkpoint's folder", enabled=is_main and writable)

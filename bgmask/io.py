@@ -6,6 +6,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,7 +27,8 @@ def atomic_path(path: str | Path):
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the writer's pid in the name: clean-up leaves the files of a live process alone
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)
@@ -39,25 +41,41 @@ def atomic_path(path: str | Path):
         raise
 
 
-TEMP_PATTERN = ".*.tmp"  # the names atomic_path gives its temporary files
+TEMP_PATTERN = ".*.tmp"  # the names atomic_path gives its temporary files: .NAME.<pid>-<random>.tmp
+_TEMP_PID = re.compile(r"\.(\d+)-[^.]*\.tmp$")
 
 
 def is_empty_folder(folder: str | Path) -> bool:
     """True when `folder` is missing, empty, or holds nothing but temporary files of atomic_path (what a
-    run killed while writing its first file leaves): an output folder that a new run may take."""
+    run killed while writing its first file leaves) and a lock file left by a killed process: an output
+    folder that a new run may take."""
+    from bgmask.folderlock import LOCK_NAME
+
     folder = Path(folder)
-    return not folder.is_dir() or all(p.match(TEMP_PATTERN) for p in folder.iterdir())
+    return not folder.is_dir() or all(p.match(TEMP_PATTERN) or p.name == LOCK_NAME for p in folder.iterdir())
+
+
+def temp_writer(tmp: Path) -> int | None:
+    """The pid of the process that made temporary file `tmp` (None for names without one)."""
+    m = _TEMP_PID.search(tmp.name)
+    return int(m.group(1)) if m else None
 
 
 def remove_stale_temp(folder: str | Path, recursive: bool = False) -> int:
-    """Delete the temporary files (`.NAME.*.tmp`, see atomic_path) that a killed process left in
-    `folder`; returns how many. Call it only where no other process is writing."""
+    """Delete the temporary files (`.NAME.<pid>-*.tmp`, see atomic_path) that a killed process left in
+    `folder`; returns how many. The files of another live process are left alone (it may be writing
+    them); call it where this process holds the folder (`bgmask.folderlock`)."""
+    from bgmask.folderlock import pid_alive
+
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     found = folder.rglob(TEMP_PATTERN) if recursive else folder.glob(TEMP_PATTERN)
     n = 0
     for tmp in found:
+        pid = temp_writer(tmp)
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
+            continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             n += 1

@@ -43,6 +43,7 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.demo import INITS, MODELS, PRESETS, Preset, Stages, classifier_argv, make_data, train_run
 from bgmask.errors import UserError, require_dir
+from bgmask.folderlock import hold_folder
 from bgmask.io import atomic_write_text
 from bgmask.masking.perturb import PERTURBATIONS, check_perturbation, folder_miou, write_perturbed_masks
 from bgmask.masking.strategies import STRATEGIES
@@ -131,8 +132,9 @@ def main_sweep(ns: argparse.Namespace) -> int:
         torch.set_num_threads(ns.threads)
     cfg = config_from_args(ns)
     t0 = time.perf_counter()
-    rows = run_sweep(cfg)
-    paths = write_sweep(rows, cfg)
+    with hold_folder(cfg.out, "--out"):  # one sweep per folder: its points are this process's alone
+        rows = run_sweep(cfg)
+        paths = write_sweep(rows, cfg)
     print("\n" + paths["md"].read_text().split("\n![")[0].rstrip() + "\n")
     print(f"[sweep] {len(rows)} grid points in {time.perf_counter() - t0:.0f} s; wrote "
           + ", ".join(str(p) for p in paths.values()), flush=True)
@@ -426,4 +428,5 @@ def demo_mask_sweep(out: Path, ns: argparse.Namespace, data: Path, pred_masks) -
     argv += ["--pred_masks", str(pred_masks)] if pred_masks else []
     argv += ["--threads", str(ns.threads)] if ns.threads else []
     cfg = config_from_args(sweep_args(ArgumentParser(prog="bgmask demo --mask_sweep")).parse_args(argv))
-    return write_sweep(run_sweep(cfg), cfg)["png"]
+    with hold_folder(cfg.out, "--out"):
+        return write_sweep(run_sweep(cfg), cfg)["png"]
