@@ -61,10 +61,11 @@ def temp_writer(tmp: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def remove_stale_temp(folder: str | Path, recursive: bool = False) -> int:
+def remove_stale_temp(folder: str | Path, recursive: bool = False, spare_live: bool = False) -> int:
     """Delete the temporary files (`.NAME.<pid>-*.tmp`, see atomic_path) that a killed process left in
-    `folder`; returns how many. The files of another live process are left alone (it may be writing
-    them); call it where this process holds the folder (`bgmask.folderlock`)."""
+    `folder`; returns how many. Call it only where no other process is writing (a run folder: where this
+    process holds its lock, `bgmask.folderlock`); with `spare_live`, the files of another live process
+    are left alone all the same (a writer that took no lock)."""
     from bgmask.folderlock import pid_alive
 
     folder = Path(folder)
@@ -73,7 +74,7 @@ def remove_stale_temp(folder: str | Path, recursive: bool = False) -> int:
     found = folder.rglob(TEMP_PATTERN) if recursive else folder.glob(TEMP_PATTERN)
     n = 0
     for tmp in found:
-        pid = temp_writer(tmp)
+        pid = temp_writer(tmp) if spare_live else None
         if pid is not None and pid != os.getpid() and pid_alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):

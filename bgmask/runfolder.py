@@ -117,9 +117,10 @@ class RunFolder:
                                     config=vars(cfg), dir=str(self.path), **resume)
 
     def remove_stale_temp(self) -> None:
-        """Temporary files of a process killed while writing (only when this run owns the folder)."""
+        """Temporary files of a process killed while writing (only when this run holds the folder's lock;
+        a live writer's files are spared even so)."""
         if self.enabled:
-            remove_stale_temp(self.path)
+            remove_stale_temp(self.path, spare_live=True)
 
     def prepare_resume(self, epoch: int) -> None:
         """Before a run resumed from the checkpoint of `epoch`: drop the results.jsonl lines that the
