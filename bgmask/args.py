@@ -12,21 +12,26 @@ import functools
 from bgmask.errors import ArgumentParser, Interval
 
 
-def add(group, flag: str, *more, range: str | None = None, **kwargs):  # noqa: A002 (the flag's range)
+def add(group, flag: str, *more, range: str | None = None, output: str | None = None,  # noqa: A002
+        **kwargs):
     """add_argument with a dashed alias for an underscored flag. A numeric flag declares its allowed
     values here, `range="[0, 1]"` / `"(0, inf)"` (see bgmask.errors.Interval); ArgumentParser.parse_args
-    checks every one of them (command line and --config values) before a script does anything."""
+    checks every one of them (command line and --config values) before a script does anything. A flag
+    naming what the command writes declares `output="folder"`, `"file"` or `"prefix"`: parse_args checks
+    that it can be written (bgmask.errors.require_output), before any work."""
     names = [flag, *more]
     if flag.startswith("--") and "_" in flag:
         names.append(flag.replace("_", "-"))
     action = group.add_argument(*names, **kwargs)
     if range is not None:
         action.range = Interval(range)
+    if output is not None:
+        action.output = output
     return action
 
 
 def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    add(parser, "--out", required=True, help="output folder (CUB_200_2011 layout)")
+    add(parser, "--out", required=True, output="folder", help="output folder (CUB_200_2011 layout)")
     add(parser, "--num_classes", type=int, default=10, range="[2, 999]")
     add(parser, "--image_size", type=int, default=64, range="[32, 4096]")
     add(parser, "--train_per_class", type=int, default=400, range="[1, 9999]")
@@ -47,7 +52,7 @@ def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def make_binary_seg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add(parser, "--cub_root", required=True, help="CUB_200_2011 root (real or synthetic)")
-    add(parser, "--out", required=True, help="output folder (cub_binary_segmentation layout)")
+    add(parser, "--out", required=True, output="folder", help="output folder (cub_binary_segmentation layout)")
     add(parser, "--val_fraction", type=float, default=0.1, range="[0, 1)",
         help="fraction of CUB train images held out as the segmentation val split")
     add(parser, "--seed", type=int, default=0, range="[0, inf)")

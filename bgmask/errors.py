@@ -7,6 +7,7 @@ import difflib
 import errno
 import functools
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if extra:
             self._chosen(ns).error(f"unrecognized arguments: {' '.join(extra)}")
         self._chosen(ns).check_ranges(ns)
+        self._chosen(ns).check_outputs(ns)
         return ns
 
     def check_ranges(self, ns) -> None:
@@ -43,6 +45,15 @@ class ArgumentParser(argparse.ArgumentParser):
         from bgmask.flagvalues import check_namespace
 
         check_namespace(self, ns)
+
+    def check_outputs(self, ns) -> None:
+        """Every output path a flag declared (`bgmask.args.add(..., output="folder" | "file" | "prefix")`)
+        checked before any work: `require_output`."""
+        for action in self._actions:
+            kind = getattr(action, "output", None)
+            value = getattr(ns, action.dest, None)
+            if kind and isinstance(value, str):
+                require_output(value, action.option_strings[0] if action.option_strings else action.dest, kind)
 
     def _chosen(self, ns) -> ArgumentParser:
         """The parser of the subcommand given on the command line (self without subcommands)."""
@@ -105,6 +116,34 @@ def require_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{what} not found: {path} (expected an existing folder)")
+    return path
+
+
+PREFIX_SUFFIXES = (".json", ".md")  # what an output prefix (eval_waterbirds.py --out PREFIX) is written as
+
+
+def require_output(path: str | Path, flag: str, kind: str = "folder") -> Path:
+    """An output a command is about to write, checked without writing anything: `kind` "folder" (the path
+    is a folder or can be made one), "file" (the path is no folder, its folder can be written) or
+    "prefix" (PREFIX.json and PREFIX.md are no folders, PREFIX's folder can be written). A file where a folder belongs (or
+    the reverse), a parent that is a file, or a folder this process may not write is one UserError naming
+    the path."""
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file (expected a folder to write into)")
+    if kind == "file" and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder (expected a file to write)")
+    for written in [Path(f"{path}{suffix}") for suffix in PREFIX_SUFFIXES] if kind == "prefix" else []:
+        if written.is_dir():
+            raise UserError(f"{flag} {path}: {written} is a folder (expected a file to write)")
+    folder = path if kind == "folder" else path.parent
+    first = folder
+    while not first.exists() and first.parent != first:  # missing folders are made by the command
+        first = first.parent
+    if first.exists() and not first.is_dir():
+        raise UserError(f"{flag} {path}: {first} is a file, so no folder can be made under it")
+    if first.exists() and not os.access(first, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {first} is read-only (for this user)")
     return path
 
 

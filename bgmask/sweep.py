@@ -98,7 +98,7 @@ class SweepConfig:
 def sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     names = ", ".join(f"{n} ({p.unit}, {p.range}, default {','.join(f'{s:g}' for s in p.defaults)})"
                       for n, p in PERTURBATIONS.items())
-    A.add(parser, "--out", default="sweep_output")
+    A.add(parser, "--out", default="sweep_output", output="folder")
     A.add(parser, "--data_path", default=None,
           help="a CUB-layout root with GT masks (e.g. demo_output/data/synthetic_cub); default: generate one "
                "in OUT/data with the preset")

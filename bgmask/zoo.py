@@ -101,8 +101,8 @@ def pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     A.add(parser, "--model", required=True, choices=list(ZOO_MODELS),
           help=", ".join(f"{k} = {m.arch}" for k, m in ZOO_MODELS.items()))
     A.add(parser, "--name", default=None, help="zoo name (default: --model); load it with --pretrained_file zoo:NAME")
-    A.add(parser, "--out", default=str(ZOO_DIR), help="folder of NAME.safetensors and zoo.json")
-    A.add(parser, "--work", default="runs/zoo", help="pretraining data and candidate runs")
+    A.add(parser, "--out", default=str(ZOO_DIR), output="folder", help="folder of NAME.safetensors and zoo.json")
+    A.add(parser, "--work", default="runs/zoo", output="folder", help="pretraining data and candidate runs")
     A.add(parser, "--recipes", nargs="+", default=None, help="candidate recipes (default: all of the model's)")
     A.add(parser, "--epochs", type=int, default=None, range="[1, 1000]", help="default: the model's (cnn 4, vit 3)")
     A.add(parser, "--masked_warmup_epochs", type=int, default=None, range="[0, 1000]",

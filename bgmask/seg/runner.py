@@ -49,8 +49,8 @@ def config_args(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--data-root", "--data_root", dest="data_root", default=None,
                    help="the `bgmask make-binary-seg` output folder (same as --cfg-options data_root=DIR); "
                         "default: the config's own data_root")
-    g.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
-                   help="logs, checkpoints and results (default ./work_dirs/<config name>)")
+    A.add(g, "--work-dir", "--work_dir", dest="work_dir", default=None, output="folder",
+          help="logs, checkpoints and results (default ./work_dirs/<config name>)")
     g.add_argument("--cfg-options", "--cfg_options", dest="cfg_options", nargs="+", action=DictAction,
                    help="override config entries, key=value (e.g. train_cfg.max_iters=500 load_from=PATH)")
     g.add_argument("--launcher", choices=list(LAUNCHER_ENV), default="none",
@@ -76,7 +76,7 @@ def test_parser() -> argparse.ArgumentParser:
                        "Waterbirds images (scored against the CUB test masks).", parents=[config_args()])
     p.add_argument("checkpoint", help=f"slim checkpoint ({SLIM_NAME}) or, with --trust-full-checkpoint, iter_N.pth")
     p.add_argument("--splits", nargs="+", default=["test", "waterbird_test"], choices=list(SPLIT_PREFIX))
-    p.add_argument("--out", default=None, help="JSON file of the metrics (default WORK_DIR/test_metrics.json)")
+    A.add(p, "--out", default=None, output="file", help="JSON file of the metrics (default WORK_DIR/test_metrics.json)")
     trust_arg(p)
     return p
 
@@ -97,7 +97,7 @@ def segmenter_args(add_help: bool = False) -> argparse.ArgumentParser:
     A.add(g, "--checkpoint", "--checkpoint_file", "--checkpoint-file", required=True,
           help=f"slim checkpoint ({SLIM_NAME} written by train.py) or, with --trust_full_checkpoint, "
                "a full mmengine one (iter_N.pth)")
-    A.add(g, "--out_dir", default=None, help="mask folder: DIR/<image folder>/<relpath>.png (0/255)")
+    A.add(g, "--out_dir", default=None, output="folder", help="mask folder: DIR/<image folder>/<relpath>.png (0/255)")
     A.add(g, "--batch_size", type=int, default=16, range="[1, inf)")
     A.add(g, "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     A.add(g, "--empty_warn_fraction", type=float, default=0.05, range="[0, 1]",
@@ -145,7 +145,7 @@ def gen_masked_parser() -> argparse.ArgumentParser:
     A.add(src, "--data_path", help="the paper's input: the folder that directly holds class sub-folders "
                                    "of .jpg (e.g. CUB_200_2011/images or the Waterbirds folder)")
     cub_root_arg(src)
-    A.add(g, "--save_path", help="with --data_path: output root, written as SAVE_PATH/<class folder>/<file>.jpg")
+    A.add(g, "--save_path", output="folder", help="with --data_path: output root, written as SAVE_PATH/<class folder>/<file>.jpg")
     A.add(g, "--out_subdir", default=None, help="with --cub_root: NAME of the masked image folder in CUB_ROOT "
                                                 f"(default {DEFAULT_OUT_SUBDIR})")
     A.add(g, "--mask_fill", default="black", choices=list(MASK_FILLS),
@@ -156,7 +156,7 @@ def gen_masked_parser() -> argparse.ArgumentParser:
 def convert_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Slim copy (weights_only-loadable) of a segmenter checkpoint.")
     p.add_argument("src", help="checkpoint to convert, e.g. WORK_DIR/iter_16000.pth")
-    p.add_argument("dst", help=f"slim checkpoint to write, e.g. WORK_DIR/{SLIM_NAME}")
+    A.add(p, "dst", output="file", help=f"slim checkpoint to write, e.g. WORK_DIR/{SLIM_NAME}")
     p.add_argument("--config", default=None, help="config to store (default: the one inside SRC)")
     trust_arg(p)
     return p
