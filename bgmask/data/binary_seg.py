@@ -65,8 +65,10 @@ def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: flo
         "train": split_ids(meta, "train", 1.0 - val_fraction, seed),
         "test": split_ids(meta, "test"),
     }
-    if val_fraction > 0:
-        splits["val"] = split_ids(meta, "val", 1.0 - val_fraction, seed)
+    if val_fraction > 0:  # the advice in this command's flags (split_ids' own names train.py's)
+        splits["val"] = split_ids(meta, "val", 1.0 - val_fraction, seed,
+                                  empty_val_hint=f" (--val_fraction {val_fraction:g} rounds to no image of any "
+                                                 "class: raise it, or pass --val_fraction 0 for no val split)")
     config = {"cub_root": str(cub_root.resolve()), "val_fraction": val_fraction, "seed": seed}
     prepare_output_dir(out_dir, overwrite, marker="split_info.json")
     if (out_dir / "split_info.json").is_file():
