@@ -24,6 +24,10 @@ import math
 from bgmask.errors import UserError
 
 _NOT_SETTINGS = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+# argparse's own actions; another Action class (e.g. mmengine's DictAction) converts its values itself,
+# into a form only it knows, and is passed through as it is
+_KNOWN = (argparse._StoreAction, argparse._StoreConstAction, argparse._StoreTrueAction, argparse._StoreFalseAction,
+          argparse._AppendAction, argparse._CountAction, argparse._ExtendAction)
 
 
 def flag_name(action: argparse.Action) -> str:
@@ -52,6 +56,8 @@ def flag_value(action: argparse.Action, value, source: str | None = None, siblin
     """`value` converted and checked for `action` (see the module's rules); `source` (e.g. "--config
     c.yaml") starts the error line; `siblings`: other actions with the same dest, whose constants are
     also values of it (--channels_last / --no_channels_last)."""
+    if type(action) not in _KNOWN:
+        return value
     try:
         return _convert(action, value, siblings)
     except _Bad as e:

@@ -60,8 +60,11 @@ def save_slim(path: str | Path, state_dict: dict, dataset_meta: dict | None, con
     return path
 
 
-def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_location="cpu") -> dict:
-    """Load a slim checkpoint (`weights_only=True`), or a full mmengine one when `trust_full`."""
+def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_location="cpu",
+                         trust_flag: str = "--trust-full-checkpoint") -> dict:
+    """Load a slim checkpoint (`weights_only=True`), or a full mmengine one when `trust_full`; the
+    refusal of a full one names `trust_flag`, the calling command's flag (the classifier scripts':
+    --trust_checkpoint)."""
     path = require_file(path, "segmenter checkpoint")
     junk = f"cannot read checkpoint {path}: not a torch checkpoint (truncated or not a torch file)"
     try:
@@ -75,7 +78,7 @@ def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_locatio
             raise UserError(
                 f"{path} is a full mmengine checkpoint (it pickles Python objects, so loading it can run "
                 "code); use the slim WORK_DIR/segmenter_slim.pth that train.py writes, or pass "
-                "--trust-full-checkpoint if this file comes from your own training run"
+                f"{trust_flag} if this file comes from your own training run"
             ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: "
@@ -86,7 +89,7 @@ def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_locatio
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 -- a trusted but broken pickle: one line, not a traceback
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot unpickle checkpoint {path} (with --trust-full-checkpoint): "
+        raise UserError(f"cannot unpickle checkpoint {path} (with {trust_flag}): "
                         f"{e.__class__.__name__}: {reason}") from None
 
 
