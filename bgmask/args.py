@@ -283,8 +283,8 @@ def eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse flags; `--config FILE.yaml` supplies defaults (unknown keys are an error). Each value of the
     file goes through the same per-flag conversion and check as the command line's
-    (`bgmask.flagvalues.flag_value`), with the file named in its error line."""
-    from bgmask.flagvalues import settings_from_mapping
+    (`bgmask.errors.flag_value`), with the file named in its error line."""
+    from bgmask.errors import settings_from_mapping
 
     pre = ArgumentParser(add_help=False)
     add(pre, "--config", default=None)
@@ -325,10 +325,10 @@ def _train_flags() -> argparse.ArgumentParser:
 
 def checked_settings(values, source: str) -> dict:
     """A run's saved flags (a checkpoint's `config`), each through the command line's check
-    (`bgmask.flagvalues`); a bad value is one line starting with `source`. Keys that are no flag of this
+    (`bgmask.errors.flag_value`); a bad value is one line starting with `source`. Keys that are no flag of this
     bgmask (a checkpoint of another version) are kept as they are."""
     from bgmask.errors import UserError
-    from bgmask.flagvalues import settings_from_mapping
+    from bgmask.errors import settings_from_mapping
 
     if not isinstance(values, dict):
         raise UserError(f"{source}: its saved settings are not a mapping of flag names to values")

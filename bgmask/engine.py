@@ -15,7 +15,6 @@ shares of it, so the order per rank (and the result) differs. Checkpoints and re
 from __future__ import annotations
 
 import math
-import os
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -34,7 +33,7 @@ from bgmask.errors import UserError
 from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
 from bgmask.optim import mix_batch
 from bgmask.resume import Progress, resume, save_epoch, training_state
-from bgmask.runfolder import EVAL_SPLIT, RunFolder
+from bgmask.runfolder import EVAL_SPLIT, RunFolder, checkpoint_of, folder_lock
 from bgmask.seeding import epoch_seed, seed_everything, worker_init
 from bgmask.signals import loader_iter
 
@@ -283,24 +282,3 @@ def run(cfg: Namespace, mask_fn=None) -> dict:
     finally:
         cleanup()
 
-
-def checkpoint_of(cfg: Namespace) -> Path:
-    """The checkpoint an evaluation reads: --checkpoint, else SNAPSHOT_DIR/best.pt, else last.pt."""
-    if cfg.checkpoint is not None:
-        return Path(cfg.checkpoint)
-    best = Path(cfg.snapshot_dir) / "best.pt"
-    return best if best.is_file() else Path(cfg.snapshot_dir) / "last.pt"
-
-
-def folder_lock(cfg: Namespace, is_main: bool):
-    """The lock on the folder the run writes (`bgmask.folderlock`), taken on rank 0 before anything is
-    written: --snapshot_dir for training; for an evaluation the checkpoint's folder, where its line is
-    logged (a folder that cannot be written, e.g. shared read-only weights, is evaluated unlocked: the
-    evaluation writes nothing there)."""
-    from bgmask.folderlock import hold_folder
-
-    if not cfg.eval_only:
-        return hold_folder(cfg.snapshot_dir, "--snapshot_dir", enabled=is_main)
-    folder = checkpoint_of(cfg).parent
-    writable = folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
-    return hold_folder(folder, "the checkpoint's folder", enabled=is_main and writable)

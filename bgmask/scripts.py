@@ -98,7 +98,8 @@ def eval_parser(description: str, feature_level: bool):
 
 def eval_main(argv, feature_level: bool, description: str) -> int:
     from bgmask.distributed import is_main_process
-    from bgmask.engine import folder_lock, run
+    from bgmask.engine import run
+    from bgmask.runfolder import folder_lock
 
     cfg = parse_noting_arch(eval_parser(description, feature_level), argv)
     if not cfg.checkpoint:

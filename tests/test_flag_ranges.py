@@ -180,7 +180,7 @@ def test_config_values_are_checked_alike(tmp_path):
 # ------------------------------------------------------- the YAML path: every setting of every parser
 
 def _settings(parser):
-    """dest -> actions, as bgmask.flagvalues.settable (written out here: the catalogue is collected from
+    """dest -> actions, as bgmask.errors.settable (written out here: the catalogue is collected from
     the parsers alone)."""
     out = {}
     for a in parser._actions:
@@ -233,7 +233,7 @@ def test_bad_yaml_value_is_one_line_naming_file_and_flag(tmp_path, name, dest, v
     checked as the command line's (bool, int, float, choice, list, null), one line naming file and flag."""
     import yaml
 
-    from bgmask.flagvalues import flag_name, settings_from_mapping
+    from bgmask.errors import flag_name, settings_from_mapping
 
     parser = PARSERS[name]()
     path = tmp_path / "c.yaml"
@@ -251,7 +251,7 @@ def test_every_default_passes_the_yaml_path_unchanged(tmp_path, name):
     defaults: the check refuses nothing that the parser itself would give."""
     import yaml
 
-    from bgmask.flagvalues import settings_from_mapping
+    from bgmask.errors import settings_from_mapping
 
     parser = PARSERS[name]()
     defaults = {dest: actions[0].default for dest, actions in _settings(parser).items()}
