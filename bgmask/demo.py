@@ -186,18 +186,18 @@ def train_run(argv: list[str], run_dir: Path) -> dict:
     prints (its epoch lines) goes to RUN_DIR/train.log."""
     from bgmask.engine import run
 
+    cfg = A.parse_with_config(A.train_parser("demo"), argv)  # the overrides checked before anything is touched
     marker = run_dir / "demo_argv.json"
     if run_dir.exists():
         same = marker.is_file() and json.loads(marker.read_text()) == argv
         if same and (run_dir / "done").is_file():
             return json.loads((run_dir / "final_metrics.json").read_text())
         if same and (run_dir / "last.pt").is_file():
-            argv = argv + ["--resume_training"]
+            cfg.resume_training = True
         else:
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps(argv))
-    cfg = A.parse_with_config(A.train_parser("demo"), argv)
+    atomic_write_text(marker, json.dumps(argv))  # the run's own flags: a resumed run matches them again
     with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         return run(cfg)
 

@@ -351,3 +351,19 @@ def test_interval_notation():
     assert str(Interval("(0, inf)")) == "> 0" and str(Interval("[1, inf)")) == ">= 1"
     with pytest.raises(ValueError):
         Interval("0..1")
+
+
+def test_application_overrides_go_through_the_check_before_writing(tmp_path):
+    """The flags an application builds for a run (the demo's, mask-sweep's, pretrain's) are checked as
+    the command line's before anything is written: a bad value of a preset is one line."""
+    import copy
+
+    from bgmask import demo
+
+    p = copy.deepcopy(demo.PRESETS["tiny"])
+    p.lr = {"cnn": float("nan"), "vit": 1e-3}
+    run = tmp_path / "run"
+    argv = demo.classifier_argv(("cnn", "baseline", "-", "scratch"), 0, p, tmp_path, None, run, None)
+    with pytest.raises(UserError, match=r"^--lr must be > 0, got nan$"):
+        demo.train_run(argv, run)
+    assert not run.exists()
