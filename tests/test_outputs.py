@@ -123,3 +123,13 @@ def test_missing_parents_of_an_output_are_made(tmp_path):
     check itself)."""
     ns = A.make_synthetic_args(A.ArgumentParser()).parse_args(["--out", str(tmp_path / "a" / "b" / "c")])
     assert ns.out == str(tmp_path / "a" / "b" / "c") and not (tmp_path / "a").exists()
+
+
+def test_make_masked_output_that_is_a_file_is_one_line_before_any_work(tiny_cub, capsys):
+    from bgmask.cli import main
+
+    (tiny_cub / "masked_waterbirds").write_text("a file")
+    assert main(["make-masked", "--cub_root", str(tiny_cub), "--out_subdir", "masked"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tiny_cub / 'masked_waterbirds'} is a file" in err, err
+    assert not (tiny_cub / "masked").exists()
