@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import ArgumentParser, UserError, require_dir, run_cli
+from bgmask.folderlock import hold_folder
 from bgmask.io import atomic_write_text, remove_stale_temp
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, git_revision
 
@@ -311,9 +312,7 @@ def train_main(argv=None) -> int:
     compat.install()
     ns = train_parser().parse_args(argv)
     import torch
-    from mmengine.runner import Runner
 
-    from bgmask.seg.checkpoint import save_slim, trusted_full_checkpoints
     from bgmask.seg.segmenter import check_binary
 
     cfg = load_config(ns)
@@ -329,10 +328,19 @@ def train_main(argv=None) -> int:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     cfg.resume = ns.resume
+    with hold_folder(cfg.work_dir, "--work-dir", enabled=_is_main()):  # one process writes a work dir at a time
+        return _train(cfg)
+
+
+def _train(cfg) -> int:
+    from mmengine.runner import Runner
+
+    from bgmask.seg.checkpoint import save_slim, trusted_full_checkpoints
+
     runner = Runner.from_cfg(cfg)
     _run_folder(cfg.work_dir, "train")
     t0 = time.perf_counter()
-    trusted = trusted_full_checkpoints(cfg.work_dir) if ns.resume else contextlib.nullcontext()
+    trusted = trusted_full_checkpoints(cfg.work_dir) if cfg.resume else contextlib.nullcontext()
     with trusted:
         runner.train()
     seconds = time.perf_counter() - t0
@@ -374,10 +382,8 @@ def test_main(argv=None) -> int:
 
     compat.install()
     ns = test_parser().parse_args(argv)
-    from mmengine.runner import Runner
-
     from bgmask.seg.checkpoint import load_checkpoint_file, state_dict_and_meta
-    from bgmask.seg.segmenter import _load_weights, check_binary
+    from bgmask.seg.segmenter import check_binary
 
     cfg = load_config(ns)
     where = f"config {ns.config}"
@@ -389,6 +395,15 @@ def test_main(argv=None) -> int:
     cfg.load_from = None
     cfg.resume = False
     cfg.test_dataloader = cfg[f"{splits[0]}_dataloader"]
+    with hold_folder(cfg.work_dir, "--work-dir", enabled=_is_main()):  # its log, metrics and results line
+        return _test(ns, cfg, state_dict, splits, where)
+
+
+def _test(ns: argparse.Namespace, cfg, state_dict: dict, splits: list[str], where: str) -> int:
+    from mmengine.runner import Runner
+
+    from bgmask.seg.segmenter import _load_weights
+
     runner = Runner.from_cfg(cfg)
     _load_weights(_unwrap(runner.model), state_dict, where)
     record = {"config": str(ns.config), "checkpoint": str(ns.checkpoint), "data_root": cfg.get("data_root")}
