@@ -249,9 +249,9 @@ def _convert(action, value, siblings):
         if any(v is not None and type(v) is type(value) and v == value for v in allowed):
             return value
         raise _Bad(_expected(action, siblings))
-    if action.nargs == "?":  # an optional value: its constant when given bare (`true` in YAML), else a value
-        if value is True:
-            return action.const
+    if action.nargs == "?":  # an optional value: `true` is the flag given bare (its constant), `false` not given
+        if value is True or value is False:
+            return action.const if value else action.default
         return _scalar(action, value)
     if action.nargs in ("+", "*", argparse.REMAINDER) or isinstance(action.nargs, int) or \
             isinstance(action, argparse._AppendAction):

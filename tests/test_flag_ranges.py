@@ -302,6 +302,8 @@ def test_yaml_booleans_and_lists_are_read_as_the_command_line(tmp_path):
     assert ns.channels_last is False and ns.torchcompile == "inductor" and ns.snapshot_dir == "2024"
     ns = A.parse_with_config(A.train_parser("t"), ["--config", str(cfg), "--channels_last"])  # the command line wins
     assert ns.channels_last is True
+    cfg.write_text("torchcompile: false\n")
+    assert A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)]).torchcompile is None
 
 
 def test_non_utf8_config_names_the_file(tmp_path, capsys):
