@@ -26,7 +26,7 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.errors import UserError
 from bgmask.folderlock import hold_folder
-from bgmask.io import atomic_write_text
+from bgmask.io import atomic_write_text, read_json
 from bgmask.masking.strategies import STRATEGIES
 
 # model key -> (timm name, head flags, zoo backbone); "vit" is the GAP head, the paper's most robust ViT
@@ -122,8 +122,8 @@ class Stages:
         says what came out)."""
         marker = self.out / "stages" / f"{name}.json"
         if not self.fresh and marker.is_file():
-            saved = json.loads(marker.read_text())
-            if saved.get("inputs") == inputs:
+            saved = read_json(marker, {})  # an unreadable marker: the stage runs again
+            if isinstance(saved, dict) and saved.get("inputs") == inputs:
                 print(f"[demo] {name}: up to date, skipped", flush=True)
                 return saved.get("result")
         t0 = time.perf_counter()
@@ -189,9 +189,10 @@ def train_run(argv: list[str], run_dir: Path) -> dict:
     cfg = A.parse_with_config(A.train_parser("demo"), argv)  # the overrides checked before anything is touched
     marker = run_dir / "demo_argv.json"
     if run_dir.exists():
-        same = marker.is_file() and json.loads(marker.read_text()) == argv
-        if same and (run_dir / "done").is_file():
-            return json.loads((run_dir / "final_metrics.json").read_text())
+        same = read_json(marker) == argv  # an unreadable marker or final record: the run is made again
+        final = read_json(run_dir / "final_metrics.json")
+        if same and (run_dir / "done").is_file() and isinstance(final, dict):
+            return final
         if same and (run_dir / "last.pt").is_file():
             cfg.resume_training = True
         else:

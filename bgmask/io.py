@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 import re
 import tempfile
@@ -81,6 +82,15 @@ def remove_stale_temp(folder: str | Path, recursive: bool = False, spare_live: b
             tmp.unlink()
             n += 1
     return n
+
+
+def read_json(path: str | Path, default=None):
+    """The JSON value in `path`, or `default` when it is missing or unreadable (not UTF-8, not JSON, a
+    folder): for the markers a rerun compares against, an unreadable one means the step runs again."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return default
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -44,7 +44,7 @@ from bgmask import args as A
 from bgmask.demo import INITS, MODELS, PRESETS, Preset, Stages, classifier_argv, make_data, train_run
 from bgmask.errors import UserError, require_dir
 from bgmask.folderlock import hold_folder
-from bgmask.io import atomic_write_text
+from bgmask.io import atomic_write_text, read_json
 from bgmask.masking.perturb import PERTURBATIONS, check_perturbation, folder_miou, write_perturbed_masks
 from bgmask.masking.strategies import STRATEGIES
 
@@ -288,8 +288,9 @@ def evaluate_point(run_dir: Path, argv: list[str], strategy: str, masks: MaskPoi
     ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     eval_argv = argv + ["--checkpoint", str(ckpt), "--out", str(prefix), "--mask_source", str(masks.dir or "gt")]
     done = {"argv": eval_argv, "masks": masks.inputs}
-    if marker.is_file() and result.is_file() and json.loads(marker.read_text()) == done:
-        return json.loads(result.read_text())
+    saved = read_json(result)  # an unreadable marker or result: the evaluation runs again
+    if read_json(marker) == done and isinstance(saved, dict):
+        return saved
     marker.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{prefix}.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         eval_main(eval_argv, STRATEGIES[strategy].masks_features, "mask-sweep evaluation")
