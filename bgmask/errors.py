@@ -244,7 +244,7 @@ class _Bad(Exception):
 
 
 def flag_value(action: argparse.Action, value, source: str | None = None, siblings=()):
-    """`value` converted and checked for `action` (see the module's rules); `source` (e.g. "--config
+    """`value` converted and checked for `action` (the rules above); `source` (e.g. "--config
     c.yaml") starts the error line; `siblings`: other actions with the same dest, whose constants are
     also values of it (--channels_last / --no_channels_last)."""
     if type(action) not in _KNOWN:
