@@ -45,6 +45,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise UserError(f"--device {name!r} is not a device (expected auto, cpu, cuda or cuda:N)") from None
 
 
+def allow_tf32(dist: DistInfo, allow: bool) -> None:
+    """On CUDA, float32 matmuls and cuDNN convolutions may use TF32 tensor cores (float32's range, a
+    10-bit mantissa), as timm and DINOv2 train; --no_tf32 keeps full float32. No effect on CPU."""
+    if dist.device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    if allow and dist.is_main:
+        print("note: TF32 matmuls and convolutions are allowed on CUDA (--no_tf32 keeps full float32)", flush=True)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Start the process group whenever torchrun launched this process (RANK and WORLD_SIZE set), one
     process included: a one-GPU `torchrun --nproc_per_node=1` then runs the same NCCL collectives as four

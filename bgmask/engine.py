@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import time
 from argparse import Namespace
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,10 +28,10 @@ from bgmask.args import validate_config
 from bgmask.attribution import evaluation_attribution, gt_mask_splits
 from bgmask.checkpoint import load_checkpoint, saved_classifier
 from bgmask.data import CUBDataset
-from bgmask.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from bgmask.distributed import DistInfo, all_reduce_sum, allow_tf32, barrier, cleanup, init_distributed
 from bgmask.errors import UserError
 from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
-from bgmask.optim import mix_batch
+from bgmask.optim import accumulation_groups, mix_batch, optimizer_step, sync_context
 from bgmask.resume import Progress, resume, save_epoch, training_state
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, checkpoint_of, folder_lock
 from bgmask.seeding import epoch_seed, seed_everything, worker_init
@@ -58,34 +57,6 @@ def train_step(model, batch, strategy, dist: DistInfo, cfg: Namespace, mixup=Non
     with autocast_context(dist.device, cfg.use_amp, cfg.amp_dtype):
         logits = strategy.forward(model, images, masks)
     return logits, targets
-
-
-def optimizer_step(optimizer, scaler, grad_norm_clip) -> None:
-    """One update from the gradients accumulated so far (unscaled first, so clipping sees true norms),
-    then the gradients are cleared for the next accumulation group."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if grad_norm_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_norm_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def sync_context(model, sync: bool):
-    """DDP's `no_sync` on the micro-batches of an accumulation group that do not end it: their gradients
-    add up locally and are all-reduced once, with the group's last backward."""
-    no_sync = getattr(model, "no_sync", None)
-    return nullcontext() if sync or no_sync is None else no_sync()
-
-
-def accumulation_groups(n_steps: int, accum: int) -> list[int]:
-    """The size of each accumulation group of an epoch of `n_steps` micro-batches: `accum` each, the
-    last one shorter when `accum` does not divide `n_steps` (as timm's last_accum_steps)."""
-    return [min(accum, n_steps - start) for start in range(0, n_steps, accum)]
 
 
 def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo, cfg: Namespace, epoch: int,
@@ -298,17 +269,6 @@ def log_evaluation(record: dict, run_dir: Path, dist: DistInfo) -> None:
         RunFolder(run_dir, dist.is_main, flag="the checkpoint's folder").log(record)
     except UserError as e:
         print(f"note: the evaluation is not logged in {run_dir / 'results.jsonl'} ({e})", flush=True)
-
-
-def allow_tf32(dist: DistInfo, allow: bool) -> None:
-    """On CUDA, float32 matmuls and cuDNN convolutions may use TF32 tensor cores (float32's range, a
-    10-bit mantissa), as timm and DINOv2 train; --no_tf32 keeps full float32. No effect on CPU."""
-    if dist.device.type != "cuda":
-        return
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    torch.backends.cudnn.allow_tf32 = allow
-    if allow and dist.is_main:
-        print("note: TF32 matmuls and convolutions are allowed on CUDA (--no_tf32 keeps full float32)", flush=True)
 
 
 def run(cfg: Namespace, mask_fn=None) -> dict:

@@ -1,12 +1,13 @@
 """Optimisation: the optimiser (backbone and head learning rates, timm's weight-decay rule), the
-epoch-wise learning-rate schedules of the paper, the loss, and mixup / cutmix with the masks mixed like
-the images."""
+epoch-wise learning-rate schedules of the paper, the optimiser step with gradient accumulation, the loss,
+and mixup / cutmix with the masks mixed like the images."""
 
 from __future__ import annotations
 
 import fnmatch
 import math
 from argparse import Namespace
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -55,6 +56,36 @@ def build_optimizer(model, cfg: Namespace) -> torch.optim.Optimizer:
     if cfg.optimizer_type == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     raise UserError(f"unknown --optimizer_type {cfg.optimizer_type!r}")
+
+
+# ------------------------------------------------------------------------ steps and accumulation
+
+def optimizer_step(optimizer, scaler, grad_norm_clip) -> None:
+    """One update from the gradients accumulated so far (unscaled first, so clipping sees true norms),
+    then the gradients are cleared for the next accumulation group."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_norm_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_norm_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def sync_context(model, sync: bool):
+    """DDP's `no_sync` on the micro-batches of an accumulation group that do not end it: their gradients
+    add up locally and are all-reduced once, with the group's last backward."""
+    no_sync = getattr(model, "no_sync", None)
+    return nullcontext() if sync or no_sync is None else no_sync()
+
+
+def accumulation_groups(n_steps: int, accum: int) -> list[int]:
+    """The size of each accumulation group of an epoch of `n_steps` micro-batches: `accum` each, the
+    last one shorter when `accum` does not divide `n_steps` (as timm's last_accum_steps)."""
+    return [min(accum, n_steps - start) for start in range(0, n_steps, accum)]
 
 
 # ------------------------------------------------------------------------ learning-rate schedules

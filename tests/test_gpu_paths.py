@@ -22,6 +22,7 @@ from bgmask import engine
 from bgmask.errors import UserError
 from bgmask.masking import create_strategy
 from bgmask.models import create_classifier
+from bgmask.optim import accumulation_groups
 from bgmask.scripts import eval_late, train_late
 
 from conftest import write_tiny_cub
@@ -236,8 +237,8 @@ def test_grad_accum_equals_one_larger_batch(optimizer_cls):
 
 
 def test_grad_accum_groups_and_ddp_sync_once_per_group():
-    assert engine.accumulation_groups(5, 2) == [2, 2, 1]
-    assert engine.accumulation_groups(4, 4) == [4] and engine.accumulation_groups(3, 1) == [1, 1, 1]
+    assert accumulation_groups(5, 2) == [2, 2, 1]
+    assert accumulation_groups(4, 4) == [4] and accumulation_groups(3, 1) == [1, 1, 1]
 
     class DDPLike(TinyNet):
         entered = 0
@@ -398,13 +399,13 @@ def test_seg_batch_size_reaches_the_segmenter_and_needs_one(cub, tmp_path, capsy
 def test_tf32_allowed_on_cuda_unless_no_tf32(capsys):
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        engine.allow_tf32(D.DistInfo(device=torch.device("cuda", 0)), True)
+        D.allow_tf32(D.DistInfo(device=torch.device("cuda", 0)), True)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert "--no_tf32" in capsys.readouterr().out
-        engine.allow_tf32(D.DistInfo(device=torch.device("cuda", 0)), False)
+        D.allow_tf32(D.DistInfo(device=torch.device("cuda", 0)), False)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
-        engine.allow_tf32(D.DistInfo(), False)  # CPU: untouched
+        D.allow_tf32(D.DistInfo(), False)  # CPU: untouched
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
