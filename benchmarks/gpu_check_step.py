@@ -28,9 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cuda_peak_mib() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")  # a script that never imported torch has no CUDA peak (nor a reason to load it)
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return torch.cuda.max_memory_allocated() / 2**20
 
@@ -52,9 +51,7 @@ def cmd_run(a) -> int:
             print(e.code, file=sys.stderr)
     except BaseException as e:  # noqa: BLE001  (the record must be written whatever stopped the script)
         traceback.print_exc()
-        import torch
-
-        oom, rc = isinstance(e, torch.OutOfMemoryError), 1
+        oom, rc = type(e).__name__ == "OutOfMemoryError", 1  # torch.OutOfMemoryError, without importing torch
     record = {"rc": rc, "seconds": time.perf_counter() - t0, "peak_cuda_mib": cuda_peak_mib(), "oom": oom}
     if os.environ.get("RANK", "0") == "0":
         Path(a.record).write_text(json.dumps(record))
