@@ -15,11 +15,14 @@ counted apart. Modes, each in fp32 and under bf16 autocast:
   finetune_ckpt   the same with timm's set_grad_checkpointing (what --grad_checkpointing turns on).
 
 How it is extrapolated. At one token count (image size) the peak is c + B * m(N): a constant c (e.g. the
-bf16 copies of the weights that autocast caches) and m per image, from batches 1 and 2. m(N) is fitted
-as a * N + b * N^2 over the sizes (N = tokens of a ViT, feature-map cells of the stride-32 grid of a CNN,
-whose activations are all proportional to the pixels). With SDPA (timm's fused attention: flash or
-memory-efficient kernels on CUDA, flash on the CPU) the N x N attention matrix is never stored, so b
-measures near 0 and memory grows linearly with N; the fit says so rather than assuming it.
+bf16 copies of the weights that autocast caches) and m per image, from batches 1 and 2. m(N) = d + a * N
++ b * N^2 is solved through three sizes (N = tokens of a ViT, cells of a CNN's stride-32 grid, to which
+all its activations are proportional; d: per-image tensors that do not grow with N, such as the head's).
+The counts are exact bytes, not samples, so three sizes determine the three terms. With SDPA (timm's
+fused attention: flash or memory-efficient kernels on CUDA, flash on the CPU) the N x N attention matrix
+is never stored, so b comes out near 0 and memory grows linearly with N; the fit shows it rather than
+assuming it. bf16 autocast is measured at smaller sizes than fp32 (bf16 kernels are slow on CPUs
+without bf16 instructions); the terms are per token, so the size does not change them.
 
 The estimate for a card. Per GPU: weights (fp32) + gradients and AdamW's two moments (fp32) of the
 trained parameters + c + B * m(N) at the paper's size, + a reserve for what the allocator does not hand
@@ -126,30 +129,27 @@ def measure(clf, mode: str, image_size: int, batch: int, amp: bool) -> int:
 
 
 def fit(points: dict) -> dict:
-    """points {(N, B): bytes} -> c, a, b with bytes = c + B * (a N + b N^2); c from the two batches at the
-    smallest N."""
+    """points {(N, B): bytes} -> c, d, a, b with bytes = c + B * (d + a N + b N^2); c from the two
+    batches at the smallest N; (d, a, b) by least squares over the sizes (exact for three)."""
+    import numpy as np
+
     ns = sorted({n for n, _ in points})
     n0 = ns[0]
-    per_image0 = points[(n0, 2)] - points[(n0, 1)]
-    c = max(points[(n0, 1)] - per_image0, 0.0)
-    per_image = {n: points[(n, 1)] - c for n in ns}
-    if len(ns) == 1:
-        return {"c": c, "a": per_image[n0] / n0, "b": 0.0}
-    # least squares of m(N) = a N + b N^2 through the origin (no activation without tokens)
-    s11 = sum(n * n for n in ns)
-    s12 = sum(n ** 3 for n in ns)
-    s22 = sum(n ** 4 for n in ns)
-    t1 = sum(n * per_image[n] for n in ns)
-    t2 = sum(n * n * per_image[n] for n in ns)
-    det = s11 * s22 - s12 * s12
-    a, b = (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
-    if b < 0:  # noise around a linear law: refit linear
-        a, b = t1 / s11, 0.0
-    return {"c": c, "a": a, "b": b}
+    c = max(2 * points[(n0, 1)] - points[(n0, 2)], 0.0)  # bytes(B=1) - (bytes(B=2) - bytes(B=1))
+    m = np.array([points[(n, 1)] - c for n in ns], dtype=np.float64)
+    if len(ns) < 3:  # too few sizes for three terms: proportional to N
+        return {"c": c, "d": 0.0, "a": float(m.mean() / np.mean(ns)), "b": 0.0}
+    design = np.array([[1.0, n, n * n] for n in ns])
+    d, a, b = np.linalg.lstsq(design, m, rcond=None)[0]
+    return {"c": c, "d": float(d), "a": float(a), "b": float(b)}
+
+
+def per_image(f: dict, n: float) -> float:
+    return f["d"] + f["a"] * n + f["b"] * n * n
 
 
 def activation_bytes(f: dict, n: float, batch: int) -> float:
-    return f["c"] + batch * (f["a"] * n + f["b"] * n * n)
+    return f["c"] + batch * per_image(f, n)
 
 
 def static_bytes(clf, mode: str) -> float:
@@ -190,18 +190,19 @@ def settings_for(f: dict, ckpt: dict | None, static: float, n: float, batch: int
 
 
 def largest_batch(f: dict, static: float, n: float, card_gb: int) -> int:
-    per = f["a"] * n + f["b"] * n * n
+    per = per_image(f, n)
     room = (card_gb * 1e9 - RESERVE_BYTES) / (1 + RESERVE_FRACTION) - static - f["c"]
     return max(int(room // per), 0) if per > 0 else 0
 
 
 def plan(a) -> list[tuple[str, list[int], tuple[str, ...], tuple[bool, ...]]]:
     """(model, image sizes, modes, autocast settings) to measure."""
-    if a.quick:  # small stand-ins, one size each: the code paths in seconds
-        return [("vit_small_patch14_dinov2", [56], MODES, (False, True)), ("resnet18", [64], MODES, (False, True))]
-    return [(a.vit, a.vit_sizes, MODES, (False, True)),
+    if a.quick:  # small stand-ins at small sizes: the code paths in seconds
+        return [("vit_small_patch14_dinov2", [28, 42, 56], MODES, (False, True)),
+                ("resnet18", [64, 96, 128], MODES, (False, True))]
+    return [(a.vit, a.vit_sizes, MODES, (False,)), (a.vit, a.vit_bf16_sizes, MODES, (True,)),
             ("vit_base_patch14_dinov2", a.vit_sizes, ("frozen", "attribution"), (False,)),
-            (a.cnn, a.cnn_sizes, MODES, (False, True))]
+            (a.cnn, a.cnn_sizes, MODES, (False,)), (a.cnn, a.cnn_bf16_sizes, MODES, (True,))]
 
 
 def static_of(model_arch: str, size: int, mode: str) -> float:
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--vit_sizes", type=int, nargs="+", default=[112, 168, 224])
     p.add_argument("--cnn", default="convnext_base")
     p.add_argument("--cnn_sizes", type=int, nargs="+", default=[128, 192, 256])
+    p.add_argument("--vit_bf16_sizes", type=int, nargs="+", default=[42, 56, 70])
+    p.add_argument("--cnn_bf16_sizes", type=int, nargs="+", default=[64, 96, 128])
     p.add_argument("--quick", action="store_true", help="small stand-in models at one size (a check of the code paths)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -243,11 +246,11 @@ def main(argv=None) -> int:
             for mode in modes:
                 fits_by[(model_arch, amp, mode)] = fit(points[mode])
     print(f"\nmeasured in {time.perf_counter() - t0:.0f} s (torch {torch.__version__}, CPU)\n")
-    print("| model | mode | precision | c (MiB) | a (KiB per token) | b (bytes per token^2) |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| model | mode | precision | c (MiB) | d (MiB per image) | a (KiB per token) | b (bytes per token^2) |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for (model_arch, amp, mode), f in fits_by.items():
-        print(f"| {model_arch} | {mode} | {'bf16' if amp else 'fp32'} | {f['c'] / 2**20:.0f} | {f['a'] / 1024:.1f} "
-              f"| {f['b']:.2f} |")
+        print(f"| {model_arch} | {mode} | {'bf16' if amp else 'fp32'} | {f['c'] / 2**20:.1f} | {f['d'] / 2**20:.2f} "
+              f"| {f['a'] / 1024:.1f} | {f['b']:.2f} |")
     print(f"\nEstimates per GPU (reserve {RESERVE_BYTES / GiB:.1f} GiB + {RESERVE_FRACTION:.0%}) at the paper's "
           "per-GPU batch; 'k x --grad_accum_steps n' = micro-batches of k, the same update as the whole batch:\n")
     cards = " | ".join(f"{g} GB" for g in CARDS_GB)
@@ -269,7 +272,8 @@ def main(argv=None) -> int:
         table.append({"command": name, "model": model_arch, "image_size": size, "batch": batch, "mode": mode,
                       "amp": amp, "estimated_gib": with_reserve / GiB, "settings": dict(zip(map(str, CARDS_GB), cells)),
                       "largest_batch_80gb": big})
-        rows.append(f"| {name} | {batch} | {with_reserve / GiB:.1f} | " + " | ".join(cells) + f" | {big} |")
+        rows.append(f"| {name} | {batch} | {with_reserve / GiB:.1f} | " + " | ".join(cells)
+                    + f" | {big if big <= 1024 else '> 1024'} |")
         att, ev = fits_by.get((model_arch, amp, "attribution")), fits_by.get((model_arch, amp, "frozen"))
         if att is not None and ev is not None:
             evals.append(f"- {name}: final evaluation (no-grad, batch {2 * batch}) "

@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [run_all.py flags]}
 shift
 DEVICE=${SMOKE_DEVICE:-cuda}
-BUDGET_S=${BUDGET_S:-570}
+if [ "$DEVICE" = cuda ]; then BUDGET_S=${BUDGET_S:-570}; else BUDGET_S=${BUDGET_S:-1500}; fi
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -54,11 +54,14 @@ if [ "$DEVICE" = cuda ]; then  # the paper's sizes
   VIT_DATA=(--num_classes 4 --train_per_class 64 --test_per_class 8) SEG_BATCH=8 SEG_STEPS=10
   SMALL_DATA=(--num_classes 4 --train_per_class 24 --test_per_class 6) SMALL_CAP=()
   NCCL=(--nccl)  # a torchrun step without NCCL's initialisation in its log fails
-else  # dry run: the same code paths at tiny sizes (bf16 is slow on most CPUs)
+  FT_AMP=(--use_amp) PROBE_AMP=bf16 LIMIT_SCALE=1
+else  # dry run: the same steps at tiny sizes. ViT-L fine-tunes in fp32 here: a bf16 backward of ViT-L takes
+      # minutes on CPUs without bf16 instructions (bf16 autocast is dry-run by the smoke runs); limits x3.
   VIT_SIZE=28 VIT_STEPS=1 FROZEN_BATCH=4 FT_BATCHES="2 1" WORKERS=1 ATTR_BATCH=2
   VIT_DATA=(--num_classes 2 --train_per_class 4 --test_per_class 2) SEG_BATCH=2 SEG_STEPS=1
   SMALL_DATA=(--num_classes 2 --train_per_class 8 --test_per_class 2) SMALL_CAP=(--max_steps_per_epoch 1)
   NCCL=(--note "gloo on the CPU")
+  FT_AMP=() PROBE_AMP=none LIMIT_SCALE=3
 fi
 
 left() { echo $((BUDGET_S - SECONDS)); }
@@ -71,6 +74,7 @@ step() {
   while [ "$1" != -- ]; do line_args+=("$1"); shift; done
   shift
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  limit=$((limit * LIMIT_SCALE))
   local budget=$(( $(left) - 10 ))
   [ "$budget" -lt "$limit" ] && limit=$budget
   if [ "$limit" -lt 15 ]; then
@@ -155,19 +159,19 @@ step vitl_frozen 150 --run "$WORK/vitl_frozen" --record "$WORK/vitl_frozen.json"
 ft_batch=0
 # shellcheck disable=SC2086  # FT_BATCHES is a list of numbers
 if step vitl_probe 120 --record "$WORK/vitl_probe.json" --note "batches tried: $FT_BATCHES" -- \
-    "${STEP[@]}" probe --model vit_large_patch14_dinov2 --image_size "$VIT_SIZE" --batches $FT_BATCHES --amp bf16 \
+    "${STEP[@]}" probe --model vit_large_patch14_dinov2 --image_size "$VIT_SIZE" --batches $FT_BATCHES --amp "$PROBE_AMP" \
     --device "$DEVICE" --record "$WORK/vitl_probe.json"; then
   ft_batch=$(tail -1 "$LOGS/vitl_probe.log")
   echo "   largest fitting fine-tuning batch: $ft_batch"
 fi
 if [ "$ft_batch" -gt 0 ] 2>/dev/null; then
-  step vitl_finetune_bf16 150 --run "$WORK/vitl_ft" --record "$WORK/vitl_ft.json" --note "batch $ft_batch bf16" -- \
+  step vitl_finetune 150 --run "$WORK/vitl_ft" --record "$WORK/vitl_ft.json" --note "batch $ft_batch ${FT_AMP[*]:-fp32}" -- \
     "${REC[@]}" "$WORK/vitl_ft.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch vit_large_patch14_dinov2 \
-    --batch_size "$ft_batch" --use_amp --drop_path 0.1 --snapshot_dir "$WORK/vitl_ft"
+    --batch_size "$ft_batch" "${FT_AMP[@]}" --drop_path 0.1 --snapshot_dir "$WORK/vitl_ft"
   step vitl_finetune_ckpt 150 --run "$WORK/vitl_ckpt" --record "$WORK/vitl_ckpt.json" \
-    --note "batch $((2 * ft_batch)) bf16 + grad checkpointing" -- \
+    --note "batch $((2 * ft_batch)) ${FT_AMP[*]:-fp32} + grad checkpointing" -- \
     "${REC[@]}" "$WORK/vitl_ckpt.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch vit_large_patch14_dinov2 \
-    --batch_size $((2 * ft_batch)) --use_amp --grad_checkpointing --snapshot_dir "$WORK/vitl_ckpt"
+    --batch_size $((2 * ft_batch)) "${FT_AMP[@]}" --grad_checkpointing --snapshot_dir "$WORK/vitl_ckpt"
 else
   echo "SKIP vitl_finetune (no batch fitted: see vitl_probe)" | tee -a "$OUT/summary.txt"
 fi

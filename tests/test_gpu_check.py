@@ -143,7 +143,7 @@ def test_wheel_versions_follow_the_pins():
 
 def test_live_bytes_and_the_fit():
     """The estimator's counter sees what autograd keeps (a linear layer's input, for the weight's gradient)
-    and frees, and its fit recovers c + B (a N + b N^2)."""
+    and frees, and its fit recovers c + B (d + a N + b N^2)."""
     import torch
 
     import estimate_memory as em
@@ -157,8 +157,9 @@ def test_live_bytes_and_the_fit():
         y.sum().backward()
         del y
     assert lb.live == (256 * 256 + 256) * 4  # what stays: the gradients
-    c, a, b = 1000.0, 50.0, 0.5
-    points = {(n, bs): c + bs * (a * n + b * n * n) for n in (65, 145, 257) for bs in (1, 2)}
+    c, d, a, b = 1000.0, 300.0, 50.0, 0.5
+    points = {(n, bs): c + bs * (d + a * n + b * n * n) for n in (65, 145, 257) for bs in (1, 2)}
     f = em.fit(points)
-    assert f["c"] == pytest.approx(c) and f["a"] == pytest.approx(a) and f["b"] == pytest.approx(b)
+    assert [f[k] for k in "cdab"] == pytest.approx([c, d, a, b])
+    assert em.activation_bytes(f, 1370, 4) == pytest.approx(c + 4 * (d + a * 1370 + b * 1370**2))
     assert em.tokens("vit_large_patch14_dinov2", 518) == 37 * 37 + 1
