@@ -159,6 +159,9 @@ def masking_args(add_help: bool = False, strategies=None, default: str | None = 
     add(g, "--seg_model_config_path", default=None,
         help="online segmenter: MMSeg config; masks are predicted on each (augmented) batch")
     add(g, "--seg_model_checkpoint_path", default=None, help="online segmenter: checkpoint (slim or full)")
+    add(g, "--seg_batch_size", type=int, default=None, range="[1, inf)", metavar="N",
+        help="online segmenter: segment at most N images at a time (default: the whole training or "
+             "evaluation batch); lowers its peak memory, same masks")
     late = p.add_argument_group("late masking (--strategy late)")
     add(late, "--late_mask_stage", "--late_mask_block", default=LATE_FLAG_DEFAULTS["late_mask_stage"],
         choices=["auto", "last", "second_last"],
@@ -211,6 +214,15 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
         help="keep the contiguous (NCHW) memory format even for a CNN")
     add(g, "--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
         help="torch.compile the training model (default backend inductor; 'eager' checks the capture only)")
+    add(g, "--grad_accum_steps", type=int, default=1, range="[1, inf)", metavar="N",
+        help="optimiser step every N batches on their mean loss: the update of one N x --batch_size batch "
+             "(BatchNorm still sees --batch_size); an epoch's last group may be shorter")
+    add(g, "--grad_checkpointing", action="store_true",
+        help="recompute the backbone's activations in the backward pass (timm's set_grad_checkpointing): "
+             "less memory for a fine-tuned backbone, about one more forward of compute; same gradients")
+    add(g, "--no_tf32", action="store_true",
+        help="CUDA: keep float32 matmuls and convolutions in full float32 (default: TF32 allowed, as timm and "
+             "DINOv2 train)")
     m = p.add_argument_group("mixup / cutmix")
     add(m, "--turn_on_mixup_or_cutmix", action="store_true")
     add(m, "--mixup", type=float, default=0.8, range="[0, inf)", help="mixup alpha")
@@ -271,6 +283,9 @@ def eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="per split, N images (a fixed subset drawn with --seed) whose InputXGradient maps of the predicted "
              "class give <split>/attr_bg_fraction: the share of positive attribution on GT background; 0 = off; "
              "default 64 when ROOT/segmentations exists, else off (an explicit N needs it)")
+    add(g, "--attribution_batch_size", type=int, default=8, range="[1, inf)", metavar="N",
+        help="images per attribution pass (each keeps a backward graph; small, so the final evaluation of a "
+             "large model fits where training did)")
     return parser
 
 
@@ -374,6 +389,15 @@ def validate_config(cfg: argparse.Namespace) -> None:
                         f"{cfg.strategy}")
     if cfg.wandb_resume_id and not (cfg.wandb and cfg.resume_training):
         raise UserError("--wandb_resume_id continues a wandb run: it needs --wandb and --resume_training")
+    if cfg.seg_batch_size is not None and not any(online):
+        raise UserError("--seg_batch_size applies to the online segmenter (--seg_model_checkpoint_path)")
+    if cfg.grad_checkpointing and (cfg.freeze_backbone or cfg.eval_only):
+        raise UserError("--grad_checkpointing saves the memory of a fine-tuned backbone's backward pass; with "
+                        f"{'--freeze_backbone' if cfg.freeze_backbone else '--eval_only'} there is none")
+    if cfg.wandb:
+        from bgmask.errors import require_package
+
+        require_package("wandb", "--wandb", "wandb")
     if cfg.resume_training and cfg.eval_only:
         raise UserError("--resume_training and --eval_only exclude each other")
     if cfg.use_amp and cfg.amp_dtype == "fp16" and resolve_device(cfg.device).type == "cpu":

@@ -21,7 +21,9 @@ The fraction of an image: A = attribution summed over channels, clamped at >= 0 
 the predicted class); fraction = sum(A on GT background) / sum(A). GT masks (1 = bird, 0 = background)
 come through the evaluation transform, so they have the model input's resolution. An image with no
 positive attribution has no fraction (NaN) and is left out of the mean; `<split>/attr_images` counts
-the images that have one. Attribution runs in float32 without autocast (low-precision gradients are noisy).
+the images that have one. Memory: each pass keeps one backward graph, so the final evaluation attributes
+`--attribution_batch_size` images at a time (not the training batch), under the run's autocast
+(`--use_amp`); the input and its gradient stay float32, and each chunk's graph is freed by its backward.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from torch.utils.data import default_collate
 
 from bgmask.distributed import DistInfo, all_gather_objects
-from bgmask.errors import UserError
+from bgmask.errors import UserError, has_package, missing_package
 
 DEFAULT_IMAGES = 64  # per split, when --attribution_images is not given and the data has GT masks
 HEADER, PAD = 18, 2  # grid: the label strip's height and the gap between cells (pixels)
@@ -56,14 +58,18 @@ def inputs_only(model: torch.nn.Module):
 
 
 def attribute(model, strategy, images: torch.Tensor, masks: torch.Tensor | None = None,
-              target: torch.Tensor | None = None) -> torch.Tensor:
+              target: torch.Tensor | None = None, amp: bool = False, amp_dtype: str = "bf16") -> torch.Tensor:
     """InputXGradient of the predicted class (or `target`, (B,) class indices) through the strategy's full
     forward. images (B, 3, H, W) normalised, masks (B, 1, H, W) as the strategy sees them, or None
-    -> attributions (B, 3, H, W), float32, detached. The model is put in eval mode."""
+    -> attributions (B, 3, H, W), float32, detached. The model is put in eval mode; `amp` runs the
+    forward under autocast (the input and its gradient stay float32)."""
     from captum.attr import InputXGradient  # captum pulls in matplotlib: imported only when used
 
+    from bgmask.eval import autocast_context
+
     def forward(x, m):
-        return strategy.forward(model, strategy.preprocess(x, m), m)
+        with autocast_context(x.device, amp, amp_dtype):
+            return strategy.forward(model, strategy.preprocess(x, m), m).float()
 
     model.eval()
     m = None if masks is None else masks.detach().float()
@@ -100,11 +106,12 @@ def take(dataset, indices) -> dict:
     return default_collate([dataset[int(i)] for i in indices])
 
 
-def split_fractions(model, strategy, dataset, gt_dataset, indices, dist: DistInfo, batch_size: int = 32,
-                    mask_fn=None) -> np.ndarray:
-    """bg_fraction of each position in `indices`, in that order. The strategy sees what evaluation gives
-    it (`dataset`'s masks, or `mask_fn`'s); the fraction uses `gt_dataset`'s GT masks (the same
-    positions). Ranks take strided shares of `indices`; every rank gets every fraction."""
+def split_fractions(model, strategy, dataset, gt_dataset, indices, dist: DistInfo, batch_size: int = 8,
+                    mask_fn=None, amp: bool = False, amp_dtype: str = "bf16") -> np.ndarray:
+    """bg_fraction of each position in `indices`, in that order, attributed `batch_size` images at a time.
+    The strategy sees what evaluation gives it (`dataset`'s masks, or `mask_fn`'s); the fraction uses
+    `gt_dataset`'s GT masks (the same positions). Ranks take strided shares of `indices`; every rank gets
+    every fraction."""
     mine, rows = np.asarray(indices)[dist.rank::dist.world_size], []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
@@ -116,8 +123,10 @@ def split_fractions(model, strategy, dataset, gt_dataset, indices, dist: DistInf
         if mask_fn is not None:
             with torch.no_grad():
                 masks = mask_fn(images)
-        fractions = bg_fraction(attribute(model, strategy, images, masks), gt.to(dist.device))
+        attributions = attribute(model, strategy, images, masks, amp=amp, amp_dtype=amp_dtype)
+        fractions = bg_fraction(attributions, gt.to(dist.device))
         rows += zip(chunk.tolist(), fractions.cpu().tolist())
+        del batch, images, masks, attributions  # nothing of this chunk outlives it
     gathered = dict(kv for part in all_gather_objects(rows) for kv in part)
     return np.array([gathered[int(i)] for i in indices], dtype=np.float64)
 
@@ -157,6 +166,13 @@ def gt_mask_splits(cfg, datasets: dict, is_main: bool = True) -> dict:
             print(f"note: no ground-truth masks ({root / 'segmentations'}): the attribution fraction is skipped",
                   flush=True)
         return {}
+    if not has_package("captum"):  # found out now, not after the last epoch
+        if given:
+            raise missing_package("captum", f"--attribution_images {n}", "attribution")
+        if is_main:
+            print("note: captum is not installed: the attribution fraction is skipped (pip install captum, "
+                  "or pass --attribution_images 0 to silence this)", flush=True)
+        return {}
     gt = MaskSource("gt", cfg.mask_threshold)
     return {split: ds if ds.masks == gt else dataclasses.replace(ds, masks=gt) for split, ds in datasets.items()}
 
@@ -169,7 +185,9 @@ def evaluation_attribution(model, strategy, datasets: dict, gt_sets: dict, cfg, 
     metrics = {}
     for split, gt in gt_sets.items():
         indices = subset_indices(len(gt), n, cfg.seed)
-        fractions = split_fractions(model, strategy, datasets[split], gt, indices, dist, cfg.batch_size, mask_fn)
+        fractions = split_fractions(model, strategy, datasets[split], gt, indices, dist,
+                                    getattr(cfg, "attribution_batch_size", 8), mask_fn,
+                                    amp=getattr(cfg, "use_amp", False), amp_dtype=getattr(cfg, "amp_dtype", "bf16"))
         metrics.update(fraction_metrics(fractions, split))
     return metrics
 

@@ -178,7 +178,7 @@ def online_segmenter(cfg: Namespace, dist: DistInfo, data_cfg: dict):
 
     return load_segmenter(cfg.seg_model_config_path, cfg.seg_model_checkpoint_path, device=dist.device,
                           input_mean=tuple(data_cfg["mean"]), input_std=tuple(data_cfg["std"]),
-                          trust_full_checkpoint=cfg.trust_checkpoint)
+                          batch_size=cfg.seg_batch_size, trust_full_checkpoint=cfg.trust_checkpoint)
 
 
 # ---------------------------------------------------------------------------------------- a run
@@ -216,6 +216,8 @@ def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
     if kwargs["late_mask_stage"] == "auto":  # resolved by the backbone's family; recorded as what ran
         kwargs["late_mask_stage"] = cfg.late_mask_stage = model.late_mask_stage
     resolve_channels_last(cfg, model)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     data_cfg = data_config(model, cfg)
     mask_fn = mask_fn or online_segmenter(cfg, dist, data_cfg)
     datasets = build_datasets(cfg, data_cfg, with_masks=mask_fn is None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from argparse import Namespace
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,13 +60,11 @@ def train_step(model, batch, strategy, dist: DistInfo, cfg: Namespace, mixup=Non
     return logits, targets
 
 
-def backward_step(loss, optimizer, scaler, grad_norm_clip) -> None:
-    optimizer.zero_grad(set_to_none=True)
+def optimizer_step(optimizer, scaler, grad_norm_clip) -> None:
+    """One update from the gradients accumulated so far (unscaled first, so clipping sees true norms),
+    then the gradients are cleared for the next accumulation group."""
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     if grad_norm_clip:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_norm_clip)
     if scaler is not None:
@@ -73,28 +72,56 @@ def backward_step(loss, optimizer, scaler, grad_norm_clip) -> None:
         scaler.update()
     else:
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def sync_context(model, sync: bool):
+    """DDP's `no_sync` on the micro-batches of an accumulation group that do not end it: their gradients
+    add up locally and are all-reduced once, with the group's last backward."""
+    no_sync = getattr(model, "no_sync", None)
+    return nullcontext() if sync or no_sync is None else no_sync()
+
+
+def accumulation_groups(n_steps: int, accum: int) -> list[int]:
+    """The size of each accumulation group of an epoch of `n_steps` micro-batches: `accum` each, the
+    last one shorter when `accum` does not divide `n_steps` (as timm's last_accum_steps)."""
+    return [min(accum, n_steps - start) for start in range(0, n_steps, accum)]
 
 
 def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo, cfg: Namespace, epoch: int,
                     mixup=None, scaler=None, mask_fn=None) -> dict:
+    """One epoch of micro-batches; the optimiser steps once per `--grad_accum_steps` of them, on the
+    mean loss of the group (each micro-batch's loss divided by the group's size), which is the update of
+    one batch that many times larger."""
     model.train()
     # The loss sum stays on the device and is checked every `check_every` steps: a per-step `.item()`
     # would make the host wait for the GPU at every step.
     total_loss, seen, steps = torch.zeros((), dtype=torch.float64, device=dist.device), 0, 0
     check_every = 1 if dist.device.type == "cpu" else 25
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)
     t0 = time.perf_counter()
     n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    group_of = [size for size in accumulation_groups(n_steps, cfg.grad_accum_steps) for _ in range(size)]
     bar = tqdm(loader_iter(loader), total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not dist.is_main or cfg.no_progress)
+    optimizer.zero_grad(set_to_none=True)
+    in_group = 0
     for batch in bar:
         if steps >= n_steps:
             break
-        logits, targets = train_step(model, batch, strategy, dist, cfg, mixup, mask_fn)
-        loss = loss_fn(logits.float(), targets)
-        if steps % check_every == 0 and not torch.isfinite(loss):  # the epoch's sum, checked below, covers the rest
-            raise UserError(f"loss is {loss.item()} at epoch {epoch + 1}, step {steps}: lower --lr or use "
-                            "--grad_norm_clip")
-        backward_step(loss, optimizer, scaler, cfg.grad_norm_clip)
+        group, in_group = group_of[steps], in_group + 1
+        with sync_context(model, in_group == group):
+            logits, targets = train_step(model, batch, strategy, dist, cfg, mixup, mask_fn)
+            loss = loss_fn(logits.float(), targets)
+            if steps % check_every == 0 and not torch.isfinite(loss):  # the epoch's sum, checked below, covers the rest
+                raise UserError(f"loss is {loss.item()} at epoch {epoch + 1}, step {steps}: lower --lr or use "
+                                "--grad_norm_clip")
+            scaled = loss / group if group > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if in_group == group:
+            optimizer_step(optimizer, scaler, cfg.grad_norm_clip)
+            in_group = 0
         total_loss += loss.detach().double() * len(targets)
         seen += len(targets)
         steps += 1
@@ -104,10 +131,13 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
     seconds = time.perf_counter() - t0
     if not math.isfinite(total_loss):
         raise UserError(f"the training loss of epoch {epoch + 1} is {total_loss}: lower --lr or use --grad_norm_clip")
-    stats = all_reduce_sum(torch.tensor([total_loss, seen], dtype=torch.float64))
-    return {"train/loss": float(stats[0] / max(stats[1], 1)), "train/images": int(stats[1]),
-            "train/seconds": seconds, "train/images_per_s": float(stats[1]) / max(seconds, 1e-9),
-            "train/lr": optimizer.param_groups[0]["lr"]}
+    stats = all_reduce_sum(torch.tensor([total_loss, seen], dtype=torch.float64, device=dist.device)).cpu()
+    out = {"train/loss": float(stats[0] / max(stats[1], 1)), "train/images": int(stats[1]),
+           "train/seconds": seconds, "train/images_per_s": float(stats[1]) / max(seconds, 1e-9),
+           "train/lr": optimizer.param_groups[0]["lr"]}
+    if dist.device.type == "cuda":
+        out["train/peak_mem_mib"] = torch.cuda.max_memory_allocated(dist.device) / 2**20
+    return out
 
 
 def evaluate_splits(model, datasets: dict, strategy, dist: DistInfo, cfg: Namespace, splits, mask_fn=None,
@@ -273,12 +303,24 @@ def log_evaluation(record: dict, run_dir: Path, dist: DistInfo) -> None:
         print(f"note: the evaluation is not logged in {run_dir / 'results.jsonl'} ({e})", flush=True)
 
 
+def allow_tf32(dist: DistInfo, allow: bool) -> None:
+    """On CUDA, float32 matmuls and cuDNN convolutions may use TF32 tensor cores (float32's range, a
+    10-bit mantissa), as timm and DINOv2 train; --no_tf32 keeps full float32. No effect on CPU."""
+    if dist.device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    if allow and dist.is_main:
+        print("note: TF32 matmuls and convolutions are allowed on CUDA (--no_tf32 keeps full float32)", flush=True)
+
+
 def run(cfg: Namespace, mask_fn=None) -> dict:
     """Train (or with --eval_only evaluate) as configured; returns the final metrics."""
     validate_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)
+    allow_tf32(dist, not cfg.no_tf32)
     try:
         return evaluate(cfg, dist, mask_fn) if cfg.eval_only else fit(cfg, dist, mask_fn)
     finally:

@@ -151,3 +151,22 @@ def one_line(message: str) -> str:
         if "UserError: " in line:
             return line.split("UserError: ", 1)[1]
     return message.strip().splitlines()[-1]
+
+
+def has_package(name: str) -> bool:
+    """Whether an optional package can be imported (found, not imported: captum pulls in matplotlib)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def missing_package(name: str, why: str, extra: str) -> UserError:
+    """The one-line error for an optional package that the flags ask for and that is not installed."""
+    return UserError(f"{why} needs the optional package {name}, which is not installed "
+                     f"(pip install {name}, or pip install 'bgmask[{extra}]')")
+
+
+def require_package(name: str, why: str, extra: str) -> None:
+    """Raise `missing_package`'s error, before any work, when `name` cannot be imported."""
+    if not has_package(name):
+        raise missing_package(name, why, extra)

@@ -43,7 +43,7 @@ def predict(model, dataset: Dataset, strategy, dist, batch_size: int = 64, num_w
     model.eval()
     sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        worker_init_fn=unblock_sigint)
+                        worker_init_fn=unblock_sigint, pin_memory=dist.device.type == "cuda")
     rows = {"index": [], "pred": [], "label": [], "group": [], "place": []}
     for batch in tqdm(loader_iter(loader), total=len(loader), desc=desc, disable=not (progress and dist.is_main),
                       leave=False):

@@ -135,6 +135,13 @@ class Classifier(nn.Module):
                 m.train(mode)
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing of the backbone (the head is small and never checkpointed)."""
+        if not hasattr(self.backbone, "set_grad_checkpointing"):
+            raise UserError(f"--grad_checkpointing: model_arch={self.model_arch} has no activation "
+                            "checkpointing in timm")
+        self.backbone.set_grad_checkpointing(enable)
+
     # ------------------------------------------------------------------ geometry
     def feature_grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the final feature grid (the grid the late mask is resized to) for an input size."""

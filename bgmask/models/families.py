@@ -26,6 +26,7 @@ How to add a family: one registered object, plus a small model of it in `EXAMPLE
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import SelectAdaptivePool2d
 from timm.models.convnext import ConvNeXt
 from timm.models.resnet import ResNet
@@ -36,6 +37,20 @@ from bgmask.errors import UserError
 from bgmask.models.heads import get_head, masked_mean_rescale, pool_grid
 
 FAMILIES: dict[str, BackboneFamily] = {}
+
+
+def run_blocks(blocks, x: torch.Tensor, net: nn.Module) -> torch.Tensor:
+    """x through `blocks` in order. When timm's activation checkpointing is on for `net`
+    (`set_grad_checkpointing`) and a graph is being recorded, each block's activations are recomputed in
+    the backward pass instead of kept, as timm's own forward_features does; the split forwards of
+    second-last late masking then save the same memory as the plain forward."""
+    if getattr(net, "grad_checkpointing", False) and torch.is_grad_enabled():
+        for blk in blocks:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return x
+    for blk in blocks:
+        x = blk(x)
+    return x
 
 
 def register_family(name: str, model_cls: type[nn.Module]):
@@ -220,13 +235,11 @@ class ViTFamily(BackboneFamily):
 
     def to_second_last(self, vit, x):
         t = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # (B, N, D)
-        for blk in vit.blocks[:-1]:
-            t = blk(t)
-        return self._split(vit, t)
+        return self._split(vit, run_blocks(vit.blocks[:-1], t, vit))
 
     def after_second_last(self, vit, grid, prefix):
         t = torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)  # (B, N, D)
-        return self._split(vit, vit.norm(vit.blocks[-1](t)))
+        return self._split(vit, vit.norm(run_blocks(vit.blocks[-1:], t, vit)))
 
     def classify(self, clf, grid, prefix, pool_mask):
         cls = prefix[:, 0] if clf.head.uses_cls else None  # (B, D)
@@ -290,10 +303,10 @@ class ResNetFamily(CNNFamily):
 
     def to_second_last(self, net, x):
         x = net.maxpool(net.act1(net.bn1(net.conv1(x))))
-        return net.layer3(net.layer2(net.layer1(x))), None  # (B, C3, h3, w3)
+        return run_blocks([net.layer1, net.layer2, net.layer3], x, net), None  # (B, C3, h3, w3)
 
     def after_second_last(self, net, f, aside):
-        return net.layer4(f), aside  # (B, C, h, w)
+        return run_blocks([net.layer4], f, net), aside  # (B, C, h, w)
 
     def last_part(self, net):
         return [net.layer4]
