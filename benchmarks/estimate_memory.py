@@ -21,8 +21,14 @@ all its activations are proportional; d: per-image tensors that do not grow with
 The counts are exact bytes, not samples, so three sizes determine the three terms. With SDPA (timm's
 fused attention: flash or memory-efficient kernels on CUDA, flash on the CPU) the N x N attention matrix
 is never stored, so b comes out near 0 and memory grows linearly with N; the fit shows it rather than
-assuming it. bf16 autocast is measured at smaller sizes than fp32 (bf16 kernels are slow on CPUs
-without bf16 instructions); the terms are per token, so the size does not change them.
+assuming it.
+
+bf16 on the CPU. bf16 kernels are slow on CPUs without bf16 instructions (a ViT-L step takes minutes), so
+the ViT under bf16 autocast is measured with its first 2 and 4 blocks at two small sizes (d + a N, the
+fp32 fit having shown b ~ 0), and every term is extrapolated to the full depth: the blocks are identical,
+so each term is affine in the number of blocks (frozen's transient peak lies inside one block and comes
+out constant). The CNN is estimated in fp32 only (its bf16 convolutions took over a minute per step
+here).
 
 The estimate for a card. Per GPU: weights (fp32) + gradients and AdamW's two moments (fp32) of the
 trained parameters + c + B * m(N) at the paper's size, + a reserve for what the allocator does not hand
@@ -107,6 +113,12 @@ def set_mode(clf, mode: str) -> list[torch.nn.Parameter]:
     return [p for p in clf.parameters() if p.requires_grad]
 
 
+def with_depth(clf, depth: int | None, full: list):
+    """The ViT `clf` with its first `depth` blocks (all of them for None); `full` is the original list."""
+    clf.backbone.blocks = torch.nn.Sequential(*(full if depth is None else full[:depth]))
+    return clf
+
+
 def measure(clf, mode: str, image_size: int, batch: int, amp: bool) -> int:
     """Peak activation bytes of one step (forward, loss, backward) in `mode`."""
     trained = set_mode(clf, mode)
@@ -137,11 +149,16 @@ def fit(points: dict) -> dict:
     n0 = ns[0]
     c = max(2 * points[(n0, 1)] - points[(n0, 2)], 0.0)  # bytes(B=1) - (bytes(B=2) - bytes(B=1))
     m = np.array([points[(n, 1)] - c for n in ns], dtype=np.float64)
-    if len(ns) < 3:  # too few sizes for three terms: proportional to N
-        return {"c": c, "d": 0.0, "a": float(m.mean() / np.mean(ns)), "b": 0.0}
-    design = np.array([[1.0, n, n * n] for n in ns])
-    d, a, b = np.linalg.lstsq(design, m, rcond=None)[0]
+    if len(ns) == 1:  # one size: proportional to N
+        return {"c": c, "d": 0.0, "a": float(m[0] / ns[0]), "b": 0.0}
+    design = np.array([[1.0, n, n * n][:min(len(ns), 3)] for n in ns])
+    d, a, b = [*np.linalg.lstsq(design, m, rcond=None)[0], 0.0][:3]
     return {"c": c, "d": float(d), "a": float(a), "b": float(b)}
+
+
+def to_depth(f_small: dict, f_large: dict, small: int, large: int, depth: int) -> dict:
+    """Each term, affine in the number of blocks, from fits at `small` and `large` blocks to `depth`."""
+    return {k: f_small[k] + (f_large[k] - f_small[k]) * (depth - small) / (large - small) for k in f_small}
 
 
 def per_image(f: dict, n: float) -> float:
@@ -169,7 +186,8 @@ COMMANDS = [
     ("ViT-B/14 frozen (late, batch 16)", "vit_base_patch14_dinov2", 518, 16, "frozen", False),
     ("ViT-L/14 fine-tuned (late / baseline, batch 4 / 6)", "vit_large_patch14_dinov2", 518, 6, "finetune", False),
     ("ViT-L/14 fine-tuned, --use_amp (bf16)", "vit_large_patch14_dinov2", 518, 6, "finetune", True),
-    ("ConvNeXt-B fine-tuned, 448 px, --use_amp (bf16)", "convnext_base", 448, 32, "finetune", True),
+    ("ConvNeXt-B fine-tuned, 448 px, batch 32 (fp32)", "convnext_base", 448, 32, "finetune", False),
+    ("ConvNeXt-B fine-tuned, 224 px, batch 64 (fp32)", "convnext_base", 224, 64, "finetune", False),
 ]
 
 
@@ -196,13 +214,14 @@ def largest_batch(f: dict, static: float, n: float, card_gb: int) -> int:
 
 
 def plan(a) -> list[tuple[str, list[int], tuple[str, ...], tuple[bool, ...]]]:
-    """(model, image sizes, modes, autocast settings) to measure."""
+    """(model, image sizes, modes, bf16 autocast, None or the two ViT depths to extrapolate from)."""
     if a.quick:  # small stand-ins at small sizes: the code paths in seconds
-        return [("vit_small_patch14_dinov2", [28, 42, 56], MODES, (False, True)),
-                ("resnet18", [64, 96, 128], MODES, (False, True))]
-    return [(a.vit, a.vit_sizes, MODES, (False,)), (a.vit, a.vit_bf16_sizes, MODES, (True,)),
-            ("vit_base_patch14_dinov2", a.vit_sizes, ("frozen", "attribution"), (False,)),
-            (a.cnn, a.cnn_sizes, MODES, (False,)), (a.cnn, a.cnn_bf16_sizes, MODES, (True,))]
+        return [("vit_small_patch14_dinov2", [28, 42, 56], MODES, False, None),
+                ("vit_small_patch14_dinov2", [28, 42], MODES, True, (2, 4)),
+                ("resnet18", [64, 96, 128], MODES, False, None)]
+    return [(a.vit, a.vit_sizes, MODES, False, None), (a.vit, a.vit_bf16_sizes, MODES, True, (2, 4)),
+            ("vit_base_patch14_dinov2", a.vit_sizes, ("frozen", "attribution"), False, None),
+            (a.cnn, a.cnn_sizes, MODES, False, None)]
 
 
 def static_of(model_arch: str, size: int, mode: str) -> float:
@@ -216,8 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--vit_sizes", type=int, nargs="+", default=[112, 168, 224])
     p.add_argument("--cnn", default="convnext_base")
     p.add_argument("--cnn_sizes", type=int, nargs="+", default=[128, 192, 256])
-    p.add_argument("--vit_bf16_sizes", type=int, nargs="+", default=[42, 56, 70])
-    p.add_argument("--cnn_bf16_sizes", type=int, nargs="+", default=[64, 96, 128])
+    p.add_argument("--vit_bf16_sizes", type=int, nargs="+", default=[42, 70])
     p.add_argument("--quick", action="store_true", help="small stand-in models at one size (a check of the code paths)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -228,23 +246,32 @@ def main(argv=None) -> int:
                 "vit_small_patch14_dinov2", "convnext_base": "resnet18"} if a.quick else {}
     t0 = time.perf_counter()
     fits_by, measured = {}, []
-    for model_arch, sizes, modes, amps in plan(a):
-        for amp in amps:
-            points = {m: {} for m in modes}
-            for size in sizes:
-                clf = build(model_arch, size)
-                n = tokens(model_arch, size)
+    for model_arch, sizes, modes, amp, depths in plan(a):
+        points = {(m, dp): {} for m in modes for dp in (depths or (None,))}
+        for size in sizes:
+            clf = build(model_arch, size)
+            n = tokens(model_arch, size)
+            full = list(clf.backbone.blocks) if depths else None
+            for depth in depths or (None,):
+                if depths:
+                    with_depth(clf, depth, full)
                 for mode in modes:
                     for batch in ((1, 2) if size == sizes[0] else (1,)):
                         b = measure(clf, mode, size, batch, amp)
-                        points[mode][(n, batch)] = b
+                        points[(mode, depth)][(n, batch)] = b
                         measured.append({"model": model_arch, "image_size": size, "tokens": n, "batch": batch,
-                                         "mode": mode, "amp": amp, "bytes": b})
+                                         "mode": mode, "amp": amp, "blocks": depth, "bytes": b})
                         print(f"measured {model_arch} {size} px (N={n:g}) batch {batch} {mode:<13} "
-                              f"{'bf16' if amp else 'fp32'}: {b / 2**20:8.1f} MiB", flush=True)
-                del clf
-            for mode in modes:
-                fits_by[(model_arch, amp, mode)] = fit(points[mode])
+                              f"{'bf16' if amp else 'fp32'}{f' {depth} blocks' if depth else ''}: "
+                              f"{b / 2**20:8.1f} MiB", flush=True)
+            del clf
+        for mode in modes:
+            if depths:
+                blocks = len(full)
+                fits_by[(model_arch, amp, mode)] = to_depth(fit(points[(mode, depths[0])]),
+                                                            fit(points[(mode, depths[1])]), *depths, blocks)
+            else:
+                fits_by[(model_arch, amp, mode)] = fit(points[(mode, None)])
     print(f"\nmeasured in {time.perf_counter() - t0:.0f} s (torch {torch.__version__}, CPU)\n")
     print("| model | mode | precision | c (MiB) | d (MiB per image) | a (KiB per token) | b (bytes per token^2) |")
     print("|---|---|---|---:|---:|---:|---:|")
