@@ -186,6 +186,9 @@ COMMANDS = [
     ("ViT-B/14 frozen (late, batch 16)", "vit_base_patch14_dinov2", 518, 16, "frozen", False),
     ("ViT-L/14 fine-tuned (late / baseline, batch 4 / 6)", "vit_large_patch14_dinov2", 518, 6, "finetune", False),
     ("ViT-L/14 fine-tuned, --use_amp (bf16)", "vit_large_patch14_dinov2", 518, 6, "finetune", True),
+    ("ViT-L/14 fine-tuned, the paper's global batch (4 GPUs x 6) on one GPU", "vit_large_patch14_dinov2", 518, 24,
+     "finetune", False),
+    ("the same, --use_amp (bf16)", "vit_large_patch14_dinov2", 518, 24, "finetune", True),
     ("ConvNeXt-B fine-tuned, 448 px, batch 32 (fp32)", "convnext_base", 448, 32, "finetune", False),
     ("ConvNeXt-B fine-tuned, 224 px, batch 64 (fp32)", "convnext_base", 224, 64, "finetune", False),
 ]
@@ -194,7 +197,7 @@ COMMANDS = [
 def settings_for(f: dict, ckpt: dict | None, static: float, n: float, batch: int, card_gb: int) -> str:
     """The cheapest way to reach the command's batch on a card: the whole batch, else micro-batches with
     --grad_accum_steps, else also --grad_checkpointing; the text says which."""
-    for fit_, flag in ((f, ""), (ckpt, " + --grad_checkpointing")):
+    for fit_, flag in ((f, ""), (ckpt, " + ckpt")):
         if fit_ is None:
             continue
         for accum in (1, 2, 3, 4, 6, 8, 12, 16, 32, 64):
@@ -202,7 +205,7 @@ def settings_for(f: dict, ckpt: dict | None, static: float, n: float, batch: int
                 continue
             micro = batch // accum
             if fits(static + activation_bytes(fit_, n, micro), card_gb):
-                acc = f" x --grad_accum_steps {accum}" if accum > 1 else ""
+                acc = f" x accum {accum}" if accum > 1 else ""
                 return f"{micro}{acc}{flag}"
     return "does not fit"
 
@@ -224,9 +227,13 @@ def plan(a) -> list[tuple[str, list[int], tuple[str, ...], tuple[bool, ...]]]:
             (a.cnn, a.cnn_sizes, MODES, False, None)]
 
 
+def build_meta(model_arch: str, size: int):
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        return build(model_arch, size)
+
+
 def static_of(model_arch: str, size: int, mode: str) -> float:
-    with torch.device("meta"):  # parameter counts only: nothing is allocated
-        return static_bytes(build(model_arch, size), mode)
+    return static_bytes(build_meta(model_arch, size), mode)
 
 
 def main(argv=None) -> int:
@@ -238,7 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--vit_bf16_sizes", type=int, nargs="+", default=[42, 70])
     p.add_argument("--quick", action="store_true", help="small stand-in models at one size (a check of the code paths)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the measurements, fits and table here")
+    p.add_argument("--from_json", default=None, help="the table again from an earlier --json's measurements")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -246,18 +254,23 @@ def main(argv=None) -> int:
                 "vit_small_patch14_dinov2", "convnext_base": "resnet18"} if a.quick else {}
     t0 = time.perf_counter()
     fits_by, measured = {}, []
+    earlier = {}
+    if a.from_json:  # (model, size, batch, mode, amp, blocks) -> bytes, measured before
+        earlier = {(r["model"], r["image_size"], r["batch"], r["mode"], r["amp"], r.get("blocks")): r["bytes"]
+                   for r in json.loads(Path(a.from_json).read_text())["measured"]}
     for model_arch, sizes, modes, amp, depths in plan(a):
         points = {(m, dp): {} for m in modes for dp in (depths or (None,))}
         for size in sizes:
-            clf = build(model_arch, size)
+            clf = build(model_arch, size) if not earlier else None
             n = tokens(model_arch, size)
-            full = list(clf.backbone.blocks) if depths else None
+            full = list(clf.backbone.blocks) if depths and clf is not None else None
             for depth in depths or (None,):
-                if depths:
+                if depths and clf is not None:
                     with_depth(clf, depth, full)
                 for mode in modes:
                     for batch in ((1, 2) if size == sizes[0] else (1,)):
-                        b = measure(clf, mode, size, batch, amp)
+                        key = (model_arch, size, batch, mode, amp, depth)
+                        b = earlier[key] if earlier else measure(clf, mode, size, batch, amp)
                         points[(mode, depth)][(n, batch)] = b
                         measured.append({"model": model_arch, "image_size": size, "tokens": n, "batch": batch,
                                          "mode": mode, "amp": amp, "blocks": depth, "bytes": b})
@@ -267,7 +280,7 @@ def main(argv=None) -> int:
             del clf
         for mode in modes:
             if depths:
-                blocks = len(full)
+                blocks = len(build_meta(model_arch, sizes[0]).backbone.blocks)
                 fits_by[(model_arch, amp, mode)] = to_depth(fit(points[(mode, depths[0])]),
                                                             fit(points[(mode, depths[1])]), *depths, blocks)
             else:
@@ -278,11 +291,12 @@ def main(argv=None) -> int:
     for (model_arch, amp, mode), f in fits_by.items():
         print(f"| {model_arch} | {mode} | {'bf16' if amp else 'fp32'} | {f['c'] / 2**20:.1f} | {f['d'] / 2**20:.2f} "
               f"| {f['a'] / 1024:.1f} | {f['b']:.2f} |")
-    print(f"\nEstimates per GPU (reserve {RESERVE_BYTES / GiB:.1f} GiB + {RESERVE_FRACTION:.0%}) at the paper's "
-          "per-GPU batch; 'k x --grad_accum_steps n' = micro-batches of k, the same update as the whole batch:\n")
+    print(f"\nEstimates per GPU (reserve {RESERVE_BYTES / GiB:.1f} GiB + {RESERVE_FRACTION:.0%}). Each card's cell: "
+          "the setting that reaches the batch ('k x accum n' = --batch_size k --grad_accum_steps n, the same "
+          "update; '+ ckpt' = --grad_checkpointing), then the largest batch that fits without / with "
+          "checkpointing:\n")
     cards = " | ".join(f"{g} GB" for g in CARDS_GB)
-    rows = [f"| command | per-GPU batch | estimated GiB | {cards} | largest batch on 80 GB |",
-            "|---|---:|---:|" + "---|" * len(CARDS_GB) + "---:|"]
+    rows = [f"| command | batch | estimated GiB at that batch | {cards} |", "|---|---:|---:|" + "---|" * len(CARDS_GB)]
     table, evals = [], []
     for name, model_arch, size, batch, mode, amp in COMMANDS:
         model_arch = stand_in.get(model_arch, model_arch)
@@ -294,13 +308,16 @@ def main(argv=None) -> int:
         n = tokens(model_arch, size)
         total = static + activation_bytes(f, n, batch)
         with_reserve = total * (1 + RESERVE_FRACTION) + RESERVE_BYTES
-        cells = [settings_for(f, ckpt, static, n, batch, g) for g in CARDS_GB]
+        cells = []
+        for g in CARDS_GB:
+            most = [largest_batch(f, static, n, g)] + ([largest_batch(ckpt, static, n, g)] if ckpt else [])
+            cap = "; max " + " / ".join(str(m) if m <= 1024 else "> 1024" for m in most)
+            cells.append(settings_for(f, ckpt, static, n, batch, g) + cap)
         big = largest_batch(f, static, n, 80)
         table.append({"command": name, "model": model_arch, "image_size": size, "batch": batch, "mode": mode,
                       "amp": amp, "estimated_gib": with_reserve / GiB, "settings": dict(zip(map(str, CARDS_GB), cells)),
                       "largest_batch_80gb": big})
-        rows.append(f"| {name} | {batch} | {with_reserve / GiB:.1f} | " + " | ".join(cells)
-                    + f" | {big if big <= 1024 else '> 1024'} |")
+        rows.append(f"| {name} | {batch} | {with_reserve / GiB:.1f} | " + " | ".join(cells) + " |")
         att, ev = fits_by.get((model_arch, amp, "attribution")), fits_by.get((model_arch, amp, "frozen"))
         if att is not None and ev is not None:
             evals.append(f"- {name}: final evaluation (no-grad, batch {2 * batch}) "
