@@ -22,9 +22,10 @@
 # result lines), results.jsonl (one JSON line per step), versions.txt, bench.md, logs.tgz (every log and
 # run record). Work files (data, checkpoints) go to $GPU_CHECK_WORK (default OUT_DIR/work), removed at the
 # end unless KEEP_WORK=1.
-# Environment: PYTHON (default python3), BUDGET_S (default 570: the whole script), SMOKE_DEVICE=cpu (a dry
-# run on the CPU: the same steps and code paths at tiny sizes, a few minutes; fp16 stops with its one-line
-# 'needs CUDA' error, as it must without CUDA).
+# Environment: PYTHON (default python3); BUDGET_S (the whole script: default 570 on CUDA, 1500 on the CPU);
+# ONLY="NAME ..." (run only these steps); FT_BATCH=N (fine-tune ViT-L at batch N instead of probing);
+# SMOKE_DEVICE=cpu (a dry run on the CPU: the same steps at tiny sizes, limits x3; 10-16 min on 2 shared
+# cores, Mask2Former at 512 px most of it; fp16's one-line 'needs CUDA' refusal is the expected result).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [run_all.py flags]}
@@ -65,6 +66,11 @@ else  # dry run: the same steps at tiny sizes. ViT-L fine-tunes in fp32 here: a 
 fi
 
 left() { echo $((BUDGET_S - SECONDS)); }
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+skip() {  # skip NAME WHY: a SKIP line for a step that was asked for
+  wanted "$1" && echo "SKIP $1 ($2)" | tee -a "$OUT/summary.txt"
+  return 0
+}
 # step NAME LIMIT_S [line flags...] -- COMMAND...: runs COMMAND under min(LIMIT_S, budget left - 10 s), its
 # output in LOGS/NAME.log, then prints the one result line. ONLY="NAME ..." runs only the steps named.
 REC=("${STEP[@]}" run --record)  # "${REC[@]}" FILE.json -- SCRIPT ARGS: the script, its CUDA peak recorded
@@ -73,12 +79,12 @@ step() {
   local line_args=()
   while [ "$1" != -- ]; do line_args+=("$1"); shift; done
   shift
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  wanted "$name" || return 0
   limit=$((limit * LIMIT_SCALE))
   local budget=$(( $(left) - 10 ))
   [ "$budget" -lt "$limit" ] && limit=$budget
   if [ "$limit" -lt 15 ]; then
-    echo "SKIP $name (budget spent)" | tee -a "$OUT/summary.txt"
+    skip "$name" "budget spent"
     return 1
   fi
   local t0=$SECONDS rc
@@ -156,9 +162,9 @@ echo "== 2. vit_large_patch14_dinov2 (random weights) at $VIT_SIZE px"
 step vitl_frozen 150 --run "$WORK/vitl_frozen" --record "$WORK/vitl_frozen.json" --note "batch $FROZEN_BATCH fp32" -- \
   "${REC[@]}" "$WORK/vitl_frozen.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch vit_large_patch14_dinov2 \
   --freeze_backbone --batch_size "$FROZEN_BATCH" --snapshot_dir "$WORK/vitl_frozen"
-ft_batch=0
+ft_batch=${FT_BATCH:-0}
 # shellcheck disable=SC2086  # FT_BATCHES is a list of numbers
-if step vitl_probe 120 --record "$WORK/vitl_probe.json" --note "batches tried: $FT_BATCHES" -- \
+if [ "$ft_batch" = 0 ] && wanted vitl_probe && step vitl_probe 120 --record "$WORK/vitl_probe.json" --note "batches tried: $FT_BATCHES" -- \
     "${STEP[@]}" probe --model vit_large_patch14_dinov2 --image_size "$VIT_SIZE" --batches $FT_BATCHES --amp "$PROBE_AMP" \
     --device "$DEVICE" --record "$WORK/vitl_probe.json"; then
   ft_batch=$(tail -1 "$LOGS/vitl_probe.log")
@@ -173,7 +179,7 @@ if [ "$ft_batch" -gt 0 ] 2>/dev/null; then
     "${REC[@]}" "$WORK/vitl_ckpt.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch vit_large_patch14_dinov2 \
     --batch_size $((2 * ft_batch)) "${FT_AMP[@]}" --grad_checkpointing --snapshot_dir "$WORK/vitl_ckpt"
 else
-  echo "SKIP vitl_finetune (no batch fitted: see vitl_probe)" | tee -a "$OUT/summary.txt"
+  skip vitl_finetune "no batch: see vitl_probe, or set FT_BATCH"
 fi
 
 # ------------------------------------------------------------------ 3. precision / compile smoke runs
@@ -203,7 +209,7 @@ if [ -f "$WORK/m2f_untrained.pth" ]; then
     --batch_size 16 --seg_model_config_path "$M2F" --seg_model_checkpoint_path "$WORK/m2f_untrained.pth" \
     --seg_batch_size "$SEG_BATCH" --snapshot_dir "$WORK/m2f_late"
 else
-  echo "SKIP m2f_online_late (no segmenter checkpoint: see m2f_forward)" | tee -a "$OUT/summary.txt"
+  skip m2f_online_late "no segmenter checkpoint: see m2f_forward"
 fi
 
 # ------------------------------------------------------------------ 5. the benchmark table at 224 px
