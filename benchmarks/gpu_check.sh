@@ -24,6 +24,7 @@
 # end unless KEEP_WORK=1.
 # Environment: PYTHON (default python3); BUDGET_S (the whole script: default 570 on CUDA, 1500 on the CPU);
 # ONLY="NAME ..." (run only these steps); FT_BATCH=N (fine-tune ViT-L at batch N instead of probing);
+# GPU_CHECK_WHEELS (the wheel folder, default .whl);
 # SMOKE_DEVICE=cpu (a dry run on the CPU: the same steps at tiny sizes, limits x3; 10-16 min on 2 shared
 # cores, Mask2Former at 512 px most of it; fp16's one-line 'needs CUDA' refusal is the expected result).
 set -uo pipefail
@@ -97,14 +98,15 @@ step() {
 
 # ------------------------------------------------------------------ set-up: wheels, versions, data
 t0=$SECONDS
-if compgen -G ".whl/*.whl" > /dev/null; then
+WHEELS=${GPU_CHECK_WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
   if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-      .whl/*.whl > "$LOGS/wheels.log" 2>&1; then
+      "$WHEELS"/*.whl > "$LOGS/wheels.log" 2>&1; then
     echo "FAIL wheels: $(tail -1 "$LOGS/wheels.log")" | tee -a "$OUT/summary.txt"
   fi
   export PYTHONPATH="$PYTHONPATH:$WORK/site"
 else
-  echo "note: no .whl/ folder (bash benchmarks/prepare_wheels.sh): steps that need captum or MMSeg will fail" \
+  echo "note: no wheels in $WHEELS (bash benchmarks/prepare_wheels.sh): steps that need captum or MMSeg will fail" \
     | tee -a "$OUT/summary.txt"
 fi
 {

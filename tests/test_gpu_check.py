@@ -108,13 +108,17 @@ def test_dry_run_of_one_step_end_to_end(tmp_path):
     """The whole script on the CPU with ONLY= one step: set-up (versions, both data sets), the step's line,
     the summary, and an OUT_DIR of few files (a device slot returns at most 8) with the logs packed."""
     out = tmp_path / "out"
-    env = {**ENV, "SMOKE_DEVICE": "cpu", "PYTHON": sys.executable, "ONLY": "fp16_scaler"}
+    wheels = tmp_path / "no_wheels"  # this Python's own packages (a checkout's .whl/ may hold another Python's)
+    wheels.mkdir()
+    env = {**ENV, "SMOKE_DEVICE": "cpu", "PYTHON": sys.executable, "ONLY": "fp16_scaler",
+           "GPU_CHECK_WHEELS": str(wheels)}
     p = subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh"), str(out)], capture_output=True, text=True,
                        env=env, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^ok   fp16_scaler .*refused as expected: error: --amp_dtype fp16 needs CUDA", summary, re.M), summary
     assert "1 ok, 0 failed, 0 skipped" in summary  # ONLY= leaves the other steps out silently
+    assert summary.startswith("note: no wheels in")
     assert sorted(f.name for f in out.iterdir()) == ["logs.tgz", "results.jsonl", "summary.txt", "versions.txt"]
     assert "torch" in (out / "versions.txt").read_text()
     with tarfile.open(out / "logs.tgz") as t:
