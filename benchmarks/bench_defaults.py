@@ -81,7 +81,7 @@ class Models:
         return Namespace(lr=1e-4, scratch_lr_factor=1.0, weight_decay=0.05, optimizer_type="adamw", betas1=0.9,
                          betas2=0.999, momentum=0.9, smoothing=0.1, use_amp=False, amp_dtype="bf16",
                          grad_norm_clip=None, channels_last=self.cl[variant], max_steps_per_epoch=steps, epochs=1,
-                         no_progress=True, log_interval=10)
+                         no_progress=True, log_interval=10, grad_accum_steps=1)
 
     def train_steps(self, variant):
         model, cl = self.models[variant].train(), self.cl[variant]
