@@ -23,12 +23,12 @@ fused attention: flash or memory-efficient kernels on CUDA, flash on the CPU) th
 is never stored, so b comes out near 0 and memory grows linearly with N; the fit shows it rather than
 assuming it.
 
-bf16 on the CPU. bf16 kernels are slow on CPUs without bf16 instructions (a ViT-L step takes minutes), so
-the ViT under bf16 autocast is measured with its first 2 and 4 blocks at two small sizes (d + a N, the
-fp32 fit having shown b ~ 0), and every term is extrapolated to the full depth: the blocks are identical,
-so each term is affine in the number of blocks (frozen's transient peak lies inside one block and comes
-out constant). The CNN is estimated in fp32 only (its bf16 convolutions took over a minute per step
-here).
+bf16 on the CPU. bf16 kernels are slow on CPUs without bf16 instructions, so the ViT under bf16 autocast
+is measured with its first 2 and 4 blocks at two small sizes (d + a N, the fp32 fit having shown b ~ 0),
+and every term is extrapolated to the full depth: the blocks are identical, so each term is affine in
+the number of blocks (frozen's transient peak lies inside one block and comes out constant). The CNN is
+estimated in fp32 only: it has no uniform blocks to shorten, and its bf16 convolutions are the slowest
+of those kernels.
 
 The estimate for a card. Per GPU: weights (fp32) + gradients and AdamW's two moments (fp32) of the
 trained parameters + c + B * m(N) at the paper's size, + a reserve for what the allocator does not hand

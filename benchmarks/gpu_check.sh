@@ -25,8 +25,9 @@
 # Environment: PYTHON (default python3); BUDGET_S (the whole script: default 570 on CUDA, 1500 on the CPU);
 # ONLY="NAME ..." (run only these steps); FT_BATCH=N (fine-tune ViT-L at batch N instead of probing);
 # GPU_CHECK_WHEELS (the wheel folder, default .whl);
-# SMOKE_DEVICE=cpu (a dry run on the CPU: the same steps at tiny sizes, limits x3; 10-16 min on 2 shared
-# cores, Mask2Former at 512 px most of it; fp16's one-line 'needs CUDA' refusal is the expected result).
+# SMOKE_DEVICE=cpu (a dry run on the CPU: the same steps at tiny sizes, limits x3; Mask2Former still runs at
+# 512 px and takes most of it; fp16's one-line 'needs CUDA' refusal is the expected result; its time is
+# in benchmarks/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [run_all.py flags]}
@@ -57,8 +58,8 @@ if [ "$DEVICE" = cuda ]; then  # the paper's sizes
   SMALL_DATA=(--num_classes 4 --train_per_class 24 --test_per_class 6) SMALL_CAP=()
   NCCL=(--nccl)  # a torchrun step without NCCL's initialisation in its log fails
   FT_AMP=(--use_amp) PROBE_AMP=bf16 LIMIT_SCALE=1
-else  # dry run: the same steps at tiny sizes. ViT-L fine-tunes in fp32 here: a bf16 backward of ViT-L takes
-      # minutes on CPUs without bf16 instructions (bf16 autocast is dry-run by the smoke runs); limits x3.
+else  # dry run: the same steps at tiny sizes. ViT-L fine-tunes in fp32 here, because bf16 kernels are slow on
+      # CPUs without bf16 instructions (the smoke runs dry-run bf16 autocast); limits x3.
   VIT_SIZE=28 VIT_STEPS=1 FROZEN_BATCH=4 FT_BATCHES="2 1" WORKERS=1 ATTR_BATCH=2
   VIT_DATA=(--num_classes 2 --train_per_class 4 --test_per_class 2) SEG_BATCH=2 SEG_STEPS=1
   SMALL_DATA=(--num_classes 2 --train_per_class 8 --test_per_class 2) SMALL_CAP=(--max_steps_per_epoch 1)
@@ -160,25 +161,28 @@ step nccl_late 120 --run "$WORK/nccl_late" --record "$WORK/nccl_late.json" "${NC
   --snapshot_dir "$WORK/nccl_late"
 
 # ------------------------------------------------------------------ 2. ViT-L/14 at the paper's size
-echo "== 2. vit_large_patch14_dinov2 (random weights) at $VIT_SIZE px"
+VITL=vit_large_patch14_dinov2  # no .lvd142m tag and no --pretrained: random weights, nothing downloaded
+echo "== 2. $VITL (random weights) at $VIT_SIZE px"
 step vitl_frozen 150 --run "$WORK/vitl_frozen" --record "$WORK/vitl_frozen.json" --note "batch $FROZEN_BATCH fp32" -- \
-  "${REC[@]}" "$WORK/vitl_frozen.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch vit_large_patch14_dinov2 \
+  "${REC[@]}" "$WORK/vitl_frozen.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch "$VITL" \
   --freeze_backbone --batch_size "$FROZEN_BATCH" --snapshot_dir "$WORK/vitl_frozen"
 ft_batch=${FT_BATCH:-0}
 # shellcheck disable=SC2086  # FT_BATCHES is a list of numbers
-if [ "$ft_batch" = 0 ] && wanted vitl_probe && step vitl_probe 120 --record "$WORK/vitl_probe.json" --note "batches tried: $FT_BATCHES" -- \
-    "${STEP[@]}" probe --model vit_large_patch14_dinov2 --image_size "$VIT_SIZE" --batches $FT_BATCHES --amp "$PROBE_AMP" \
+if [ "$ft_batch" = 0 ] && wanted vitl_probe && step vitl_probe 120 --record "$WORK/vitl_probe.json" \
+    --note "batches tried: $FT_BATCHES" -- \
+    "${STEP[@]}" probe --model "$VITL" --image_size "$VIT_SIZE" --batches $FT_BATCHES --amp "$PROBE_AMP" \
     --device "$DEVICE" --record "$WORK/vitl_probe.json"; then
   ft_batch=$(tail -1 "$LOGS/vitl_probe.log")
   echo "   largest fitting fine-tuning batch: $ft_batch"
 fi
 if [ "$ft_batch" -gt 0 ] 2>/dev/null; then
-  step vitl_finetune 150 --run "$WORK/vitl_ft" --record "$WORK/vitl_ft.json" --note "batch $ft_batch ${FT_AMP[*]:-fp32}" -- \
-    "${REC[@]}" "$WORK/vitl_ft.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch vit_large_patch14_dinov2 \
+  step vitl_finetune 150 --run "$WORK/vitl_ft" --record "$WORK/vitl_ft.json" \
+    --note "batch $ft_batch ${FT_AMP[*]:-fp32}" -- \
+    "${REC[@]}" "$WORK/vitl_ft.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch "$VITL" \
     --batch_size "$ft_batch" "${FT_AMP[@]}" --drop_path 0.1 --snapshot_dir "$WORK/vitl_ft"
   step vitl_finetune_ckpt 150 --run "$WORK/vitl_ckpt" --record "$WORK/vitl_ckpt.json" \
     --note "batch $((2 * ft_batch)) ${FT_AMP[*]:-fp32} + grad checkpointing" -- \
-    "${REC[@]}" "$WORK/vitl_ckpt.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch vit_large_patch14_dinov2 \
+    "${REC[@]}" "$WORK/vitl_ckpt.json" -- early_masking_and_baseline/train.py "${vit[@]}" --model_arch "$VITL" \
     --batch_size $((2 * ft_batch)) "${FT_AMP[@]}" --grad_checkpointing --snapshot_dir "$WORK/vitl_ckpt"
 else
   skip vitl_finetune "no batch: see vitl_probe, or set FT_BATCH"
@@ -188,28 +192,28 @@ fi
 echo "== 3. smoke runs"
 fp16_expect=(); [ "$DEVICE" = cuda ] || fp16_expect=(--expect_fail "needs CUDA")  # refused on the CPU, as it must
 step fp16_scaler 120 "${fp16_expect[@]}" --run "$WORK/fp16_scaler" --record "$WORK/fp16_scaler.json" -- \
-  "${REC[@]}" "$WORK/fp16_scaler.json" -- early_masking_and_baseline/train.py "${small[@]}" --model_arch bgmask_resnet_tiny \
-  --strategy early --use_amp --amp_dtype fp16 --snapshot_dir "$WORK/fp16_scaler"
+  "${REC[@]}" "$WORK/fp16_scaler.json" -- early_masking_and_baseline/train.py "${small[@]}" \
+  --model_arch bgmask_resnet_tiny --strategy early --use_amp --amp_dtype fp16 --snapshot_dir "$WORK/fp16_scaler"
 step bf16_late_cl 120 --run "$WORK/bf16_late_cl" --record "$WORK/bf16_late_cl.json" -- \
-  "${REC[@]}" "$WORK/bf16_late_cl.json" -- late_masking/train.py "${small[@]}" --model_arch bgmask_convnext_tiny --use_amp --channels_last \
-  --snapshot_dir "$WORK/bf16_late_cl"
+  "${REC[@]}" "$WORK/bf16_late_cl.json" -- late_masking/train.py "${small[@]}" --model_arch bgmask_convnext_tiny \
+  --use_amp --channels_last --snapshot_dir "$WORK/bf16_late_cl"
 step vit_late_compile 150 --run "$WORK/vit_late_compile" --record "$WORK/vit_late_compile.json" -- \
-  "${REC[@]}" "$WORK/vit_late_compile.json" -- late_masking/train.py "${small[@]}" --model_arch bgmask_vit_tiny --patch_tokens_only \
-  --torchcompile --snapshot_dir "$WORK/vit_late_compile"
+  "${REC[@]}" "$WORK/vit_late_compile.json" -- late_masking/train.py "${small[@]}" --model_arch bgmask_vit_tiny \
+  --patch_tokens_only --torchcompile --snapshot_dir "$WORK/vit_late_compile"
 
 # ------------------------------------------------------------------ 4. Mask2Former Swin-T through mmcv-lite
 echo "== 4. Mask2Former Swin-T"
 M2F=mmsegmentation/configs/mask2former/mask2former_swin-t_8xb2-160k_cub_binary_seg-512x512.py
 step m2f_forward 120 --bench "$WORK/m2f.json" --record "$WORK/m2f_forward.json" -- \
-  "${REC[@]}" "$WORK/m2f_forward.json" -- benchmarks/bench_seg.py --data_path "$VDATA" --config "$M2F" --device "$DEVICE" \
-  --batch_size "$SEG_BATCH" --steps "$SEG_STEPS" --repeats 1 --save_checkpoint "$WORK/m2f_untrained.pth" \
-  --json "$WORK/m2f.json"
+  "${REC[@]}" "$WORK/m2f_forward.json" -- benchmarks/bench_seg.py --data_path "$VDATA" --config "$M2F" \
+  --device "$DEVICE" --batch_size "$SEG_BATCH" --steps "$SEG_STEPS" --repeats 1 \
+  --save_checkpoint "$WORK/m2f_untrained.pth" --json "$WORK/m2f.json"
 if [ -f "$WORK/m2f_untrained.pth" ]; then
   step m2f_online_late 150 --run "$WORK/m2f_late" --record "$WORK/m2f_late.json" \
     --note "ViT-B/14 frozen, batch 16, seg batch $SEG_BATCH" -- \
-    "${REC[@]}" "$WORK/m2f_late.json" -- late_masking/train.py "${vit[@]}" --model_arch vit_base_patch14_dinov2 --freeze_backbone \
-    --batch_size 16 --seg_model_config_path "$M2F" --seg_model_checkpoint_path "$WORK/m2f_untrained.pth" \
-    --seg_batch_size "$SEG_BATCH" --snapshot_dir "$WORK/m2f_late"
+    "${REC[@]}" "$WORK/m2f_late.json" -- late_masking/train.py "${vit[@]}" --model_arch vit_base_patch14_dinov2 \
+    --freeze_backbone --batch_size 16 --seg_model_config_path "$M2F" \
+    --seg_model_checkpoint_path "$WORK/m2f_untrained.pth" --seg_batch_size "$SEG_BATCH" --snapshot_dir "$WORK/m2f_late"
 else
   skip m2f_online_late "no segmenter checkpoint: see m2f_forward"
 fi
@@ -225,6 +229,8 @@ step bench 600 --bench "$WORK/bench/bench.json" -- \
   "$PY" benchmarks/run_all.py --gpu --out "$WORK/bench" "${bench_args[@]}"
 
 failed=$(grep -c '^FAIL' "$OUT/summary.txt")
-echo "== done in $SECONDS s: $(grep -c '^ok' "$OUT/summary.txt") ok, $failed failed, $(grep -c '^SKIP' "$OUT/summary.txt")" \
-  "skipped (summary: $OUT/summary.txt)" | tee -a "$OUT/summary.txt"
+oks=$(grep -c '^ok' "$OUT/summary.txt")
+skips=$(grep -c '^SKIP' "$OUT/summary.txt")
+echo "== done in $SECONDS s: $oks ok, $failed failed, $skips skipped (summary: $OUT/summary.txt)" \
+  | tee -a "$OUT/summary.txt"
 [ "$failed" = 0 ]
