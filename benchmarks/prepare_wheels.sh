@@ -38,7 +38,9 @@ WHEELS=(
 )
 
 mkdir -p "$DIR"
-if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && ! git check-ignore -q "$DIR/x.whl"; then
+ignored=0
+git check-ignore -q "$DIR/x.whl" 2>/dev/null || ignored=$?
+if [ "$ignored" = 1 ]; then  # 1: inside this repository and not ignored (128: outside it, or no git)
   echo "note: $DIR is not git-ignored here: keep the wheels out of commits" >&2
 fi
 platforms=()
