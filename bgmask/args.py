@@ -7,25 +7,31 @@ Flags use the paper's underscore spelling (`--image_size`); each also accepts a 
 from __future__ import annotations
 
 import argparse
+import functools
 
 from bgmask.errors import ArgumentParser, Interval
 
 
-def add(group, flag: str, *more, range: str | None = None, **kwargs):  # noqa: A002 (the flag's range)
+def add(group, flag: str, *more, range: str | None = None, output: str | None = None,  # noqa: A002
+        **kwargs):
     """add_argument with a dashed alias for an underscored flag. A numeric flag declares its allowed
     values here, `range="[0, 1]"` / `"(0, inf)"` (see bgmask.errors.Interval); ArgumentParser.parse_args
-    checks every one of them (command line and --config values) before a script does anything."""
+    checks every one of them (command line and --config values) before a script does anything. A flag
+    naming what the command writes declares `output="folder"`, `"file"` or `"prefix"`: parse_args checks
+    that it can be written (bgmask.errors.require_output), before any work."""
     names = [flag, *more]
     if flag.startswith("--") and "_" in flag:
         names.append(flag.replace("_", "-"))
     action = group.add_argument(*names, **kwargs)
     if range is not None:
         action.range = Interval(range)
+    if output is not None:
+        action.output = output
     return action
 
 
 def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    add(parser, "--out", required=True, help="output folder (CUB_200_2011 layout)")
+    add(parser, "--out", required=True, output="folder", help="output folder (CUB_200_2011 layout)")
     add(parser, "--num_classes", type=int, default=10, range="[2, 999]")
     add(parser, "--image_size", type=int, default=64, range="[32, 4096]")
     add(parser, "--train_per_class", type=int, default=400, range="[1, 9999]")
@@ -46,7 +52,7 @@ def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def make_binary_seg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add(parser, "--cub_root", required=True, help="CUB_200_2011 root (real or synthetic)")
-    add(parser, "--out", required=True, help="output folder (cub_binary_segmentation layout)")
+    add(parser, "--out", required=True, output="folder", help="output folder (cub_binary_segmentation layout)")
     add(parser, "--val_fraction", type=float, default=0.1, range="[0, 1)",
         help="fraction of CUB train images held out as the segmentation val split")
     add(parser, "--seed", type=int, default=0, range="[0, inf)")
@@ -290,33 +296,58 @@ def eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse flags; `--config FILE.yaml` supplies defaults (unknown keys are an error)."""
-    import yaml
-
-    from bgmask.errors import UserError, require_file
+    """Parse flags; `--config FILE.yaml` supplies defaults (unknown keys are an error). Each value of the
+    file goes through the same per-flag conversion and check as the command line's
+    (`bgmask.errors.flag_value`), with the file named in its error line."""
+    from bgmask.errors import settings_from_mapping
 
     pre = ArgumentParser(add_help=False)
     add(pre, "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        path = require_file(known.config, "--config file")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"--config {path}: expected a mapping of flag names to values")
-        actions = {a.dest: a for a in parser._actions}
-        unknown = sorted(set(values) - set(actions))
-        if unknown:
-            raise UserError(f"--config {path}: unknown keys {', '.join(unknown)}")
-        for key, value in values.items():  # argparse checks choices on the command line only
-            choices = actions[key].choices
-            if choices is not None and value is not None and value not in choices:
-                raise UserError(f"--config {path}: {key}={value!r} is not one of {', '.join(map(str, choices))} "
-                                "(for this script)")
-        parser.set_defaults(**values)
+        path = known.config
+        parser.set_defaults(**settings_from_mapping(parser, read_config(path), f"--config {path}"))
     return parser.parse_args(argv)
+
+
+def read_config(path) -> dict:
+    """The mapping in a --config YAML file; a missing, non-UTF-8 or malformed file is one line naming it."""
+    import yaml
+
+    from bgmask.errors import UserError, require_file
+
+    path = require_file(path, "--config file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag names to values")
+    return values
+
+
+@functools.lru_cache(maxsize=1)
+def _train_flags() -> argparse.ArgumentParser:
+    return train_parser("saved settings")  # every strategy: a checkpoint may come from either script
+
+
+def checked_settings(values, source: str) -> dict:
+    """A run's saved flags (a checkpoint's `config`), each through the command line's check
+    (`bgmask.errors.flag_value`); a bad value is one line starting with `source`. Keys that are no flag of this
+    bgmask (a checkpoint of another version) are kept as they are."""
+    from bgmask.errors import UserError
+    from bgmask.errors import settings_from_mapping
+
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: its saved settings are not a mapping of flag names to values")
+    return settings_from_mapping(_train_flags(), values, source, unknown="keep")
 
 
 def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -178,7 +178,8 @@ def online_segmenter(cfg: Namespace, dist: DistInfo, data_cfg: dict):
 
     return load_segmenter(cfg.seg_model_config_path, cfg.seg_model_checkpoint_path, device=dist.device,
                           input_mean=tuple(data_cfg["mean"]), input_std=tuple(data_cfg["std"]),
-                          batch_size=cfg.seg_batch_size, trust_full_checkpoint=cfg.trust_checkpoint)
+                          batch_size=cfg.seg_batch_size, trust_full_checkpoint=cfg.trust_checkpoint,
+                          trust_flag="--trust_checkpoint")
 
 
 # ---------------------------------------------------------------------------------------- a run

@@ -49,14 +49,22 @@ def as_checkpoint(state, path: str | Path) -> dict:
 REBUILD = dict(pretrained=False, pretrained_file=None, freeze_backbone=False, drop_path=0.0)
 
 
-def saved_model_kwargs(state: dict) -> dict:
+def saved_config(state: dict, path: str | Path) -> dict:
+    """The flags of the run that wrote `state`, each through the command line's check
+    (`bgmask.args.checked_settings`): a bad saved value is one line naming the checkpoint."""
+    from bgmask.args import checked_settings
+
+    return checked_settings(state.get("config", {}), f"checkpoint {path}")
+
+
+def saved_model_kwargs(state: dict, path: str | Path = "checkpoint") -> dict:
     """The `create_classifier` keyword arguments of the model in `state`. Checkpoints written before
     they were stored carry only the run's flags, from which the same arguments are derived."""
     if "model_kwargs" in state:
         return dict(state["model_kwargs"])
     from bgmask.build import model_kwargs
 
-    return model_kwargs(state["config"], state["num_classes"])
+    return model_kwargs(saved_config(state, path), state["num_classes"])
 
 
 def model_from_checkpoint(state: dict, path: str | Path) -> torch.nn.Module:
@@ -65,7 +73,7 @@ def model_from_checkpoint(state: dict, path: str | Path) -> torch.nn.Module:
     are one UserError naming `path`. Returns the model on the CPU in train mode."""
     from bgmask.models import create_classifier
 
-    kwargs = {**saved_model_kwargs(state), **REBUILD}
+    kwargs = {**saved_model_kwargs(state, path), **REBUILD}
     model = create_classifier(**kwargs)
     load_model_state(model, state["model"], f"checkpoint {path} does not fit model {kwargs['model_arch']}")
     return model
@@ -77,6 +85,7 @@ def saved_classifier(ckpt: Path, cfg, num_classes: int):
     `cfg.model_arch_given`, must name its architecture); a `snapshot_best.pt` of the
     paper's code records no architecture, so its model is built from the flags (as the paper's
     evaluation did) and its weights converted (`bgmask.models.paper`)."""
+    from bgmask.args import checked_settings
     from bgmask.build import build_model, data_config, model_kwargs
     from bgmask.models.paper import convert_paper_state, is_paper_snapshot
 
@@ -88,10 +97,13 @@ def saved_classifier(ckpt: Path, cfg, num_classes: int):
     state = as_checkpoint(raw, ckpt)
     if state["num_classes"] != num_classes:
         raise UserError(f"checkpoint {ckpt} has {state['num_classes']} classes but {cfg.data_path} has {num_classes}")
+    saved = saved_config(state, ckpt)
     for key in ("strategy", "mask_fill", "image_size"):  # how the checkpoint's model sees its input
-        setattr(cfg, key, state["config"].get(key, getattr(cfg, key)))
-    cfg.crop_pct = state["data_config"].get("crop_pct", cfg.crop_pct)  # its evaluation crop
-    saved_arch = saved_model_kwargs(state)["model_arch"]
+        setattr(cfg, key, saved.get(key, getattr(cfg, key)))
+    crop = checked_settings({"crop_pct": state["data_config"]["crop_pct"]}, f"checkpoint {ckpt}") \
+        if "crop_pct" in state["data_config"] else {}
+    cfg.crop_pct = crop.get("crop_pct", cfg.crop_pct)  # its evaluation crop
+    saved_arch = saved_model_kwargs(state, ckpt)["model_arch"]
     if getattr(cfg, "model_arch_given", False) and cfg.model_arch != saved_arch:
         raise UserError(f"--model_arch {cfg.model_arch} but checkpoint {ckpt} holds a {saved_arch} (a bgmask "
                         "checkpoint rebuilds its own model: drop --model_arch or pass the checkpoint's)")

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     A.make_masked_args(p).set_defaults(func=cmd_make_masked)
     p = sub.add_parser("report", help="aggregate run folders into results.md/csv/json and plots")
     p.add_argument("run_dirs", nargs="+", help="run folders written by train.py or the demo")
-    A.add(p, "--out", default="report")
+    A.add(p, "--out", default="report", output="folder")
     A.add(p, "--title", default="Results")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the paper's comparison on the synthetic benchmark (make demo)")

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
-from bgmask.io import atomic_write_text
+from bgmask.folderlock import hold_folder
+from bgmask.io import atomic_write_text, read_json
 from bgmask.masking.strategies import STRATEGIES
 
 # model key -> (timm name, head flags, zoo backbone); "vit" is the GAP head, the paper's most robust ViT
@@ -86,7 +87,7 @@ PRESETS = {
 
 
 def demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    A.add(parser, "--out", default="demo_output")
+    A.add(parser, "--out", default="demo_output", output="folder")
     A.add(parser, "--preset", default="default", choices=[*PRESETS, "paper"],
           help="default: the paper's grid on the shipped pretrained backbones, ~10 CPU minutes; full = all three "
                "ViT heads, GT-mask rows, 3 seeds; scratch = the from-scratch control; paper = print the real-data "
@@ -121,8 +122,8 @@ class Stages:
         says what came out)."""
         marker = self.out / "stages" / f"{name}.json"
         if not self.fresh and marker.is_file():
-            saved = json.loads(marker.read_text())
-            if saved.get("inputs") == inputs:
+            saved = read_json(marker, {})  # an unreadable marker: the stage runs again
+            if isinstance(saved, dict) and saved.get("inputs") == inputs:
                 print(f"[demo] {name}: up to date, skipped", flush=True)
                 return saved.get("result")
         t0 = time.perf_counter()
@@ -185,18 +186,19 @@ def train_run(argv: list[str], run_dir: Path) -> dict:
     prints (its epoch lines) goes to RUN_DIR/train.log."""
     from bgmask.engine import run
 
+    cfg = A.parse_with_config(A.train_parser("demo"), argv)  # the overrides checked before anything is touched
     marker = run_dir / "demo_argv.json"
     if run_dir.exists():
-        same = marker.is_file() and json.loads(marker.read_text()) == argv
-        if same and (run_dir / "done").is_file():
-            return json.loads((run_dir / "final_metrics.json").read_text())
+        same = read_json(marker) == argv  # an unreadable marker or final record: the run is made again
+        final = read_json(run_dir / "final_metrics.json")
+        if same and (run_dir / "done").is_file() and isinstance(final, dict):
+            return final
         if same and (run_dir / "last.pt").is_file():
-            argv = argv + ["--resume_training"]
+            cfg.resume_training = True
         else:
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps(argv))
-    cfg = A.parse_with_config(A.train_parser("demo"), argv)
+    atomic_write_text(marker, json.dumps(argv))  # the run's own flags: a resumed run matches them again
     with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         return run(cfg)
 
@@ -215,7 +217,11 @@ def main_demo(ns: argparse.Namespace, mask_sweep=None) -> int:
         torch.set_num_threads(ns.threads)
     p = resolve_preset(ns)
     out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with hold_folder(out, "--out"):  # one demo per folder: its stages and runs are this process's alone
+        return demo_stages(ns, p, out, mask_sweep)
+
+
+def demo_stages(ns: argparse.Namespace, p: Preset, out: Path, mask_sweep) -> int:
     stages = Stages(out, ns.fresh)
     t_start = time.perf_counter()
     data_args = dict(num_classes=p.num_classes, image_size=p.image_size, train_per_class=p.train_per_class,

@@ -34,7 +34,7 @@ from bgmask.errors import UserError
 from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
 from bgmask.optim import mix_batch
 from bgmask.resume import Progress, resume, save_epoch, training_state
-from bgmask.runfolder import EVAL_SPLIT, RunFolder
+from bgmask.runfolder import EVAL_SPLIT, RunFolder, checkpoint_of, folder_lock
 from bgmask.seeding import epoch_seed, seed_everything, worker_init
 from bgmask.signals import loader_iter
 
@@ -272,10 +272,7 @@ def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     """A saved classifier (bgmask's, or the paper's snapshot_best.pt: `checkpoint.saved_classifier`) on val (if
     any), test, Waterbirds, the diagnostics and where it looks (`bgmask.attribution`); the data may be pointed
     elsewhere. The record is appended to the results.jsonl beside the checkpoint, tagged `split: "eval"`."""
-    ckpt = cfg.checkpoint
-    if ckpt is None:
-        best = Path(cfg.snapshot_dir) / "best.pt"
-        ckpt = best if best.is_file() else Path(cfg.snapshot_dir) / "last.pt"
+    ckpt = cfg.checkpoint if cfg.checkpoint is not None else checkpoint_of(cfg)
     probe = CUBDataset(cfg.data_path, "test", check_files=False)
     model, data_cfg, epoch = saved_classifier(Path(ckpt), cfg, probe.num_classes)
     seed_everything(cfg.seed)
@@ -322,6 +319,8 @@ def run(cfg: Namespace, mask_fn=None) -> dict:
     dist = init_distributed(cfg.device)
     allow_tf32(dist, not cfg.no_tf32)
     try:
-        return evaluate(cfg, dist, mask_fn) if cfg.eval_only else fit(cfg, dist, mask_fn)
+        with folder_lock(cfg, dist.is_main):
+            return evaluate(cfg, dist, mask_fn) if cfg.eval_only else fit(cfg, dist, mask_fn)
     finally:
         cleanup()
+

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,7 +28,8 @@ def atomic_path(path: str | Path):
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the writer's pid in the name: clean-up leaves the files of a live process alone
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)
@@ -39,29 +42,55 @@ def atomic_path(path: str | Path):
         raise
 
 
-TEMP_PATTERN = ".*.tmp"  # the names atomic_path gives its temporary files
+TEMP_PATTERN = ".*.tmp"  # the names atomic_path gives its temporary files: .NAME.<pid>-<random>.tmp
+_TEMP_PID = re.compile(r"\.(\d+)-[^.]*\.tmp$")
 
 
 def is_empty_folder(folder: str | Path) -> bool:
     """True when `folder` is missing, empty, or holds nothing but temporary files of atomic_path (what a
-    run killed while writing its first file leaves): an output folder that a new run may take."""
+    run killed while writing its first file leaves) and a lock file left by a killed process: an output
+    folder that a new run may take."""
+    from bgmask.folderlock import LOCK_NAME
+
     folder = Path(folder)
-    return not folder.is_dir() or all(p.match(TEMP_PATTERN) for p in folder.iterdir())
+    return not folder.is_dir() or all(p.match(TEMP_PATTERN) or p.name == LOCK_NAME for p in folder.iterdir())
 
 
-def remove_stale_temp(folder: str | Path, recursive: bool = False) -> int:
-    """Delete the temporary files (`.NAME.*.tmp`, see atomic_path) that a killed process left in
-    `folder`; returns how many. Call it only where no other process is writing."""
+def temp_writer(tmp: Path) -> int | None:
+    """The pid of the process that made temporary file `tmp` (None for names without one)."""
+    m = _TEMP_PID.search(tmp.name)
+    return int(m.group(1)) if m else None
+
+
+def remove_stale_temp(folder: str | Path, recursive: bool = False, spare_live: bool = False) -> int:
+    """Delete the temporary files (`.NAME.<pid>-*.tmp`, see atomic_path) that a killed process left in
+    `folder`; returns how many. Call it only where no other process is writing (a run folder: where this
+    process holds its lock, `bgmask.folderlock`); with `spare_live`, the files of another live process
+    are left alone all the same (a writer that took no lock)."""
+    from bgmask.folderlock import pid_alive
+
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     found = folder.rglob(TEMP_PATTERN) if recursive else folder.glob(TEMP_PATTERN)
     n = 0
     for tmp in found:
+        pid = temp_writer(tmp) if spare_live else None
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
+            continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             n += 1
     return n
+
+
+def read_json(path: str | Path, default=None):
+    """The JSON value in `path`, or `default` when it is missing or unreadable (not UTF-8, not JSON, a
+    folder): for the markers a rerun compares against, an unreadable one means the step runs again."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return default
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

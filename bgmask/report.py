@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +39,14 @@ KEY_FIELDS = ("model", "strategy", "masks", "init")
 
 def describe_run(cfg: dict) -> dict[str, str]:
     """The row key of a run, from its resolved config."""
-    strategy = cfg.get("strategy", "baseline")
+    strategy = str(cfg.get("strategy", "baseline"))
     needs_mask = strategy in STRATEGIES and STRATEGIES[strategy].needs_mask
     masks = "-"
     root = Path(cfg.get("data_path") or ".")
     sub = cfg.get("image_sub_path_train", "images")
     provenance = root / sub / "masked_copy.json"
     if sub != "images" and provenance.is_file():
-        info = json.loads(provenance.read_text())
+        info = read_mapping(provenance)
         strategy = strategy if needs_mask else f"{EarlyMasking.name} (copies)"  # masked on disk
         masks = "GT" if info.get("masks") == "gt" else "predicted"
     elif needs_mask:
@@ -54,7 +55,7 @@ def describe_run(cfg: dict) -> dict[str, str]:
         init = "pretrained, frozen" if cfg.get("freeze_backbone") else "pretrained, fine-tuned"
     else:
         init = "scratch"
-    model = cfg.get("model_arch", "?")
+    model = str(cfg.get("model_arch", "?"))
     if cfg.get("class_token_only"):
         model += " (CLS)"
     elif cfg.get("patch_tokens_only"):
@@ -78,16 +79,69 @@ class Row:
         return float(np.mean(vals)), float(np.std(vals)) if len(vals) > 1 else 0.0
 
 
-def load_runs(run_dirs) -> list[Row]:
+class Unreadable(Exception):
+    """A run folder that cannot be reported: the reason, naming the file."""
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Unreadable(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise Unreadable(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_mapping(path: Path) -> dict:
+    """The mapping in a YAML (config.yaml) or JSON file; anything else is Unreadable naming the file."""
+    text = read_text(path)
+    if path.suffix == ".json":
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise Unreadable(f"{path} is not valid JSON ({getattr(e, 'msg', e)} at line {getattr(e, 'lineno', '?')})") \
+                from None
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise Unreadable(f"{path} is not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise Unreadable(f"{path} does not hold a mapping (got {type(value).__name__})")
+    return value
+
+
+def read_run(d: Path) -> tuple[dict, dict]:
+    """(row key, metrics) of one finished run folder, or Unreadable naming the file at fault."""
+    cfg_file, metrics_file = d / "config.yaml", d / "final_metrics.json"
+    if not cfg_file.is_file() or not metrics_file.is_file():
+        raise Unreadable(f"{d} is not a finished run folder (expected config.yaml and final_metrics.json)")
+    cfg = read_mapping(cfg_file)
+    metrics = {**read_mapping(metrics_file), **latest_evaluation(d)}  # a later evaluation wins
+    try:
+        key = describe_run(cfg)
+    except (TypeError, ValueError) as e:  # e.g. a list where the file should name a model
+        raise Unreadable(f"{cfg_file} holds a value of the wrong type ({e})") from None
+    for metric, _ in COLUMNS + OPTIONAL_COLUMNS + [("num_classes", "")]:
+        value = metrics.get(metric)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise Unreadable(f"{metrics_file}: {metric} is {value!r}, not a number")
+    return key, metrics
+
+
+def load_runs(run_dirs, skipped: list | None = None) -> list[Row]:
+    """The rows of the readable run folders. A folder that cannot be read is added to `skipped` as
+    (folder, reason) when a list is given, else (or when none can be read) one UserError."""
     rows: dict[tuple, Row] = {}
+    skipped = [] if skipped is None else skipped
+    strict = skipped is None
     for d in run_dirs:
         d = Path(d)
-        cfg_file, metrics_file = d / "config.yaml", d / "final_metrics.json"
-        if not cfg_file.is_file() or not metrics_file.is_file():
-            raise UserError(f"{d} is not a finished run folder (expected config.yaml and final_metrics.json)")
-        cfg = yaml.safe_load(cfg_file.read_text())
-        metrics = {**json.loads(metrics_file.read_text()), **latest_evaluation(d)}  # a later evaluation wins
-        key = describe_run(cfg)
+        try:
+            key, metrics = read_run(d)
+        except Unreadable as e:
+            skipped.append((str(d), str(e)))
+            continue
         row = rows.setdefault(tuple(key.values()), Row(key))
         row.runs.append(str(d))
         if "num_classes" in metrics:
@@ -95,6 +149,10 @@ def load_runs(run_dirs) -> list[Row]:
         for metric, _ in COLUMNS + OPTIONAL_COLUMNS:
             if metric in metrics:
                 row.values.setdefault(metric, []).append(float(metrics[metric]))
+    if not rows and skipped:
+        raise UserError("no run folder can be read: " + "; ".join(reason for _, reason in skipped))
+    if strict and skipped:
+        raise UserError(skipped[0][1])
     if not rows:
         raise UserError("no run folders given")
     return list(rows.values())
@@ -106,10 +164,14 @@ def latest_evaluation(run_dir: Path) -> dict:
 
     found = {}
     path = run_dir / RESULTS
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace") if path.is_file() else ""
+    except OSError as e:
+        raise Unreadable(f"cannot read {path}: {e.strerror or e}") from None
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
-        except ValueError:  # a torn line of a killed writer
+        except ValueError:  # a torn line of a killed writer (or bytes that are no text)
             continue
         if isinstance(rec, dict) and rec.get("split") == EVAL_SPLIT:
             found = {k: rec[k] for k, _ in OPTIONAL_COLUMNS if isinstance(rec.get(k), (int, float))}
@@ -270,12 +332,19 @@ def paper_bars(rows: list[Row], path: Path) -> None:
 
 
 def write_report(run_dirs, out_dir: str | Path, title: str = "Results") -> dict[str, Path]:
+    """The report of the readable run folders; one that cannot be read is listed under "Skipped" with
+    its reason (and a note on stderr), none readable is one UserError."""
     out_dir = Path(out_dir)
-    rows = load_runs(run_dirs)  # before anything is written: a bad run folder leaves no empty report
+    skipped: list[tuple[str, str]] = []
+    rows = load_runs(run_dirs, skipped)  # before anything is written: no readable run leaves no empty report
+    for run, reason in skipped:
+        print(f"note: skipped {run}: {reason}", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows.sort(key=lambda r: tuple(r.key[k] for k in KEY_FIELDS))
     md = (f"# {title}\n\n## As the paper's tables\n\n" + paper_table(rows) + "\n![paper layout](paper_bars.png)\n\n"
           "## Every row\n\n" + markdown_table(rows) + "\n![accuracy](accuracy_bars.png)\n")
+    if skipped:
+        md += "\n## Skipped\n\n" + "".join(f"- `{run}`: {reason}\n" for run, reason in skipped)
     records = rows_as_records(rows)
     buf = io.StringIO()
     fields = list(records[0].keys())

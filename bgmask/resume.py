@@ -14,8 +14,8 @@ from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
-from bgmask.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint, saved_model_kwargs,
-                               set_rng_state)
+from bgmask.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint, saved_config,
+                               saved_model_kwargs, set_rng_state)
 from bgmask.errors import UserError
 from bgmask.io import atomic_path
 
@@ -77,7 +77,7 @@ def save_epoch(folder: Path, state: dict, improved: bool, save_every: int) -> No
 
 
 def check_same_run(state: dict, cfg: Namespace, kwargs: dict, path: Path) -> None:
-    saved_cfg, saved_model = state["config"], saved_model_kwargs(state)
+    saved_cfg, saved_model = saved_config(state, path), saved_model_kwargs(state, path)
     diff = [(k, saved_model[k], kwargs[k]) for k in kwargs if k not in WEIGHT_SOURCES and k in saved_model
             and saved_model[k] != kwargs[k]]
     diff += [(k, saved_cfg[k], getattr(cfg, k)) for k in SAME_RUN_KEYS

@@ -16,6 +16,7 @@ logged record is mirrored to the wandb run.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -117,9 +118,10 @@ class RunFolder:
                                     config=vars(cfg), dir=str(self.path), **resume)
 
     def remove_stale_temp(self) -> None:
-        """Temporary files of a process killed while writing (only when this run owns the folder)."""
+        """Temporary files of a process killed while writing (only when this run holds the folder's lock;
+        a live writer's files are spared even so)."""
         if self.enabled:
-            remove_stale_temp(self.path)
+            remove_stale_temp(self.path, spare_live=True)
 
     def prepare_resume(self, epoch: int) -> None:
         """Before a run resumed from the checkpoint of `epoch`: drop the results.jsonl lines that the
@@ -139,3 +141,25 @@ class RunFolder:
                 kept.append(line + "\n")
         if dropped:
             atomic_write_text(self.results, "".join(kept))
+
+
+def checkpoint_of(cfg: Namespace) -> Path:
+    """The checkpoint an evaluation reads: --checkpoint, else SNAPSHOT_DIR/best.pt, else last.pt."""
+    if cfg.checkpoint is not None:
+        return Path(cfg.checkpoint)
+    best = Path(cfg.snapshot_dir) / "best.pt"
+    return best if best.is_file() else Path(cfg.snapshot_dir) / "last.pt"
+
+
+def folder_lock(cfg: Namespace, is_main: bool):
+    """The lock on the folder a run writes (`bgmask.folderlock`), taken on rank 0 before anything is
+    written: --snapshot_dir for training; for an evaluation the checkpoint's folder, where its line is
+    logged (a folder that cannot be written, e.g. shared read-only weights, is evaluated unlocked: the
+    evaluation writes nothing there)."""
+    from bgmask.folderlock import hold_folder
+
+    if not cfg.eval_only:
+        return hold_folder(cfg.snapshot_dir, "--snapshot_dir", enabled=is_main)
+    folder = checkpoint_of(cfg).parent
+    writable = folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    return hold_folder(folder, "the checkpoint's folder", enabled=is_main and writable)

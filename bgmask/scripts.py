@@ -87,25 +87,33 @@ def output_paths(out: str | None, checkpoint: str) -> tuple[Path, Path]:
     return Path(prefix + ".json"), Path(prefix + ".md")
 
 
+def eval_parser(description: str, feature_level: bool):
+    """train.py's flags plus --out, the output prefix."""
+    parser = A.train_parser(description, script_strategies(feature_level))
+    A.add(parser, "--out", default=None, output="prefix", help="output prefix: writes PREFIX.json and PREFIX.md, "
+                                                              "PREFIX kept whole (default: beside the checkpoint, "
+                                                              "waterbirds_eval)")
+    return parser
+
+
 def eval_main(argv, feature_level: bool, description: str) -> int:
     from bgmask.distributed import is_main_process
     from bgmask.engine import run
+    from bgmask.runfolder import folder_lock
 
-    parser = A.train_parser(description, script_strategies(feature_level))
-    A.add(parser, "--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md, PREFIX kept "
-                                              "whole (default: beside the checkpoint, waterbirds_eval)")
-    cfg = parse_noting_arch(parser, argv)
+    cfg = parse_noting_arch(eval_parser(description, feature_level), argv)
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a best.pt / last.pt written by train.py)")
     cfg.eval_only = True
-    record = run(cfg)
-    if is_main_process():
-        json_path, md_path = output_paths(cfg.out, cfg.checkpoint)
-        md = metrics_markdown(record, f"{cfg.model_arch} / {cfg.strategy} ({cfg.checkpoint})")
-        atomic_write_text(json_path, json.dumps(record, indent=2, sort_keys=True))
-        atomic_write_text(md_path, md)
-        print(md)
-        print(f"wrote {json_path} and {md_path}")
+    with folder_lock(cfg, is_main_process()):  # the checkpoint's folder: its eval line and default files
+        record = run(cfg)
+        if is_main_process():
+            json_path, md_path = output_paths(cfg.out, cfg.checkpoint)
+            md = metrics_markdown(record, f"{cfg.model_arch} / {cfg.strategy} ({cfg.checkpoint})")
+            atomic_write_text(json_path, json.dumps(record, indent=2, sort_keys=True))
+            atomic_write_text(md_path, md)
+            print(md)
+            print(f"wrote {json_path} and {md_path}")
     return 0
 
 

@@ -43,7 +43,8 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.demo import INITS, MODELS, PRESETS, Preset, Stages, classifier_argv, make_data, train_run
 from bgmask.errors import UserError, require_dir
-from bgmask.io import atomic_write_text
+from bgmask.folderlock import hold_folder
+from bgmask.io import atomic_write_text, read_json
 from bgmask.masking.perturb import PERTURBATIONS, check_perturbation, folder_miou, write_perturbed_masks
 from bgmask.masking.strategies import STRATEGIES
 
@@ -97,7 +98,7 @@ class SweepConfig:
 def sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     names = ", ".join(f"{n} ({p.unit}, {p.range}, default {','.join(f'{s:g}' for s in p.defaults)})"
                       for n, p in PERTURBATIONS.items())
-    A.add(parser, "--out", default="sweep_output")
+    A.add(parser, "--out", default="sweep_output", output="folder")
     A.add(parser, "--data_path", default=None,
           help="a CUB-layout root with GT masks (e.g. demo_output/data/synthetic_cub); default: generate one "
                "in OUT/data with the preset")
@@ -131,8 +132,9 @@ def main_sweep(ns: argparse.Namespace) -> int:
         torch.set_num_threads(ns.threads)
     cfg = config_from_args(ns)
     t0 = time.perf_counter()
-    rows = run_sweep(cfg)
-    paths = write_sweep(rows, cfg)
+    with hold_folder(cfg.out, "--out"):  # one sweep per folder: its points are this process's alone
+        rows = run_sweep(cfg)
+        paths = write_sweep(rows, cfg)
     print("\n" + paths["md"].read_text().split("\n![")[0].rstrip() + "\n")
     print(f"[sweep] {len(rows)} grid points in {time.perf_counter() - t0:.0f} s; wrote "
           + ", ".join(str(p) for p in paths.values()), flush=True)
@@ -286,8 +288,9 @@ def evaluate_point(run_dir: Path, argv: list[str], strategy: str, masks: MaskPoi
     ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     eval_argv = argv + ["--checkpoint", str(ckpt), "--out", str(prefix), "--mask_source", str(masks.dir or "gt")]
     done = {"argv": eval_argv, "masks": masks.inputs}
-    if marker.is_file() and result.is_file() and json.loads(marker.read_text()) == done:
-        return json.loads(result.read_text())
+    saved = read_json(result)  # an unreadable marker or result: the evaluation runs again
+    if read_json(marker) == done and isinstance(saved, dict):
+        return saved
     marker.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{prefix}.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         eval_main(eval_argv, STRATEGIES[strategy].masks_features, "mask-sweep evaluation")
@@ -426,4 +429,5 @@ def demo_mask_sweep(out: Path, ns: argparse.Namespace, data: Path, pred_masks) -
     argv += ["--pred_masks", str(pred_masks)] if pred_masks else []
     argv += ["--threads", str(ns.threads)] if ns.threads else []
     cfg = config_from_args(sweep_args(ArgumentParser(prog="bgmask demo --mask_sweep")).parse_args(argv))
-    return write_sweep(run_sweep(cfg), cfg)["png"]
+    with hold_folder(cfg.out, "--out"):
+        return write_sweep(run_sweep(cfg), cfg)["png"]

@@ -54,7 +54,8 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
-from bgmask.io import atomic_write_bytes, atomic_write_text
+from bgmask.folderlock import hold_folder
+from bgmask.io import atomic_write_bytes, atomic_write_text, read_json
 from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, file_sha256, read_zoo_index
 
 FP16_TOLERANCE = 0.005  # --dtype auto keeps fp16 when its val accuracy is at most this much lower
@@ -100,8 +101,8 @@ def pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     A.add(parser, "--model", required=True, choices=list(ZOO_MODELS),
           help=", ".join(f"{k} = {m.arch}" for k, m in ZOO_MODELS.items()))
     A.add(parser, "--name", default=None, help="zoo name (default: --model); load it with --pretrained_file zoo:NAME")
-    A.add(parser, "--out", default=str(ZOO_DIR), help="folder of NAME.safetensors and zoo.json")
-    A.add(parser, "--work", default="runs/zoo", help="pretraining data and candidate runs")
+    A.add(parser, "--out", default=str(ZOO_DIR), output="folder", help="folder of NAME.safetensors and zoo.json")
+    A.add(parser, "--work", default="runs/zoo", output="folder", help="pretraining data and candidate runs")
     A.add(parser, "--recipes", nargs="+", default=None, help="candidate recipes (default: all of the model's)")
     A.add(parser, "--epochs", type=int, default=None, range="[1, 1000]", help="default: the model's (cnn 4, vit 3)")
     A.add(parser, "--masked_warmup_epochs", type=int, default=None, range="[0, 1000]",
@@ -135,6 +136,11 @@ def main_pretrain(ns: argparse.Namespace) -> int:
     spec = resolve_args(ns)
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    with hold_folder(Path(ns.work) / ns.name, "--work"):  # one pretraining of NAME at a time
+        return pretrain(ns, spec, t0)
+
+
+def pretrain(ns: argparse.Namespace, spec: ZooModel, t0: float) -> int:
     data, data_args, data_seconds = make_pretrain_data(ns)
     work = Path(ns.work) / ns.name
     warmup = masked_warmup(ns, spec, data, work)
@@ -148,13 +154,15 @@ def main_pretrain(ns: argparse.Namespace) -> int:
     dtype = ns.dtype if ns.dtype != "auto" else (
         "fp16" if fp16["val_acc"] >= chosen["val_acc"] - FP16_TOLERANCE else "fp32")
     path = Path(ns.out) / f"{ns.name}.safetensors"
-    write_weights(path, backbone, dtype, {"zoo_name": ns.name, "model_arch": spec.arch})
-    # what making it took, the stages read back from an earlier run included
-    seconds = time.perf_counter() - t0 + data_seconds + sum(
-        c["seconds"] for c in [warmup or {}, *candidates] if c.get("reused"))
-    entry = zoo_entry(ns, spec, data_args, dict(warmup=warmup, candidates=candidates, chosen=chosen), fp16, dtype,
-                      path, seconds)
-    write_index_entry(Path(ns.out), ns.name, entry)
+    # the zoo folder is shared by every name: its index is read, changed and written by one process at a time
+    with hold_folder(ns.out, "--out", wait=True):
+        write_weights(path, backbone, dtype, {"zoo_name": ns.name, "model_arch": spec.arch})
+        # what making it took, the stages read back from an earlier run included
+        seconds = time.perf_counter() - t0 + data_seconds + sum(
+            c["seconds"] for c in [warmup or {}, *candidates] if c.get("reused"))
+        entry = zoo_entry(ns, spec, data_args, dict(warmup=warmup, candidates=candidates, chosen=chosen), fp16,
+                          dtype, path, seconds)
+        write_index_entry(Path(ns.out), ns.name, entry)
     print(f"[pretrain] wrote {path} ({entry['bytes']} bytes, {dtype}, sha256 {entry['sha256'][:12]}...) and its "
           f"entry in {Path(ns.out) / ZOO_INDEX}; load it with --pretrained_file zoo:{ns.name}", flush=True)
     return 0
@@ -187,17 +195,24 @@ def recipes_of(spec: ZooModel, names) -> list[Recipe]:
 def make_pretrain_data(ns: argparse.Namespace) -> tuple[Path, dict, float]:
     """(the pretraining set in WORK/data/, its arguments, the seconds it took when it is reused: a complete
     set, with images.txt, is not made again)."""
-    from bgmask.data.synthetic import CONFIG_NAME, HABITATS, generate_synthetic
-
     data_args = dict(num_classes=ns.num_classes, image_size=ns.image_size, train_per_class=ns.train_per_class,
                      test_per_class=ns.test_per_class, correlation=ns.correlation, seed=ns.data_seed)
     name = "synbirds_{num_classes}sp_s{seed}_{image_size}px_{train_per_class}+{test_per_class}_c{correlation:g}".format(
         **data_args)
     data = Path(ns.work) / "data" / name
+    with hold_folder(data, "the pretraining data folder", wait=True):  # another model's pretraining may share it
+        return pretrain_data(data, data_args)
+
+
+def pretrain_data(data: Path, data_args: dict) -> tuple[Path, dict, float]:
+    from bgmask.data.synthetic import CONFIG_NAME, generate_synthetic
+
     timing = data.parent / f"{data.name}.seconds.json"
     done = (data / "images.txt").is_file() and (data / CONFIG_NAME).is_file()
-    if done and all(json.loads((data / CONFIG_NAME).read_text()).get(k) == v for k, v in data_args.items()):
-        return data, data_args, json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+    saved = read_json(data / CONFIG_NAME, {})
+    if done and isinstance(saved, dict) and all(saved.get(k) == v for k, v in data_args.items()):
+        seconds = read_json(timing, {})
+        return data, data_args, seconds.get("seconds", 0.0) if isinstance(seconds, dict) else 0.0
     t0 = time.perf_counter()
     s = generate_synthetic(data, overwrite=False, progress=False, **data_args)
     atomic_write_text(timing, json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
@@ -254,8 +269,8 @@ def train_candidate(argv: list[str], recipe: Recipe, run_dir: Path) -> dict:
     """Train one candidate (a finished run with the same flags is read back) -> its summary."""
     record = run_dir / "candidate.json"
     if (run_dir / "done").is_file() and record.is_file():
-        saved = json.loads(record.read_text())
-        if saved["argv"] == argv:
+        saved = read_json(record, {})  # an unreadable record: the candidate trains again
+        if isinstance(saved, dict) and saved.get("argv") == argv:
             return {**saved, "reused": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()

@@ -89,3 +89,32 @@ def test_default_rows_are_the_papers_grid_on_the_zoo():
     argv = classifier_argv(("vit", "early", "GT", "scratch"), 0, p, Path("d"), None, Path("r"), None)
     assert "--pretrained_file" not in argv and "--patch_tokens_only" in argv
     assert argv[argv.index("--epochs") + 1] == str(p.epochs["scratch"]["vit"])
+
+
+@pytest.mark.parametrize("content", [b"{\"inputs\": {\"a\": 1", b"\xff\xfe not text", b"[1, 2]"])
+def test_a_corrupt_stage_marker_reruns_the_stage(tmp_path, capsys, content):
+    """A stage marker that cannot be read (torn, not UTF-8, not a mapping) means the stage runs again;
+    it was a traceback that named no file."""
+    from bgmask.demo import Stages
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "data.json").write_bytes(content)
+    calls = []
+    assert Stages(tmp_path, fresh=False).run("data", {"a": 1}, lambda: calls.append(1) or {"ok": True}) == {"ok": True}
+    assert calls == [1] and "[demo] data: done" in capsys.readouterr().out
+    assert Stages(tmp_path, fresh=False).run("data", {"a": 1}, lambda: calls.append(2)) == {"ok": True}
+    assert calls == [1]  # read back once it is whole again
+
+
+def test_a_corrupt_run_marker_retrains_the_run(tmp_path, monkeypatch):
+    from bgmask import demo
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "demo_argv.json").write_bytes(b"\x00\xff")
+    (run / "done").write_text("")
+    (run / "final_metrics.json").write_text("{")
+    trained = []
+    monkeypatch.setattr("bgmask.engine.run", lambda cfg: trained.append(cfg) or {"test/acc": 1.0})
+    assert demo.train_run(["--data_path", str(tmp_path), "--snapshot_dir", str(run)], run) == {"test/acc": 1.0}
+    assert len(trained) == 1 and not trained[0].resume_training

@@ -119,8 +119,8 @@ def test_a_runs_config_yaml_reruns_with_the_script_of_its_strategy(cub, tmp_path
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({**vars(cfg), "strategy": "late"}))
     assert train_early(["--config", str(tmp_path / "c.yaml"), "--snapshot_dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: --config {tmp_path / 'c.yaml'}: strategy='late' is not one of baseline, early "
-                   "(for this script)"), err
+    assert err == (f"error: --config {tmp_path / 'c.yaml'}: --strategy must be one of baseline, early, got the "
+                   "string 'late'"), err
 
 
 def test_resolve_device():

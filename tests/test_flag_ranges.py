@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 import pytest
 
@@ -158,18 +159,172 @@ def test_train_script_refuses_before_writing(tmp_path, capsys, flag, value, expe
 
 def test_config_values_are_checked_alike(tmp_path):
     cfg = tmp_path / "c.yaml"
+    where = f"--config {cfg}: "
     cfg.write_text("lr: .nan\n")
-    with pytest.raises(UserError, match=r"^--lr must be > 0, got nan$"):
+    with pytest.raises(UserError, match=rf"^{re.escape(where)}--lr must be > 0, got nan$"):
         A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)])
     cfg.write_text("num_workers: -2\n")
-    with pytest.raises(UserError, match=r"^--num_workers must be >= 0, got -2$"):
+    with pytest.raises(UserError, match=rf"^{re.escape(where)}--num_workers must be >= 0, got -2$"):
         A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)])
-    cfg.write_text("num_workers: two\n")  # a string default goes through the flag's type
+    cfg.write_text("num_workers: two\n")  # a string goes through the flag's type, as on the command line
     with pytest.raises(UserError, match="--num_workers"):
         A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)])
     cfg.write_text("num_workers: true\n")
-    with pytest.raises(UserError, match=r"^--num_workers must be an integer, got True$"):
+    with pytest.raises(UserError, match=rf"^{re.escape(where)}--num_workers must be an integer >= 0, got True$"):
         A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)])
+    cfg.write_text("lr: 1e-3\nepochs: '3'\n")  # YAML 1.1 reads 1e-3 as a string: read as the command line would
+    ns = A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)])
+    assert ns.lr == 1e-3 and ns.epochs == 3
+
+
+# ------------------------------------------------------- the YAML path: every setting of every parser
+
+def _settings(parser):
+    """dest -> actions, as bgmask.errors.settable (written out here: the catalogue is collected from
+    the parsers alone)."""
+    out = {}
+    for a in parser._actions:
+        if not isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+            out.setdefault(a.dest, []).append(a)
+    return out
+
+
+def _bad_yaml_values(action) -> list:
+    """Typed values (as YAML gives them) that the flag must refuse."""
+    if action.nargs == 0:  # a switch
+        return ["false", "true", 1] if isinstance(action.default, bool) or action.default is None else ["x"]
+    bad = [{"a": 1}]
+    if action.default is not None:
+        bad.append(None)
+    listy = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if not listy and action.nargs != "?":
+        bad.append([1, 2])
+    if action.type in (int, float):
+        bad += ["x", True] + ([] if action.choices else [_typed(v) for v in _bad_values(action)])
+        if action.type is int:
+            bad.append(1.5)
+    elif action.choices is not None:
+        bad.append("not_a_choice")
+    else:
+        bad += [False] if action.nargs != "?" else []
+    return [[v] if listy and not isinstance(v, dict) and v is not None else v for v in bad]
+
+
+def _typed(text: str):
+    return float(text) if any(c in text for c in ".ni") else int(text)
+
+
+def _yaml_cases(parsers):
+    for name, make in parsers.items():
+        parser = make()
+        for dest, (action, *_) in _settings(parser).items():
+            if type(action).__module__ != "argparse":  # e.g. mmengine's DictAction: its own conversion
+                continue
+            for value in _bad_yaml_values(action):
+                yield pytest.param(name, dest, value, id=f"{name}:{dest}={value!r}")
+
+
+YAML_CASES = list(_yaml_cases(PARSERS))
+
+
+@pytest.mark.parametrize("name, dest, value", YAML_CASES)
+def test_bad_yaml_value_is_one_line_naming_file_and_flag(tmp_path, name, dest, value):
+    """The --config path of every setting of every parser: the value a YAML file gives is converted and
+    checked as the command line's (bool, int, float, choice, list, null), one line naming file and flag."""
+    import yaml
+
+    from bgmask.errors import flag_name, settings_from_mapping
+
+    parser = PARSERS[name]()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({dest: value}))
+    with pytest.raises(UserError) as err:
+        settings_from_mapping(parser, A.read_config(path), f"--config {path}")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--config {path}: ")
+    assert flag_name(_settings(parser)[dest][0]) in message
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_every_default_passes_the_yaml_path_unchanged(tmp_path, name):
+    """A YAML file of the flags' own defaults (what a run's config.yaml holds) reads back as those
+    defaults: the check refuses nothing that the parser itself would give."""
+    import yaml
+
+    from bgmask.errors import settings_from_mapping
+
+    parser = PARSERS[name]()
+    defaults = {dest: actions[0].default for dest, actions in _settings(parser).items()}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(defaults))
+    assert settings_from_mapping(parser, A.read_config(path), f"--config {path}") == defaults
+
+
+def test_the_yaml_catalogue_covers_every_kind():
+    kinds = {(d, repr(v)) for _, d, v in (c.values for c in YAML_CASES)}
+    assert {("freeze_backbone", "'false'"), ("lr", "None"), ("lr", "[1, 2]"), ("seeds", "[True]"),
+            ("strategy", "'not_a_choice'"), ("cutmix_minmax", "{'a': 1}"),
+            ("channels_last", "'false'")} <= kinds
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('freeze_backbone: "false"\n', "--freeze_backbone must be true or false (a YAML boolean, unquoted), got the "
+                                    "string 'false'"),
+    ("freeze_backbone: no_thanks\n", "--freeze_backbone must be true or false"),
+    ("lr: [0.1]\n", "--lr must be a number > 0, got [0.1]"),
+    ("lr: null\n", "--lr must be a number > 0 (null is not a value of this flag), got None"),
+    ("epochs: ~\n", "--epochs must be an integer >= 1 (null is not a value of this flag), got None"),
+    ("batch_size: 3.5\n", "--batch_size must be an integer >= 1, got 3.5"),
+    ("cutmix_minmax: [0.1]\n", "--cutmix_minmax must be a list of 2 values"),
+    ("cutmix_minmax: [0.1, 2]\n", "--cutmix_minmax must be in [0, 1], got [0.1, 2]"),
+    ("aa: no\n", "--aa must be a string, got False"),
+    ("class_token_only: true\npatch_tokens_only: true\n", "--class_token_only and --patch_tokens_only exclude"),
+])
+def test_train_config_value_refused_before_writing(tmp_path, capsys, text, expected):
+    """The config cases of issue 20: each is one line naming the file, before the run folder exists
+    (before: "false" trained a frozen model, a list or null ended in a TypeError traceback)."""
+    from bgmask.scripts import train_early
+
+    cfg, run = tmp_path / "c.yaml", tmp_path / "run"
+    cfg.write_text(text)
+    rc = train_early(["--data_path", str(tmp_path), "--snapshot_dir", str(run), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: --config {cfg}: {expected}")
+    assert not run.exists()
+
+
+def test_yaml_booleans_and_lists_are_read_as_the_command_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("freeze_backbone: false\nuse_amp: true\ncutmix_minmax: [0.2, 0.8]\nno_progress: true\n"
+                   "channels_last: false\ntorchcompile: true\nsnapshot_dir: 2024\n")
+    ns = A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)])
+    assert ns.freeze_backbone is False and ns.use_amp is True and ns.cutmix_minmax == [0.2, 0.8]
+    assert ns.channels_last is False and ns.torchcompile == "inductor" and ns.snapshot_dir == "2024"
+    ns = A.parse_with_config(A.train_parser("t"), ["--config", str(cfg), "--channels_last"])  # the command line wins
+    assert ns.channels_last is True
+    cfg.write_text("torchcompile: false\n")
+    assert A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)]).torchcompile is None
+
+
+def test_non_utf8_config_names_the_file(tmp_path, capsys):
+    from bgmask.scripts import train_early
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"lr: 0.1\n# caf\xe9\n")
+    rc = train_early(["--data_path", str(tmp_path), "--snapshot_dir", str(tmp_path / "run"), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(cfg) in err and "UTF-8" in err
+
+
+def test_a_run_config_yaml_is_a_valid_config(tmp_path):
+    """A config.yaml written by a run reads back through the check (the checkpoint's saved settings are
+    the same values)."""
+    import yaml
+
+    ns = A.parse_with_config(A.train_parser("t"), ["--lr", "0.01", "--cutmix_minmax", "0.1", "0.9"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(vars(ns)))
+    assert vars(A.parse_with_config(A.train_parser("t"), ["--config", str(cfg)])) == {**vars(ns), "config": str(cfg)}
 
 
 def test_unset_optional_flags_pass():
@@ -198,3 +353,19 @@ def test_interval_notation():
     assert str(Interval("(0, inf)")) == "> 0" and str(Interval("[1, inf)")) == ">= 1"
     with pytest.raises(ValueError):
         Interval("0..1")
+
+
+def test_application_overrides_go_through_the_check_before_writing(tmp_path):
+    """The flags an application builds for a run (the demo's, mask-sweep's, pretrain's) are checked as
+    the command line's before anything is written: a bad value of a preset is one line."""
+    import copy
+
+    from bgmask import demo
+
+    p = copy.deepcopy(demo.PRESETS["tiny"])
+    p.lr = {"cnn": float("nan"), "vit": 1e-3}
+    run = tmp_path / "run"
+    argv = demo.classifier_argv(("cnn", "baseline", "-", "scratch"), 0, p, tmp_path, None, run, None)
+    with pytest.raises(UserError, match=r"^--lr must be > 0, got nan$"):
+        demo.train_run(argv, run)
+    assert not run.exists()

@@ -95,3 +95,42 @@ def test_paper_table_pivots_and_marks_the_best(tmp_path):
     assert cli_main(["report", *map(str, runs), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "paper_bars.png").read_bytes()[:4] == b"\x89PNG"
     assert "## As the paper's tables" in (tmp_path / "rep" / "results.md").read_text()
+
+
+GOOD = {"test/acc": 0.9, "waterbirds/acc": 0.5}
+
+
+@pytest.mark.parametrize("file, content, reason", [
+    ("final_metrics.json", b'{"test/acc": 0.9,', "is not valid JSON"),
+    ("final_metrics.json", b'[0.9]', "does not hold a mapping"),
+    ("final_metrics.json", b'{"test/acc": "high"}', "test/acc is 'high', not a number"),
+    ("config.yaml", b"model_arch: [unclosed\n", "is not valid YAML"),
+    ("config.yaml", b"model_arch: caf\xe9\n", "is not UTF-8 text"),
+    ("config.yaml", b"just a string\n", "does not hold a mapping"),
+])
+def test_report_skips_an_unreadable_run_naming_the_file(tmp_path, capsys, file, content, reason):
+    """A malformed file in a run folder is one line naming it; the readable runs still appear, the other
+    is listed as skipped with its reason (before: a traceback that named no file)."""
+    base = {"model_arch": "bgmask_resnet_tiny", "data_path": str(tmp_path), "strategy": "baseline"}
+    good = fake_run(tmp_path / "good", base, GOOD)
+    bad = fake_run(tmp_path / "bad", {**base, "strategy": "early"}, GOOD)
+    (bad / file).write_bytes(content)
+    assert cli_main(["report", str(good), str(bad), "--out", str(tmp_path / "rep")]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"note: skipped {bad}: ") and str(bad / file) in err, err
+    assert reason in err
+    md = (tmp_path / "rep" / "results.md").read_text()
+    assert "| bgmask_resnet_tiny | baseline | - | scratch | 1 | 90.0 |" in md and "| early |" not in md
+    assert "## Skipped" in md and f"`{bad}`: " in md and reason in md
+
+    assert cli_main(["report", str(bad), "--out", str(tmp_path / "rep2")]) == 2  # nothing readable: one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad / file) in err and reason in err
+    assert not (tmp_path / "rep2").exists()
+
+
+def test_report_reads_a_results_jsonl_that_is_not_text(tmp_path, capsys):
+    run = fake_run(tmp_path / "r", {"model_arch": "m", "data_path": str(tmp_path)}, GOOD)
+    (run / "results.jsonl").write_bytes(b'{"split": "eval", "test/attr_bg_fraction": 0.5}\n\xff\xfe\x00garbage\n')
+    assert cli_main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert "BG attribution (test)" in (tmp_path / "rep" / "results.md").read_text()

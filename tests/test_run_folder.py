@@ -144,3 +144,22 @@ def test_training_config_has_no_bookkeeping_key(cub, reference):
     import yaml
 
     assert "model_arch_given" not in yaml.safe_load((reference / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("key, value", [("image_size", [32]), ("strategy", "sideways"), ("mask_fill", None)])
+def test_a_checkpoints_saved_setting_is_checked_like_a_flag(cub, reference, tmp_path, capsys, key, value):
+    """A checkpoint's saved settings go through the command line's check when bgmask reads them back:
+    a bad one is one line naming the checkpoint and the flag (it was a TypeError traceback or a model
+    evaluated with a value no flag allows)."""
+    import torch
+
+    from bgmask.checkpoint import save_checkpoint
+
+    state = torch.load(reference / "last.pt", weights_only=True)
+    state["config"][key] = value
+    ckpt = tmp_path / "edited" / "last.pt"
+    save_checkpoint(ckpt, state)
+    rc = eval_early(eval_argv(cub, ckpt, "--out", str(tmp_path / "ev")))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"error: checkpoint {ckpt}: --{key} must be ") and "\n" not in err, err
+    assert not (tmp_path / "ev.json").exists()

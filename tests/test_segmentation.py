@@ -353,3 +353,26 @@ def test_online_segmenter_flag_errors(trained, tmp_path, capsys):
     assert "needs --seg_model_checkpoint_path" in capsys.readouterr().err
     assert train_late([*base, "--strategy", "baseline", "--seg_model_checkpoint_path", str(trained["slim"])]) == 2
     assert "uses no masks" in capsys.readouterr().err
+
+
+def test_segmenter_train_and_test_into_a_held_work_dir_are_refused(trained, tmp_path, capsys):
+    """One process per work dir (bgmask.folderlock), before mmengine writes its logs there."""
+    from bgmask.folderlock import LOCK_NAME
+    from bgmask.seg.runner import test_main
+
+    from test_folder_lock import Holder
+
+    work = tmp_path / "w"
+    h = Holder(work)
+    try:
+        rc = train_main([str(SMALL), "--data-root", str(trained["data"]), "--work-dir", str(work), "--cfg-options",
+                         "train_cfg.max_iters=1", *NO_WORKERS])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and str(work) in err and f"process {h.pid}" in err, err
+        assert sorted(p.name for p in work.iterdir()) == [LOCK_NAME]
+        rc = test_main([str(SMALL), str(trained["slim"]), "--data-root", str(trained["data"]), "--work-dir",
+                        str(work), "--cfg-options", *NO_WORKERS])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"process {h.pid}" in err and sorted(p.name for p in work.iterdir()) == [LOCK_NAME]
+    finally:
+        h.kill()

@@ -27,7 +27,7 @@ from PIL import Image
 from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath, read_cub_metadata, split_ids
 from bgmask.data.images import write_upright
 from bgmask.errors import UserError
-from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, remove_stale_temp
+from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, read_json, remove_stale_temp
 from bgmask.pool import run_each
 
 
@@ -65,12 +65,15 @@ def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: flo
         "train": split_ids(meta, "train", 1.0 - val_fraction, seed),
         "test": split_ids(meta, "test"),
     }
-    if val_fraction > 0:
-        splits["val"] = split_ids(meta, "val", 1.0 - val_fraction, seed)
+    if val_fraction > 0:  # the advice in this command's flags (split_ids' own names train.py's)
+        splits["val"] = split_ids(meta, "val", 1.0 - val_fraction, seed,
+                                  empty_val_hint=f" (--val_fraction {val_fraction:g} rounds to no image of any "
+                                                 "class: raise it, or pass --val_fraction 0 for no val split)")
     config = {"cub_root": str(cub_root.resolve()), "val_fraction": val_fraction, "seed": seed}
     prepare_output_dir(out_dir, overwrite, marker="split_info.json")
     if (out_dir / "split_info.json").is_file():
-        if json.loads((out_dir / "split_info.json").read_text()).get("config") != config:
+        saved = read_json(out_dir / "split_info.json", {})  # unreadable: a dataset of unknown arguments
+        if not isinstance(saved, dict) or saved.get("config") != config:
             raise UserError(f"output folder {out_dir} holds a dataset made with other arguments "
                             "(pass --overwrite to replace it)")
     remove_stale_temp(out_dir, recursive=True)  # half-written files of a killed run

@@ -114,9 +114,11 @@ def read_cub_metadata(root: str | Path) -> CUBMetadata:
     return CUBMetadata(root, ids, relpaths, labels, is_train, class_names)
 
 
-def split_ids(meta: CUBMetadata, split: str, train_split: float = 1.0, split_seed: int = 0) -> list[int]:
+def split_ids(meta: CUBMetadata, split: str, train_split: float = 1.0, split_seed: int = 0,
+              empty_val_hint: str = " (pass --train_split < 1 to get a validation split)") -> list[int]:
     """Image ids of a split. `train_split` is the fraction of CUB's train images used for training;
-    the rest, drawn with `split_seed` (stratified by class), is the validation split."""
+    the rest, drawn with `split_seed` (stratified by class), is the validation split. An empty split is
+    one UserError; for val it ends with `empty_val_hint`, the advice in the caller's own flags."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     if not 0.0 < train_split <= 1.0:
@@ -138,7 +140,7 @@ def split_ids(meta: CUBMetadata, split: str, train_split: float = 1.0, split_see
                 val.update(members[j] for j in picked)
         ids = [i for i in train_ids if (i in val) == (split == "val")]
     if not ids:
-        hint = " (pass --train_split < 1 to get a validation split)" if split == "val" else ""
+        hint = empty_val_hint if split == "val" else ""
         raise UserError(f"the {split} split of {meta.root} is empty{hint}")
     return ids
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, load_mask, load_rgb, read_cub_metadata
 from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from bgmask.errors import UserError, require_dir
+from bgmask.errors import UserError, require_dir, require_output
 from bgmask.masking.strategies import apply_early_mask
 from bgmask.io import atomic_path, atomic_save_image, atomic_write_text, remove_stale_temp
 from bgmask.pool import run_each
@@ -37,6 +37,8 @@ def masked_pixels(image: Image.Image, mask: np.ndarray, fill: str = "black") -> 
 def check_out_subdir(root: Path, out_subdir: str) -> None:
     if not out_subdir or "/" in out_subdir or out_subdir in ("images", "segmentations", WATERBIRDS_SUBDIR):
         raise UserError(f"--out_subdir must be a new folder name inside {root}, got {out_subdir!r}")
+    for sub in (out_subdir, f"{out_subdir}_waterbirds"):  # a file of that name, a read-only root: before any work
+        require_output(root / sub, "--out_subdir")
 
 
 def make_masked(cub_root: str | Path, masks: str = "gt", out_subdir: str = "images_masked", fill: str = "black",

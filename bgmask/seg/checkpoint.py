@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bgmask.io import load_weights_only
+from bgmask.io import is_torch_pickle, load_weights_only
 from bgmask.errors import UserError, require_file
 from bgmask.io import atomic_path
 
@@ -60,23 +60,37 @@ def save_slim(path: str | Path, state_dict: dict, dataset_meta: dict | None, con
     return path
 
 
-def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_location="cpu") -> dict:
-    """Load a slim checkpoint (`weights_only=True`), or a full mmengine one when `trust_full`."""
+def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_location="cpu",
+                         trust_flag: str = "--trust-full-checkpoint") -> dict:
+    """Load a slim checkpoint (`weights_only=True`), or a full mmengine one when `trust_full`; the
+    refusal of a full one names `trust_flag`, the calling command's flag (the classifier scripts':
+    --trust_checkpoint)."""
     path = require_file(path, "segmenter checkpoint")
+    junk = f"cannot read checkpoint {path}: not a torch checkpoint (truncated or not a torch file)"
     try:
         return load_weights_only(path, map_location)
     except pickle.UnpicklingError:
+        # Only a real torch file that needs more than weights is a full checkpoint: the advice to trust
+        # it must never be given for junk, which no flag can load.
+        if not is_torch_pickle(path):
+            raise UserError(junk) from None
         if not trust_full:
             raise UserError(
                 f"{path} is a full mmengine checkpoint (it pickles Python objects, so loading it can run "
                 "code); use the slim WORK_DIR/segmenter_slim.pth that train.py writes, or pass "
-                "--trust-full-checkpoint (train.py / eval_waterbirds.py: --trust_checkpoint) if this file comes "
-                "from your own training run"
+                f"{trust_flag} if this file comes from your own training run"
             ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'corrupt file'}") from None
-    return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception:  # noqa: BLE001 -- random bytes fail in any way (KeyError, IndexError, ...)
+        raise UserError(junk) from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 -- a trusted but broken pickle: one line, not a traceback
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot unpickle checkpoint {path} (with {trust_flag}): "
+                        f"{e.__class__.__name__}: {reason}") from None
 
 
 def state_dict_and_meta(ckpt: dict, source: str | Path = "checkpoint") -> tuple[dict, dict]:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import ArgumentParser, UserError, require_dir, run_cli
-from bgmask.io import atomic_write_text, remove_stale_temp
+from bgmask.folderlock import hold_folder
+from bgmask.io import atomic_write_text, read_json, remove_stale_temp
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, git_revision
 
 SLIM_NAME = "segmenter_slim.pth"
@@ -49,8 +50,8 @@ def config_args(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--data-root", "--data_root", dest="data_root", default=None,
                    help="the `bgmask make-binary-seg` output folder (same as --cfg-options data_root=DIR); "
                         "default: the config's own data_root")
-    g.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
-                   help="logs, checkpoints and results (default ./work_dirs/<config name>)")
+    A.add(g, "--work-dir", "--work_dir", dest="work_dir", default=None, output="folder",
+          help="logs, checkpoints and results (default ./work_dirs/<config name>)")
     g.add_argument("--cfg-options", "--cfg_options", dest="cfg_options", nargs="+", action=DictAction,
                    help="override config entries, key=value (e.g. train_cfg.max_iters=500 load_from=PATH)")
     g.add_argument("--launcher", choices=list(LAUNCHER_ENV), default="none",
@@ -76,7 +77,7 @@ def test_parser() -> argparse.ArgumentParser:
                        "Waterbirds images (scored against the CUB test masks).", parents=[config_args()])
     p.add_argument("checkpoint", help=f"slim checkpoint ({SLIM_NAME}) or, with --trust-full-checkpoint, iter_N.pth")
     p.add_argument("--splits", nargs="+", default=["test", "waterbird_test"], choices=list(SPLIT_PREFIX))
-    p.add_argument("--out", default=None, help="JSON file of the metrics (default WORK_DIR/test_metrics.json)")
+    A.add(p, "--out", default=None, output="file", help="JSON file of the metrics (default WORK_DIR/test_metrics.json)")
     trust_arg(p)
     return p
 
@@ -97,7 +98,7 @@ def segmenter_args(add_help: bool = False) -> argparse.ArgumentParser:
     A.add(g, "--checkpoint", "--checkpoint_file", "--checkpoint-file", required=True,
           help=f"slim checkpoint ({SLIM_NAME} written by train.py) or, with --trust_full_checkpoint, "
                "a full mmengine one (iter_N.pth)")
-    A.add(g, "--out_dir", default=None, help="mask folder: DIR/<image folder>/<relpath>.png (0/255)")
+    A.add(g, "--out_dir", default=None, output="folder", help="mask folder: DIR/<image folder>/<relpath>.png (0/255)")
     A.add(g, "--batch_size", type=int, default=16, range="[1, inf)")
     A.add(g, "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     A.add(g, "--empty_warn_fraction", type=float, default=0.05, range="[0, 1]",
@@ -145,7 +146,7 @@ def gen_masked_parser() -> argparse.ArgumentParser:
     A.add(src, "--data_path", help="the paper's input: the folder that directly holds class sub-folders "
                                    "of .jpg (e.g. CUB_200_2011/images or the Waterbirds folder)")
     cub_root_arg(src)
-    A.add(g, "--save_path", help="with --data_path: output root, written as SAVE_PATH/<class folder>/<file>.jpg")
+    A.add(g, "--save_path", output="folder", help="with --data_path: output root, written as SAVE_PATH/<class folder>/<file>.jpg")
     A.add(g, "--out_subdir", default=None, help="with --cub_root: NAME of the masked image folder in CUB_ROOT "
                                                 f"(default {DEFAULT_OUT_SUBDIR})")
     A.add(g, "--mask_fill", default="black", choices=list(MASK_FILLS),
@@ -156,7 +157,7 @@ def gen_masked_parser() -> argparse.ArgumentParser:
 def convert_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Slim copy (weights_only-loadable) of a segmenter checkpoint.")
     p.add_argument("src", help="checkpoint to convert, e.g. WORK_DIR/iter_16000.pth")
-    p.add_argument("dst", help=f"slim checkpoint to write, e.g. WORK_DIR/{SLIM_NAME}")
+    A.add(p, "dst", output="file", help=f"slim checkpoint to write, e.g. WORK_DIR/{SLIM_NAME}")
     p.add_argument("--config", default=None, help="config to store (default: the one inside SRC)")
     trust_arg(p)
     return p
@@ -311,9 +312,7 @@ def train_main(argv=None) -> int:
     compat.install()
     ns = train_parser().parse_args(argv)
     import torch
-    from mmengine.runner import Runner
 
-    from bgmask.seg.checkpoint import save_slim, trusted_full_checkpoints
     from bgmask.seg.segmenter import check_binary
 
     cfg = load_config(ns)
@@ -329,10 +328,19 @@ def train_main(argv=None) -> int:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     cfg.resume = ns.resume
+    with hold_folder(cfg.work_dir, "--work-dir", enabled=_is_main()):  # one process writes a work dir at a time
+        return _train(cfg)
+
+
+def _train(cfg) -> int:
+    from mmengine.runner import Runner
+
+    from bgmask.seg.checkpoint import save_slim, trusted_full_checkpoints
+
     runner = Runner.from_cfg(cfg)
     _run_folder(cfg.work_dir, "train")
     t0 = time.perf_counter()
-    trusted = trusted_full_checkpoints(cfg.work_dir) if ns.resume else contextlib.nullcontext()
+    trusted = trusted_full_checkpoints(cfg.work_dir) if cfg.resume else contextlib.nullcontext()
     with trusted:
         runner.train()
     seconds = time.perf_counter() - t0
@@ -374,10 +382,8 @@ def test_main(argv=None) -> int:
 
     compat.install()
     ns = test_parser().parse_args(argv)
-    from mmengine.runner import Runner
-
     from bgmask.seg.checkpoint import load_checkpoint_file, state_dict_and_meta
-    from bgmask.seg.segmenter import _load_weights, check_binary
+    from bgmask.seg.segmenter import check_binary
 
     cfg = load_config(ns)
     where = f"config {ns.config}"
@@ -389,6 +395,15 @@ def test_main(argv=None) -> int:
     cfg.load_from = None
     cfg.resume = False
     cfg.test_dataloader = cfg[f"{splits[0]}_dataloader"]
+    with hold_folder(cfg.work_dir, "--work-dir", enabled=_is_main()):  # its log, metrics and results line
+        return _test(ns, cfg, state_dict, splits, where)
+
+
+def _test(ns: argparse.Namespace, cfg, state_dict: dict, splits: list[str], where: str) -> int:
+    from mmengine.runner import Runner
+
+    from bgmask.seg.segmenter import _load_weights
+
     runner = Runner.from_cfg(cfg)
     _load_weights(_unwrap(runner.model), state_dict, where)
     record = {"config": str(ns.config), "checkpoint": str(ns.checkpoint), "data_root": cfg.get("data_root")}
@@ -531,7 +546,8 @@ def _claim_folder(out: Path, info_name: str, info: dict, overwrite: bool, what: 
     info_path = out / info_name
     if not info_path.is_file():
         return False
-    old = json.loads(info_path.read_text())
+    old = read_json(info_path, {})  # unreadable: outputs of an unknown segmenter
+    old = old if isinstance(old, dict) else {}
     if all(old.get(k) == info.get(k) for k in ("checkpoint_sha256", "fill")):
         return False
     if not overwrite:

@@ -275,11 +275,13 @@ def _load_weights(model, state_dict: dict, where: str) -> None:
 
 def load_segmenter(config_path: str | Path | None, checkpoint_path: str | Path, device: str | torch.device = "cpu",
                    input_mean: Sequence[float] = IMAGENET_MEAN, input_std: Sequence[float] = IMAGENET_STD,
-                   batch_size: int | None = None, trust_full_checkpoint: bool = False) -> Segmenter:
+                   batch_size: int | None = None, trust_full_checkpoint: bool = False,
+                   trust_flag: str = "--trust-full-checkpoint") -> Segmenter:
     """Build the bird-mask function from an MMSeg config and a (slim) checkpoint.
 
     config_path None uses the config stored in a slim checkpoint. A full mmengine checkpoint is read
-    only with `trust_full_checkpoint=True` (one of your own runs: it unpickles Python objects).
+    only with `trust_full_checkpoint=True` (one of your own runs: it unpickles Python objects); the refusal
+    names `trust_flag`, the calling command's flag for it.
     Raises UserError (one line) for a missing config or checkpoint, a config whose decode head does
     not have num_classes 2, or a checkpoint that does not fit the config."""
     from bgmask.seg.checkpoint import load_checkpoint_file, state_dict_and_meta
@@ -287,7 +289,8 @@ def load_segmenter(config_path: str | Path | None, checkpoint_path: str | Path, 
     if config_path is not None and not Path(config_path).is_file():
         read_config(config_path)  # raises the one-line error
     require_file(checkpoint_path, "segmenter checkpoint")
-    state_dict, meta = state_dict_and_meta(load_checkpoint_file(checkpoint_path, trust_full=trust_full_checkpoint),
+    state_dict, meta = state_dict_and_meta(load_checkpoint_file(checkpoint_path, trust_full=trust_full_checkpoint,
+                                                                trust_flag=trust_flag),
                                            checkpoint_path)
     cfg = read_config(config_path, meta.get("config") or meta.get("cfg"))
     where = f"config {config_path}" if config_path is not None else "the config stored in the checkpoint"
