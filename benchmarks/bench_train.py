@@ -174,7 +174,7 @@ class Bench:
         return Namespace(lr=1e-4, scratch_lr_factor=1.0, weight_decay=0.05, optimizer_type="adamw", betas1=0.9,
                          betas2=0.999, momentum=0.9, smoothing=0.0, use_amp=cfg.use_amp, amp_dtype="bf16",
                          grad_norm_clip=None, channels_last=self.channels_last(arch), max_steps_per_epoch=steps,
-                         epochs=1, no_progress=True, log_interval=10)
+                         epochs=1, no_progress=True, log_interval=10, grad_accum_steps=1)
 
     def engine_train(self, arch, strategy_name, steps, loader_factory=None, mask_fn=None):
         run_cfg = self.run_cfg(arch, self.cfg.warmup)
