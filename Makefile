@@ -1,16 +1,19 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test` (CI: every test;
 # `make test-fast` skips the ones marked slow).
+# Another interpreter and venv, e.g. `make test PYTHON=python3.12 VENV=.venv312`: the same locked versions
+# (constraints.txt) on Python 3.11-3.13.
 PYTHON ?= python3.11
 VENV   ?= .venv
+LOCK   ?= constraints.txt
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_output
 
 .PHONY: install test test-fast demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[seg,test]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[all]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,8 +16,8 @@ from torchvision import transforms as tv1
 from torchvision.transforms import v2
 
 from bgmask.args import data_args
-from bgmask.data.transforms import (AUGMENTATIONS, GEOMETRIC_OPS, TORCHVISION_RESIZE, JointOp, build_transform,
-                                    joint_auto_augment)
+from bgmask.data.transforms import (AUGMENTATIONS, GEOMETRIC_OPS, TORCHVISION_RESIZE, BirdMask, JointOp,
+                                    build_transform, joint_auto_augment, resize_mask_nearest_exact)
 from bgmask.errors import UserError
 
 BIRD, BACKGROUND, FILL = (220, 40, 40), (40, 220, 40), (0, 0, 0)  # FILL: canvas uncovered by a move (mean 0)
@@ -97,6 +97,28 @@ def test_eval_transform_keeps_mask_on_bird_exactly():
     for size, crop_pct in [(64, 1.0), (48, 0.875), (90, 1.0)]:
         out, m = build_transform(False, size, mean=ZERO, std=ONE, crop_pct=crop_pct)(image, mask)
         assert_mask_on_bird(out, m, edge=1)
+
+
+def test_bird_mask_resize_is_nearest_exact_pinned():
+    """The BirdMask resize takes the source pixel under each output pixel's centre, the same pixels on every
+    supported torchvision. Pinned on tiny masks: plain NEAREST (what torchvision 0.26's `resize_mask` does,
+    having no `interpolation`) would give the 2x2 block and the even rows/columns instead."""
+    plus = BirdMask(torch.tensor([[[0, 0, 0], [0, 1, 0], [0, 0, 0]]], dtype=torch.uint8))  # (1, 3, 3)
+    up = v2.functional.resize(plus, [5, 5])
+    assert type(up) is BirdMask and up.dtype == torch.uint8
+    expected = torch.zeros(1, 5, 5, dtype=torch.uint8)
+    expected[0, 2, 2] = 1  # source rows/cols floor((i + 0.5) * 3 / 5) = 0, 0, 1, 2, 2
+    assert torch.equal(up.as_subclass(torch.Tensor), expected)
+
+    labels = BirdMask(torch.arange(24, dtype=torch.uint8).reshape(1, 4, 6))
+    down = v2.functional.resize(labels, [2, 3])  # source rows 1, 3; columns 1, 3, 5
+    assert down.as_subclass(torch.Tensor).tolist() == [[[7, 9, 11], [19, 21, 23]]]
+    crop = v2.functional.resized_crop(labels, 0, 2, 4, 4, [2, 2])  # columns 2-5 -> 3, 5
+    assert crop.as_subclass(torch.Tensor).tolist() == [[[9, 11], [21, 23]]]
+    # PIL's NEAREST is the same pixel grid (the resized image's edge is where the mask's is)
+    pil = Image.fromarray(labels[0].numpy()).resize((3, 2), Image.Resampling.NEAREST)
+    assert np.array(pil).tolist() == down[0].tolist()
+    assert resize_mask_nearest_exact(labels[0], [2, 3]).tolist() == down[0].tolist()  # (H, W) in, (h, w) out
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIC_OPS - {"TranslateX", "TranslateY"}))

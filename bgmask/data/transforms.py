@@ -79,10 +79,19 @@ class BirdMask(tv_tensors.Mask):
     every other geometric kernel is `tv_tensors.Mask`'s (nearest, fill 0)."""
 
 
+def resize_mask_nearest_exact(mask: torch.Tensor, size, max_size: int | None = None) -> torch.Tensor:
+    """(..., H, W) -> (..., h, w), nearest-exact. `F.resize_mask` takes no `interpolation` before torchvision
+    0.27 (it is always NEAREST there), so this calls `F.resize_image` (what `resize_mask` itself calls, on
+    every torchvision bgmask supports): one code path, the same pixels on each version."""
+    squeeze = mask.ndim < 3  # resize_image reads (C, H, W)
+    out = F.resize_image(mask.unsqueeze(0) if squeeze else mask, size,
+                         interpolation=v2.InterpolationMode.NEAREST_EXACT, max_size=max_size)
+    return out.squeeze(0) if squeeze else out
+
+
 @F.register_kernel(F.resize, BirdMask)
 def _resize_bird_mask(mask, size, interpolation=None, max_size=None, antialias=None):
-    out = F.resize_mask(mask.as_subclass(torch.Tensor), size, interpolation=v2.InterpolationMode.NEAREST_EXACT,
-                        max_size=max_size)
+    out = resize_mask_nearest_exact(mask.as_subclass(torch.Tensor), size, max_size=max_size)
     return tv_tensors.wrap(out, like=mask)
 
 
