@@ -11,18 +11,15 @@ next run removes.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import multiprocessing
 import os
-import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
 from bgmask.errors import UserError
-
-PR_SET_PDEATHSIG = 1
+from bgmask.signals import die_with_parent
 
 
 def default_workers() -> int:
@@ -34,11 +31,7 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+    die_with_parent()
 
 
 def _run_chunk(fn, chunk: list) -> int:

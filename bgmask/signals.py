@@ -11,6 +11,8 @@ import threading
 
 from torch.utils.data import DataLoader
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
 
 @contextlib.contextmanager
 def sigint_deferred():
@@ -51,7 +53,23 @@ def loader_iter(loader: DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
+def die_with_parent() -> None:
+    """Linux: this (worker) process gets SIGKILL when the process that forked it dies. A parent killed
+    with SIGKILL runs no clean-up, and its DataLoader or pool workers would otherwise live on, blocked on
+    a queue that nobody reads, holding memory and the run's files."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+
 def unblock_sigint(worker_id: int | None = None) -> None:
-    """DataLoader worker_init_fn: Ctrl-C reaches the worker again (see loader_iter)."""
+    """DataLoader worker_init_fn: Ctrl-C reaches the worker again (see loader_iter), and the worker dies
+    with its parent (`die_with_parent`)."""
+    die_with_parent()
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -578,9 +578,25 @@ def test_predict_masks_killed_midway(zygote, synth, tmp_path):
     kill_when(pid, lambda: count_files(out, ".png") >= 2 * n // 3)
     assert zygote.wait() == -signal.SIGKILL, tail(log)
     assert_whole_images(out)
+    assert no_process_writes(log), "a decoding worker outlived its killed parent"
 
     assert zygote.run(PREDICT, argv(out), log) == 0, tail(log)
     assert tree(out) == tree(ref)
+
+
+def no_process_writes(path: Path, timeout: float = 15) -> bool:
+    """True once no process holds `path` open (the log a killed run's worker processes inherited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = []
+        for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+            try:
+                holders += [fd for fd in fd_dir.iterdir() if os.readlink(fd) == str(path)]
+            except OSError:  # the process ended meanwhile, or is not ours to read
+                continue
+        if not holders or time.monotonic() > deadline:
+            return not holders
+        time.sleep(0.5)
 
 
 def test_ctrl_c_while_the_dataloader_starts_its_workers(monkeypatch):

@@ -633,9 +633,11 @@ def _predict_and_save(seg, todo: list[tuple[Path, Path]], batch_size: int, progr
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from bgmask.signals import unblock_sigint
+
     batches = [list(range(i, min(i + batch_size, len(todo)))) for i in range(0, len(todo), batch_size)]
     loader = DataLoader(_DecodedImages(todo), batch_sampler=batches, num_workers=workers, collate_fn=_as_list,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=unblock_sigint)
     coverage = []
     bar = tqdm(total=len(todo), desc="predict masks", unit="img", disable=not progress)
     for chunk in loader:
