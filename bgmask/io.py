@@ -188,9 +188,16 @@ def read_torch_file(path: str | Path, what: str, trust: bool = False, map_locati
                             "only if you trust its origin") from None
     except Exception as e:  # noqa: BLE001 -- random bytes fail in any way (KeyError, IndexError, ...)
         raise UserError(f"{junk}: {e.__class__.__name__})") from None
+    return load_trusted(path, map_location, f"{what} {path}", "--trust_checkpoint")
+
+
+def load_trusted(path: str | Path, map_location, label: str, trust_flag: str):
+    """Full unpickling of a file the user vouched for with `trust_flag`; a broken pickle is one line
+    naming `label`, not a traceback."""
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 -- a trusted but broken pickle: one line, not a traceback
+    except Exception as e:  # noqa: BLE001 -- a trusted but broken pickle fails in any way
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot unpickle {what} {path} (with --trust_checkpoint): {e.__class__.__name__}: "
-                        f"{reason}") from None
+        raise UserError(f"cannot unpickle {label} (with {trust_flag}): {e.__class__.__name__}: {reason}") from None

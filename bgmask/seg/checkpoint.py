@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bgmask.io import is_torch_pickle, load_weights_only
 from bgmask.errors import UserError, require_file
-from bgmask.io import atomic_path
+from bgmask.io import atomic_path, is_torch_pickle, load_trusted, load_weights_only
 
 SLIM_FORMAT = "bgmask-seg-slim-v1"
 
@@ -85,12 +84,7 @@ def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_locatio
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'corrupt file'}") from None
     except Exception:  # noqa: BLE001 -- random bytes fail in any way (KeyError, IndexError, ...)
         raise UserError(junk) from None
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 -- a trusted but broken pickle: one line, not a traceback
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot unpickle checkpoint {path} (with {trust_flag}): "
-                        f"{e.__class__.__name__}: {reason}") from None
+    return load_trusted(path, map_location, f"checkpoint {path}", trust_flag)
 
 
 def state_dict_and_meta(ckpt: dict, source: str | Path = "checkpoint") -> tuple[dict, dict]:
