@@ -342,8 +342,7 @@ def checked_settings(values, source: str) -> dict:
     """A run's saved flags (a checkpoint's `config`), each through the command line's check
     (`bgmask.errors.flag_value`); a bad value is one line starting with `source`. Keys that are no flag of this
     bgmask (a checkpoint of another version) are kept as they are."""
-    from bgmask.errors import UserError
-    from bgmask.errors import settings_from_mapping
+    from bgmask.errors import UserError, settings_from_mapping
 
     if not isinstance(values, dict):
         raise UserError(f"{source}: its saved settings are not a mapping of flag names to values")

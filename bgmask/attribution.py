@@ -185,9 +185,8 @@ def evaluation_attribution(model, strategy, datasets: dict, gt_sets: dict, cfg, 
     metrics = {}
     for split, gt in gt_sets.items():
         indices = subset_indices(len(gt), n, cfg.seed)
-        fractions = split_fractions(model, strategy, datasets[split], gt, indices, dist,
-                                    getattr(cfg, "attribution_batch_size", 8), mask_fn,
-                                    amp=getattr(cfg, "use_amp", False), amp_dtype=getattr(cfg, "amp_dtype", "bf16"))
+        fractions = split_fractions(model, strategy, datasets[split], gt, indices, dist, cfg.attribution_batch_size,
+                                    mask_fn, amp=cfg.use_amp, amp_dtype=cfg.amp_dtype)
         metrics.update(fraction_metrics(fractions, split))
     return metrics
 

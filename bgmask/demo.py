@@ -26,7 +26,7 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.errors import UserError
 from bgmask.folderlock import hold_folder
-from bgmask.io import atomic_write_text, read_json
+from bgmask.io import atomic_write_text, read_json, read_json_object
 from bgmask.masking.strategies import STRATEGIES
 
 # model key -> (timm name, head flags, zoo backbone); "vit" is the GAP head, the paper's most robust ViT
@@ -122,8 +122,8 @@ class Stages:
         says what came out)."""
         marker = self.out / "stages" / f"{name}.json"
         if not self.fresh and marker.is_file():
-            saved = read_json(marker, {})  # an unreadable marker: the stage runs again
-            if isinstance(saved, dict) and saved.get("inputs") == inputs:
+            saved = read_json_object(marker)  # an unreadable marker: the stage runs again
+            if saved.get("inputs") == inputs:
                 print(f"[demo] {name}: up to date, skipped", flush=True)
                 return saved.get("result")
         t0 = time.perf_counter()

@@ -243,7 +243,7 @@ def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     """A saved classifier (bgmask's, or the paper's snapshot_best.pt: `checkpoint.saved_classifier`) on val (if
     any), test, Waterbirds, the diagnostics and where it looks (`bgmask.attribution`); the data may be pointed
     elsewhere. The record is appended to the results.jsonl beside the checkpoint, tagged `split: "eval"`."""
-    ckpt = cfg.checkpoint if cfg.checkpoint is not None else checkpoint_of(cfg)
+    ckpt = cfg.checkpoint if cfg.checkpoint is not None else checkpoint_of(cfg)  # as given: the record keeps it
     probe = CUBDataset(cfg.data_path, "test", check_files=False)
     model, data_cfg, epoch = saved_classifier(Path(ckpt), cfg, probe.num_classes)
     seed_everything(cfg.seed)
@@ -283,4 +283,3 @@ def run(cfg: Namespace, mask_fn=None) -> dict:
             return evaluate(cfg, dist, mask_fn) if cfg.eval_only else fit(cfg, dist, mask_fn)
     finally:
         cleanup()
-

@@ -93,6 +93,13 @@ def read_json(path: str | Path, default=None):
         return default
 
 
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object (mapping) in `path`, or {} when it is missing, unreadable or holds no object: for a
+    marker whose fields a rerun compares, anything else means the step runs again."""
+    value = read_json(path, {})
+    return value if isinstance(value, dict) else {}
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

@@ -55,7 +55,7 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.errors import UserError
 from bgmask.folderlock import hold_folder
-from bgmask.io import atomic_write_bytes, atomic_write_text, read_json
+from bgmask.io import atomic_write_bytes, atomic_write_text, read_json_object
 from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, file_sha256, read_zoo_index
 
 FP16_TOLERANCE = 0.005  # --dtype auto keeps fp16 when its val accuracy is at most this much lower
@@ -209,10 +209,9 @@ def pretrain_data(data: Path, data_args: dict) -> tuple[Path, dict, float]:
 
     timing = data.parent / f"{data.name}.seconds.json"
     done = (data / "images.txt").is_file() and (data / CONFIG_NAME).is_file()
-    saved = read_json(data / CONFIG_NAME, {})
-    if done and isinstance(saved, dict) and all(saved.get(k) == v for k, v in data_args.items()):
-        seconds = read_json(timing, {})
-        return data, data_args, seconds.get("seconds", 0.0) if isinstance(seconds, dict) else 0.0
+    saved = read_json_object(data / CONFIG_NAME)
+    if done and all(saved.get(k) == v for k, v in data_args.items()):
+        return data, data_args, read_json_object(timing).get("seconds", 0.0)
     t0 = time.perf_counter()
     s = generate_synthetic(data, overwrite=False, progress=False, **data_args)
     atomic_write_text(timing, json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
@@ -269,8 +268,8 @@ def train_candidate(argv: list[str], recipe: Recipe, run_dir: Path) -> dict:
     """Train one candidate (a finished run with the same flags is read back) -> its summary."""
     record = run_dir / "candidate.json"
     if (run_dir / "done").is_file() and record.is_file():
-        saved = read_json(record, {})  # an unreadable record: the candidate trains again
-        if isinstance(saved, dict) and saved.get("argv") == argv:
+        saved = read_json_object(record)  # an unreadable record: the candidate trains again
+        if saved.get("argv") == argv:
             return {**saved, "reused": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from PIL import Image
 from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath, read_cub_metadata, split_ids
 from bgmask.data.images import write_upright
 from bgmask.errors import UserError
-from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, read_json, remove_stale_temp
+from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, read_json_object, remove_stale_temp
 from bgmask.pool import run_each
 
 
@@ -72,8 +72,8 @@ def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: flo
     config = {"cub_root": str(cub_root.resolve()), "val_fraction": val_fraction, "seed": seed}
     prepare_output_dir(out_dir, overwrite, marker="split_info.json")
     if (out_dir / "split_info.json").is_file():
-        saved = read_json(out_dir / "split_info.json", {})  # unreadable: a dataset of unknown arguments
-        if not isinstance(saved, dict) or saved.get("config") != config:
+        saved = read_json_object(out_dir / "split_info.json")  # unreadable: a dataset of unknown arguments
+        if saved.get("config") != config:
             raise UserError(f"output folder {out_dir} holds a dataset made with other arguments "
                             "(pass --overwrite to replace it)")
     remove_stale_temp(out_dir, recursive=True)  # half-written files of a killed run

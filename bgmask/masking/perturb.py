@@ -45,7 +45,7 @@ from PIL import Image
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, mask_relpath, read_cub_metadata
 from bgmask.errors import Interval, UserError
-from bgmask.io import atomic_save_image, atomic_write_text, read_json, remove_stale_temp
+from bgmask.io import atomic_save_image, atomic_write_text, read_json_object, remove_stale_temp
 from bgmask.pool import run_each
 
 
@@ -344,8 +344,7 @@ def _claim_folder(out_dir: Path, inputs: dict, overwrite: bool) -> None:
     """Record the folder's inputs before any mask is written, so a rerun knows what the files are."""
     marker = out_dir / FOLDER_MARKER
     if marker.is_file():
-        saved = read_json(marker, {})
-        saved = saved if isinstance(saved, dict) else {}  # unreadable: masks of unknown inputs
+        saved = read_json_object(marker)  # unreadable: masks of unknown inputs
         if {k: saved.get(k) for k in inputs} == inputs:
             return
         if not overwrite:

@@ -25,7 +25,7 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.errors import ArgumentParser, UserError, require_dir, run_cli
 from bgmask.folderlock import hold_folder
-from bgmask.io import atomic_write_text, read_json, remove_stale_temp
+from bgmask.io import atomic_write_text, read_json_object, remove_stale_temp
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, git_revision
 
 SLIM_NAME = "segmenter_slim.pth"
@@ -546,8 +546,7 @@ def _claim_folder(out: Path, info_name: str, info: dict, overwrite: bool, what: 
     info_path = out / info_name
     if not info_path.is_file():
         return False
-    old = read_json(info_path, {})  # unreadable: outputs of an unknown segmenter
-    old = old if isinstance(old, dict) else {}
+    old = read_json_object(info_path)  # unreadable: outputs of an unknown segmenter
     if all(old.get(k) == info.get(k) for k in ("checkpoint_sha256", "fill")):
         return False
     if not overwrite:
