@@ -1,4 +1,4 @@
-from bgmask.cli import main
+from bgmask.apps.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

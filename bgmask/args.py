@@ -62,7 +62,7 @@ def make_binary_seg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def workers_arg(parser) -> None:
-    from bgmask.pool import default_workers
+    from bgmask.processes import default_workers
 
     add(parser, "--workers", type=int, default=default_workers(), range="[0, 256]",
         help="worker processes for the per-image loop (0 or 1: none); default min(CPU cores, 8)")

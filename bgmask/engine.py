@@ -9,7 +9,7 @@ the training order comes from a DistributedSampler seeded with (seed, epoch). So
 order, augmentations and dropout depend only on the seed and the epoch number, and a run resumed
 from the checkpoint of epoch k continues exactly as if it had never stopped (same world size). With
 another world size the rule is: each epoch's global permutation is the same, ranks take strided
-shares of it, so the order per rank (and the result) differs. Checkpoints and resuming: `bgmask.resume`.
+shares of it, so the order per rank (and the result) differs. Checkpoints and resuming: `bgmask.checkpoint`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from bgmask.distributed import DistInfo, all_reduce_sum, allow_tf32, barrier, cl
 from bgmask.errors import UserError
 from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
 from bgmask.optim import accumulation_groups, mix_batch, optimizer_step, sync_context
-from bgmask.resume import Progress, resume, save_epoch, training_state
+from bgmask.checkpoint import Progress, resume, save_epoch, training_state
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, checkpoint_of, folder_lock
-from bgmask.seeding import epoch_seed, seed_everything, worker_init
-from bgmask.signals import loader_iter
+from bgmask.processes import epoch_seed, seed_everything, worker_init
+from bgmask.processes import loader_iter
 
 
 # ------------------------------------------------------------------------------------- the loop

@@ -50,7 +50,7 @@ def is_empty_folder(folder: str | Path) -> bool:
     """True when `folder` is missing, empty, or holds nothing but temporary files of atomic_path (what a
     run killed while writing its first file leaves) and a lock file left by a killed process: an output
     folder that a new run may take."""
-    from bgmask.folderlock import LOCK_NAME
+    from bgmask.runfolder import LOCK_NAME
 
     folder = Path(folder)
     return not folder.is_dir() or all(p.match(TEMP_PATTERN) or p.name == LOCK_NAME for p in folder.iterdir())
@@ -65,9 +65,9 @@ def temp_writer(tmp: Path) -> int | None:
 def remove_stale_temp(folder: str | Path, recursive: bool = False, spare_live: bool = False) -> int:
     """Delete the temporary files (`.NAME.<pid>-*.tmp`, see atomic_path) that a killed process left in
     `folder`; returns how many. Call it only where no other process is writing (a run folder: where this
-    process holds its lock, `bgmask.folderlock`); with `spare_live`, the files of another live process
+    process holds its lock, `bgmask.runfolder`); with `spare_live`, the files of another live process
     are left alone all the same (a writer that took no lock)."""
-    from bgmask.folderlock import pid_alive
+    from bgmask.runfolder import pid_alive
 
     folder = Path(folder)
     if not folder.is_dir():

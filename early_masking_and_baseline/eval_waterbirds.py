@@ -7,7 +7,7 @@ worst-group accuracy, and the background-reliance diagnostics (FG-only, BG-only,
 Writes <checkpoint folder>/waterbirds_eval.json and .md (or --out PREFIX).
 """
 
-from bgmask.scripts import eval_early as main
+from bgmask.apps.scripts import eval_early as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

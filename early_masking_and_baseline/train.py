@@ -12,7 +12,7 @@ Masked copies on disk instead of on-the-fly masking (the paper's workflow):
 `--help` lists every flag; `--config FILE.yaml` supplies defaults.
 """
 
-from bgmask.scripts import train_early as main
+from bgmask.apps.scripts import train_early as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

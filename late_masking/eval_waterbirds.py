@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=2 late_masking/eval_waterbirds.py <same flags>
 """
 
-from bgmask.scripts import eval_late as main
+from bgmask.apps.scripts import eval_late as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

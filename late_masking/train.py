@@ -10,7 +10,7 @@ Several processes:
     torchrun --nproc_per_node=2 late_masking/train.py <same flags>
 """
 
-from bgmask.scripts import train_late as main
+from bgmask.apps.scripts import train_late as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,7 +18,7 @@ FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 
 
 def _cli(name):
-    from bgmask.cli import build_parser
+    from bgmask.apps.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]
@@ -32,8 +32,8 @@ def _runner(name):
 
 def _main(name):
     """(main(argv) -> exit code, the parser of that command)."""
-    from bgmask import scripts
-    from bgmask.cli import main as cli_main
+    from bgmask.apps import scripts
+    from bgmask.apps.cli import main as cli_main
     from bgmask.seg import runner
 
     if name.startswith("bgmask "):
@@ -55,7 +55,7 @@ def _junk(t):
 
 
 def _finished_run(t, cub):
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     run = t / "run"
     assert train_early(["--data_path", str(cub), "--snapshot_dir", str(run), "--image_size", "32", "--epochs", "1",
@@ -119,7 +119,7 @@ def test_flags_named_in_an_error_are_flags_of_that_command(world, tmp_path, caps
 
 
 def test_empty_val_split_advice_names_val_fraction(world, tmp_path, capsys):
-    from bgmask.cli import main
+    from bgmask.apps.cli import main
 
     assert main(["make-binary-seg", "--cub_root", str(world["cub"]), "--out", str(tmp_path / "s"),
                  "--val_fraction", "0.01"]) == 2

@@ -156,7 +156,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
     """One-step runs: a random-ish checkpoint of each strategy is all the evaluation needs."""
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     out = {}
     for strategy in ("baseline", "early"):
@@ -170,7 +170,7 @@ def runs(data, tmp_path_factory):
 
 
 def evaluate(data, run, out, *more) -> int:
-    from bgmask.scripts import eval_early
+    from bgmask.apps.scripts import eval_early
 
     return eval_early(["--checkpoint", str(run / "last.pt"), "--data_path", str(data), "--num_workers", "0",
                        "--threads", "1", "--no_progress", "--out", str(out), *more])
@@ -190,7 +190,7 @@ def own_fractions(data, run, split_dir: str, n: int, seed: int = 0) -> np.ndarra
 
 
 def test_eval_writes_the_attribution_keys(data, runs, tmp_path, capsys):
-    from bgmask.cli import main as cli_main
+    from bgmask.apps.cli import main as cli_main
 
     assert evaluate(data, runs["baseline"], tmp_path / "ev", "--attribution_images", "4") == 0
     rec = json.loads((tmp_path / "ev.json").read_text())
@@ -249,7 +249,7 @@ def test_training_reports_the_fraction_in_its_final_metrics(runs):
 
 
 def test_training_with_an_explicit_count_and_no_gt_masks_stops_before_training(data, tmp_path, capsys):
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     bare = tmp_path / "CUB"
     shutil.copytree(data, bare, ignore=shutil.ignore_patterns("segmentations"))

@@ -49,10 +49,10 @@ SEG_COMMANDS = ("seg_train", "seg_test", "predict", "gen_masked", "convert")
 
 def in_process_main(command: str):
     if command == "bgmask":
-        from bgmask.cli import main
+        from bgmask.apps.cli import main
         return main
     if command in ("train", "train_late", "eval", "eval_late"):
-        from bgmask import scripts
+        from bgmask.apps import scripts
         return {"train": scripts.train_early, "train_late": scripts.train_late, "eval": scripts.eval_early,
                 "eval_late": scripts.eval_late}[command]
     pytest.importorskip("mmseg")
@@ -77,7 +77,7 @@ class WS:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> WS:
     from bgmask.data.binary_seg import make_binary_seg
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     w = WS(tmp_path_factory.mktemp("bad_inputs"))
     w.cub = write_tiny_cub(w.root / "CUB", num_classes=3, per_class=(4, 2), size=(40, 32))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bgmask.cli import main as cli_main
+from bgmask.apps.cli import main as cli_main
 from bgmask.data import CUBDataset, MaskSource, build_transform, read_cub_metadata, split_ids
 from bgmask.data.binary_seg import make_binary_seg
 from bgmask.errors import UserError, one_line
@@ -173,7 +173,7 @@ def test_mask_of_another_size_is_found_before_training(tmp_path, capsys):
     """Every mask's size is checked against its (upright) image's from the headers when a dataset is built,
     for every split: a mask one pixel wider stops train.py at once, naming it and the count."""
     from bgmask.data import CUBDataset, MaskSource
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     root = write_tiny_cub(tmp_path / "CUB")
     rel = (root / "images.txt").read_text().split()[1]  # the first image (a training one)

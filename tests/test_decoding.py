@@ -190,7 +190,7 @@ QUIRKS = ["--varied_sizes", "--grayscale_fraction", "0.3", "--cmyk_fraction", "0
 
 
 def make_synthetic(out: Path, *flags: str) -> Path:
-    from bgmask.cli import main as cli_main
+    from bgmask.apps.cli import main as cli_main
 
     assert cli_main(["make-synthetic", "--out", str(out), *SYNTH, *flags]) == 0
     return out
@@ -247,7 +247,7 @@ def test_synthetic_quirks_bad_fractions_are_one_line(tmp_path):
 def test_train_one_epoch_on_quirky_synthetic(quirky, tmp_path):
     import json
 
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     run = tmp_path / "run"
     argv = ["--data_path", str(quirky), "--image_size", "32", "--batch_size", "8", "--num_workers", "0",

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bgmask.cli import main as cli_main
-from bgmask.demo import parse_rows
+from bgmask.apps.cli import main as cli_main
+from bgmask.apps.demo import parse_rows
 from bgmask.errors import UserError
 
 
@@ -72,7 +72,7 @@ def test_paper_preset_prints_commands(capsys):
 def test_default_rows_are_the_papers_grid_on_the_zoo():
     from pathlib import Path
 
-    from bgmask.demo import PRESETS, ROWS_DEFAULT, ROWS_FULL, ROWS_SCRATCH, classifier_argv
+    from bgmask.apps.demo import PRESETS, ROWS_DEFAULT, ROWS_FULL, ROWS_SCRATCH, classifier_argv
 
     assert sorted(ROWS_DEFAULT) == sorted((m, s, "-" if s == "baseline" else "predicted", i)
                                           for m in ("cnn", "vit") for s in ("baseline", "early", "late")
@@ -95,7 +95,7 @@ def test_default_rows_are_the_papers_grid_on_the_zoo():
 def test_a_corrupt_stage_marker_reruns_the_stage(tmp_path, capsys, content):
     """A stage marker that cannot be read (torn, not UTF-8, not a mapping) means the stage runs again;
     it was a traceback that named no file."""
-    from bgmask.demo import Stages
+    from bgmask.apps.demo import Stages
 
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "data.json").write_bytes(content)
@@ -107,7 +107,7 @@ def test_a_corrupt_stage_marker_reruns_the_stage(tmp_path, capsys, content):
 
 
 def test_a_corrupt_run_marker_retrains_the_run(tmp_path, monkeypatch):
-    from bgmask import demo
+    from bgmask.apps import demo
 
     run = tmp_path / "run"
     run.mkdir()

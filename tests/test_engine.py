@@ -21,8 +21,8 @@ from bgmask.optim import mix_batch
 from bgmask.errors import UserError
 from bgmask.eval import diagnostic_metrics
 from bgmask.masking import STRATEGIES, apply_early_mask, create_strategy
-from bgmask.metrics import group_summary
-from bgmask.scripts import eval_early, eval_late, train_early, train_late
+from bgmask.eval import group_summary
+from bgmask.apps.scripts import eval_early, eval_late, train_early, train_late
 
 from conftest import write_tiny_cub
 

@@ -83,7 +83,7 @@ class Zygote:
 
 @pytest.fixture(scope="module")
 def zygote():
-    preload = ["bgmask.scripts", "bgmask.engine", "bgmask.cli", "bgmask.data.synthetic", "bgmask.masking.make_masked"]
+    preload = ["bgmask.apps.scripts", "bgmask.engine", "bgmask.apps.cli", "bgmask.data.synthetic", "bgmask.masking.make_masked"]
     if HAVE_MMSEG:
         preload = ["bgmask.seg:compat.install", *preload, "bgmask.seg.runner", "bgmask.seg.segmenter", "mmseg.models",
                    "mmseg.apis", "mmengine.runner"]
@@ -357,7 +357,7 @@ def test_unwritable_snapshot_folder_is_one_line_and_keeps_the_checkpoint(cub, tm
     exit 2, last.pt of epoch 1 intact, no temporary file. As root, chmod does not stop writes, so the
     failure is injected where the OS would raise it (creating the temporary file, or fsync)."""
     import bgmask.io as bio
-    import bgmask.resume as resume
+    import bgmask.checkpoint as resume
     import bgmask.runfolder as runfolder
 
     run = tmp_path / "run"
@@ -393,7 +393,7 @@ def test_unwritable_snapshot_folder_is_one_line_and_keeps_the_checkpoint(cub, tm
     argv[argv.index("--epochs") + 1] = "2"
     argv[argv.index("--train_split") + 1] = "1.0"
     try:
-        from bgmask.scripts import train_early
+        from bgmask.apps.scripts import train_early
 
         rc = train_early(argv)
     finally:
@@ -417,7 +417,7 @@ def test_unwritable_snapshot_folder_is_one_line_and_keeps_the_checkpoint(cub, tm
 def test_snapshot_dir_under_a_file_is_one_line(cub, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     rc = train_early([str(a) for a in train_argv(cub, blocker / "run")])
     err = capsys.readouterr().err.strip()
@@ -609,7 +609,7 @@ def test_ctrl_c_while_the_dataloader_starts_its_workers(monkeypatch):
 
     from torch.utils.data import DataLoader
 
-    from bgmask.signals import loader_iter
+    from bgmask.processes import loader_iter
 
     class InterruptingBatches:
         def __iter__(self):

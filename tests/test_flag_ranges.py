@@ -17,7 +17,7 @@ from bgmask.errors import Interval, UserError
 
 
 def _cli_sub(name):
-    from bgmask.cli import build_parser
+    from bgmask.apps.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]
@@ -47,7 +47,7 @@ PARSERS = {
 def _cli_subcommands() -> list[str]:
     import argparse
 
-    from bgmask.cli import build_parser
+    from bgmask.apps.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return list(sub.choices)
@@ -148,7 +148,7 @@ def test_out_of_range_value_is_one_line(name, flag, value):
     ("--min_lr", "inf", "--min_lr must be finite, got inf"),
 ])
 def test_train_script_refuses_before_writing(tmp_path, capsys, flag, value, expected):
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     run = tmp_path / "run"
     rc = train_early(["--data_path", str(tmp_path / "no_cub"), "--snapshot_dir", str(run), flag, value])
@@ -283,7 +283,7 @@ def test_the_yaml_catalogue_covers_every_kind():
 def test_train_config_value_refused_before_writing(tmp_path, capsys, text, expected):
     """The config cases of issue 20: each is one line naming the file, before the run folder exists
     (before: "false" trained a frozen model, a list or null ended in a TypeError traceback)."""
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     cfg, run = tmp_path / "c.yaml", tmp_path / "run"
     cfg.write_text(text)
@@ -307,7 +307,7 @@ def test_yaml_booleans_and_lists_are_read_as_the_command_line(tmp_path):
 
 
 def test_non_utf8_config_names_the_file(tmp_path, capsys):
-    from bgmask.scripts import train_early
+    from bgmask.apps.scripts import train_early
 
     cfg = tmp_path / "c.yaml"
     cfg.write_bytes(b"lr: 0.1\n# caf\xe9\n")
@@ -339,7 +339,7 @@ def test_unset_optional_flags_pass():
     (["make-masked", "--cub_root", "{t}", "--out_subdir", "m", "--mask_threshold", "300"], "m"),
 ])
 def test_cli_refuses_before_writing(tmp_path, capsys, argv, out):
-    from bgmask.cli import main
+    from bgmask.apps.cli import main
 
     assert main([a.format(t=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
@@ -360,7 +360,7 @@ def test_application_overrides_go_through_the_check_before_writing(tmp_path):
     the command line's before anything is written: a bad value of a preset is one line."""
     import copy
 
-    from bgmask import demo
+    from bgmask.apps import demo
 
     p = copy.deepcopy(demo.PRESETS["tiny"])
     p.lr = {"cnn": float("nan"), "vit": 1e-3}

@@ -1,4 +1,4 @@
-"""One process per run folder (`bgmask.folderlock`): a second process is refused with one line naming
+"""One process per run folder (`bgmask.runfolder`): a second process is refused with one line naming
 the folder and the holder's pid, before it writes anything; SIGKILL frees the folder; clean-up of
 temporary files leaves another live process's files alone; two trainings started at once into one folder
 leave exactly one run (issue 20: they both ran and interleaved results.jsonl)."""
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from bgmask.folderlock import LOCK_NAME, acquire, hold_folder, holds, release
+from bgmask.runfolder import LOCK_NAME, acquire, hold_folder, holds, release
 from bgmask.io import remove_stale_temp
-from bgmask.scripts import eval_early, train_early
+from bgmask.apps.scripts import eval_early, train_early
 
 from conftest import write_tiny_cub
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = "import sys, time; from bgmask.folderlock import acquire; acquire(sys.argv[1]); print('held', flush=True); " \
+HOLD = "import sys, time; from bgmask.runfolder import acquire; acquire(sys.argv[1]); print('held', flush=True); " \
        "time.sleep(600)"
 
 
@@ -141,7 +141,7 @@ def test_evaluation_into_a_held_run_folder_is_refused(cub, tmp_path, capsys, hol
 @pytest.mark.parametrize("sub", ["mask-sweep", "demo", "pretrain"])
 def test_subcommand_into_a_held_folder_is_refused_before_any_work(tmp_path, capsys, holder, sub):
     """Two mask sweeps (demos, pretrainings of one name) on one folder collided as two trainings do."""
-    from bgmask.cli import main
+    from bgmask.apps.cli import main
 
     out = tmp_path / "out"
     argv = {"mask-sweep": ["mask-sweep", "--preset", "tiny", "--out", str(out), "--threads", "1"],

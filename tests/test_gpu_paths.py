@@ -23,7 +23,7 @@ from bgmask.errors import UserError
 from bgmask.masking import create_strategy
 from bgmask.models import create_classifier
 from bgmask.optim import accumulation_groups
-from bgmask.scripts import eval_late, train_late
+from bgmask.apps.scripts import eval_late, train_late
 
 from conftest import write_tiny_cub
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bgmask.cli import main as cli_main
+from bgmask.apps.cli import main as cli_main
 from bgmask.data.cub import read_cub_metadata
 from bgmask.engine import run
 from bgmask import args as A
 from bgmask.masking.make_masked import make_masked
-from bgmask.scripts import train_early, train_late
+from bgmask.apps.scripts import train_early, train_late
 
 from conftest import write_tiny_cub
 

@@ -18,7 +18,7 @@ OUTPUT_DESTS = {"out", "out_dir", "save_path", "work", "work_dir", "dst", "snaps
 
 
 def _eval_parser():
-    from bgmask.scripts import eval_parser
+    from bgmask.apps.scripts import eval_parser
 
     return eval_parser("t", feature_level=True)
 
@@ -109,7 +109,7 @@ def test_bad_output_is_one_line_from_the_parser(tmp_path, monkeypatch, name, des
     ["make-synthetic", "--out", "{t}/file"],
 ], ids=lambda a: " ".join(a[:1] + [x for x in a if "file" in x or x.startswith("--work")][:1]))
 def test_subcommand_with_a_file_as_output_folder_is_one_line_before_any_work(tmp_path, capsys, argv):
-    from bgmask.cli import main
+    from bgmask.apps.cli import main
 
     (tmp_path / "file").write_text("a file")
     assert main([a.format(t=tmp_path) for a in argv]) == 2
@@ -126,7 +126,7 @@ def test_missing_parents_of_an_output_are_made(tmp_path):
 
 
 def test_make_masked_output_that_is_a_file_is_one_line_before_any_work(tiny_cub, capsys):
-    from bgmask.cli import main
+    from bgmask.apps.cli import main
 
     (tiny_cub / "masked_waterbirds").write_text("a file")
     assert main(["make-masked", "--cub_root", str(tiny_cub), "--out_subdir", "masked"]) == 2

@@ -14,7 +14,7 @@ import timm
 import torch
 
 from bgmask import args as A
-from bgmask.scripts import eval_early, eval_late, script_strategies, train_early, train_late
+from bgmask.apps.scripts import eval_early, eval_late, script_strategies, train_early, train_late
 
 from conftest import write_tiny_cub
 

@@ -1,4 +1,4 @@
-"""The per-image loops over worker processes (bgmask.pool, predict_masks' DataLoader workers): the same
+"""The per-image loops over worker processes (bgmask.processes, predict_masks' DataLoader workers): the same
 bytes as one worker, a worker's UserError is one line in the parent, a rerun skips finished files."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bgmask.cli import main as bgmask_main
+from bgmask.apps.cli import main as bgmask_main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SEG = REPO / "mmsegmentation/configs/unet/unet-s4-c16_fcn_1xb8-1k_cub_binary_seg-64x64.py"
@@ -135,7 +135,7 @@ def _die_on_three(job: int) -> None:
 
 def test_a_worker_killed_is_one_line():
     from bgmask.errors import UserError
-    from bgmask.pool import run_each
+    from bgmask.processes import run_each
 
     with pytest.raises(UserError, match="worker process ended abruptly"):
         run_each(_die_on_three, list(range(8)), 2, "jobs", progress=False)

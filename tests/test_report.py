@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from bgmask.cli import main as cli_main
+from bgmask.apps.cli import main as cli_main
 
 
 def fake_run(path, cfg, metrics):
@@ -51,7 +51,7 @@ def test_report_rejects_unfinished_run(tmp_path, capsys):
 def test_chance_line_follows_the_runs_number_of_classes(tmp_path):
     """The bar chart's chance line is 1 / num_classes of the runs (it was fixed at 10 %), and is left
     out when runs disagree or do not record it."""
-    from bgmask.report import chance_level, load_runs
+    from bgmask.apps.report import chance_level, load_runs
 
     base = {"model_arch": "bgmask_resnet_tiny", "data_path": str(tmp_path), "image_sub_path_train": "images"}
     m = {"test/acc": 0.9, "waterbirds/acc": 0.1}
@@ -67,7 +67,7 @@ def test_chance_line_follows_the_runs_number_of_classes(tmp_path):
 def test_paper_table_pivots_and_marks_the_best(tmp_path):
     """One line per backbone (with its ViT head) x init, strategy x (in-dist, WB, worst) across, the best of
     each column in bold; cells computed by hand; the grouped chart is written."""
-    from bgmask.report import load_runs, paper_table
+    from bgmask.apps.report import load_runs, paper_table
 
     base = {"data_path": str(tmp_path), "image_sub_path_train": "images", "pretrained_file": "zoo:x"}
     runs = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bgmask.scripts import eval_early, train_early
+from bgmask.apps.scripts import eval_early, train_early
 
 from conftest import write_tiny_cub
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bgmask.checkpoint import load_checkpoint
-from bgmask.scripts import eval_early, eval_late, train_early
+from bgmask.apps.scripts import eval_early, eval_late, train_early
 
 from conftest import write_tiny_cub
 

@@ -328,7 +328,7 @@ def test_late_masking_with_online_segmenter(trained, tmp_path):
     segmenter on each batch (no mask folder is read), and evaluation uses it too."""
     import json
 
-    from bgmask.scripts import eval_late, train_late
+    from bgmask.apps.scripts import eval_late, train_late
 
     run = tmp_path / "run"
     argv = ["--data_path", str(trained["cub"]), "--model_arch", "bgmask_resnet_tiny", "--image_size", "64",
@@ -348,7 +348,7 @@ def test_late_masking_with_online_segmenter(trained, tmp_path):
 
 @pytest.mark.slow
 def test_online_segmenter_flag_errors(trained, tmp_path, capsys):
-    from bgmask.scripts import train_late
+    from bgmask.apps.scripts import train_late
 
     base = ["--data_path", str(trained["cub"]), "--snapshot_dir", str(tmp_path / "r"), "--epochs", "1"]
     assert train_late([*base, "--seg_model_config_path", str(SMALL)]) == 2
@@ -358,8 +358,8 @@ def test_online_segmenter_flag_errors(trained, tmp_path, capsys):
 
 
 def test_segmenter_train_and_test_into_a_held_work_dir_are_refused(trained, tmp_path, capsys):
-    """One process per work dir (bgmask.folderlock), before mmengine writes its logs there."""
-    from bgmask.folderlock import LOCK_NAME
+    """One process per work dir (bgmask.runfolder), before mmengine writes its logs there."""
+    from bgmask.runfolder import LOCK_NAME
     from bgmask.seg.runner import test_main
 
     from test_folder_lock import Holder

@@ -11,11 +11,11 @@ import math
 
 import pytest
 
-from bgmask.cli import build_parser
-from bgmask.cli import main as cli_main
+from bgmask.apps.cli import build_parser
+from bgmask.apps.cli import main as cli_main
 from bgmask.masking.perturb import PERTURBATIONS, folder_miou, write_perturbed_masks
-from bgmask.sweep import GT, MaskPoint, fingerprint, parse_grid, sweep_csv, sweep_markdown, sweep_rows
-from bgmask.sweep_plots import sweep_plot
+from bgmask.apps.sweep import GT, MaskPoint, fingerprint, parse_grid, sweep_csv, sweep_markdown, sweep_rows
+from bgmask.apps.sweep_plots import sweep_plot
 
 
 def sweep_parser():

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from bgmask import args as A
-from bgmask.cli import main as cli_main
+from bgmask.apps.cli import main as cli_main
 from bgmask.errors import UserError
 from bgmask.models import HEADS, create_classifier, weights
 

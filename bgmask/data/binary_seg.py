@@ -28,7 +28,7 @@ from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath
 from bgmask.data.images import write_upright
 from bgmask.errors import UserError
 from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, read_json_object, remove_stale_temp
-from bgmask.pool import run_each
+from bgmask.processes import run_each
 
 
 @dataclass

@@ -20,7 +20,7 @@ from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgmask.errors import UserError, require_dir, require_output
 from bgmask.masking.strategies import apply_early_mask
 from bgmask.io import atomic_path, atomic_save_image, atomic_write_text, remove_stale_temp
-from bgmask.pool import run_each
+from bgmask.processes import run_each
 
 
 def masked_pixels(image: Image.Image, mask: np.ndarray, fill: str = "black") -> Image.Image:

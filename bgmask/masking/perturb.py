@@ -46,7 +46,7 @@ from PIL import Image
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, mask_relpath, read_cub_metadata
 from bgmask.errors import Interval, UserError
 from bgmask.io import atomic_save_image, atomic_write_text, read_json_object, remove_stale_temp
-from bgmask.pool import run_each
+from bgmask.processes import run_each
 
 
 @dataclass(frozen=True)

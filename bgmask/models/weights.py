@@ -145,7 +145,7 @@ def create_timm_model(model_arch: str, pretrained: bool = False, **kwargs) -> nn
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the model zoo (`--pretrained_file zoo:NAME`; bgmask.zoo writes it)
+# the model zoo (`--pretrained_file zoo:NAME`; bgmask.apps.zoo writes it)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import ArgumentParser, UserError, require_dir, run_cli
-from bgmask.folderlock import hold_folder
+from bgmask.runfolder import hold_folder
 from bgmask.io import atomic_write_text, read_json_object, remove_stale_temp
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, git_revision
 
@@ -632,7 +632,7 @@ def _predict_and_save(seg, todo: list[tuple[Path, Path]], batch_size: int, progr
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from bgmask.signals import unblock_sigint
+    from bgmask.processes import unblock_sigint
 
     batches = [list(range(i, min(i + batch_size, len(todo)))) for i in range(0, len(todo), batch_size)]
     loader = DataLoader(_DecodedImages(todo), batch_sampler=batches, num_workers=workers, collate_fn=_as_list,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
-from bgmask.folderlock import hold_folder
+from bgmask.runfolder import hold_folder
 from bgmask.io import atomic_write_text, read_json, read_json_object
 from bgmask.masking.strategies import STRATEGIES
 
@@ -206,7 +206,7 @@ def train_run(argv: list[str], run_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------- main
 
 def main_demo(ns: argparse.Namespace, mask_sweep=None) -> int:
-    """The demo's stages; `mask_sweep(out, ns, data, pred_masks) -> png` runs --mask_sweep (bgmask.sweep builds
+    """The demo's stages; `mask_sweep(out, ns, data, pred_masks) -> png` runs --mask_sweep (bgmask.apps.sweep builds
     on this module, so the CLI hands it in)."""
     if ns.preset == "paper":
         print(paper_commands(ns.data_path or "/path/to/CUB_200_2011"))
@@ -266,7 +266,7 @@ def make_masks(stages: Stages, out: Path, data: Path, data_args: dict, p: Preset
     """Stages 2 and 3 (only when a row uses predicted masks): the segmenter, then its masks and copies."""
     if not any(r[2] == "predicted" for r in p.rows):
         return None, None
-    from bgmask import demo_seg
+    from bgmask.apps import demo_seg
 
     pred_masks, seg_dir = out / "predicted_masks", out / "segmentation"
     seg_inputs = {"data": data_args, "iters": p.seg_iters, "image_size": p.image_size}
@@ -297,8 +297,8 @@ def train_rows(out: Path, p: Preset, data: Path, pred_masks, threads) -> list[Pa
 def write_demo_report(out: Path, run_dirs, data: Path, pred_masks, seg_result, sweep, masks_png=None) -> None:
     """Stage 5: results.md/csv/json (the paper layout first), the bar charts, the example grid, the
     attribution grid of the fine-tuned runs (+ the correlation sweep)."""
-    from bgmask.demo_plots import attribution_examples, example_grid, sweep_plot
-    from bgmask.report import write_report
+    from bgmask.apps.demo_plots import attribution_examples, example_grid, sweep_plot
+    from bgmask.apps.report import write_report
 
     report = out / "report"
     paths = write_report(run_dirs, report, title="bgmask demo: synthetic CUB / Waterbirds")

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
-from bgmask.folderlock import hold_folder
+from bgmask.runfolder import hold_folder
 from bgmask.io import atomic_write_bytes, atomic_write_text, read_json_object
 from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, file_sha256, read_zoo_index
 

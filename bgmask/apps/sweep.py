@@ -12,7 +12,7 @@ masks' mIoU.
     train  trained with the perturbed masks, evaluated with GT masks
     both   trained and evaluated with the perturbed masks (the training run's own final report)
 "train" and "both" share one training run per point. The GT point (perturbation none, mIoU 100) is the
-GT-trained run in every mode. Training recipe and data: the demo's preset (`bgmask.demo`). Perturbed
+GT-trained run in every mode. Training recipe and data: the demo's preset (`bgmask.apps.demo`). Perturbed
 masks draw from (--mask_seed, image id): every training seed sees the same masks.
 
 --out holds:
@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bgmask import args as A
-from bgmask.demo import INITS, MODELS, PRESETS, Preset, Stages, classifier_argv, make_data, train_run
+from bgmask.apps.demo import INITS, MODELS, PRESETS, Preset, Stages, classifier_argv, make_data, train_run
 from bgmask.errors import UserError, require_dir
-from bgmask.folderlock import hold_folder
+from bgmask.runfolder import hold_folder
 from bgmask.io import atomic_write_text, read_json
 from bgmask.masking.perturb import PERTURBATIONS, check_perturbation, folder_miou, write_perturbed_masks
 from bgmask.masking.strategies import STRATEGIES
@@ -279,9 +279,9 @@ def train_point(cfg: SweepConfig, data: Path, masks: MaskPoint, model: str, stra
 
 
 def evaluate_point(run_dir: Path, argv: list[str], strategy: str, masks: MaskPoint) -> dict:
-    """The trained run evaluated with `masks` through eval_waterbirds' body (`bgmask.scripts.eval_main`);
+    """The trained run evaluated with `masks` through eval_waterbirds' body (`bgmask.apps.scripts.eval_main`);
     its PREFIX.json/.md/.log in RUN_DIR/sweep_evals, read back when the same evaluation is done."""
-    from bgmask.scripts import eval_main
+    from bgmask.apps.scripts import eval_main
 
     prefix = run_dir / "sweep_evals" / masks.key
     marker, result = Path(f"{prefix}.sweep.json"), Path(f"{prefix}.json")
@@ -406,7 +406,7 @@ def sweep_csv(rows: list[dict]) -> str:
 
 def write_sweep(rows: list[dict], cfg: SweepConfig) -> dict[str, Path]:
     """OUT/sweep.json (the config and the rows), sweep.csv, sweep.md and sweep.png."""
-    from bgmask.sweep_plots import sweep_plot
+    from bgmask.apps.sweep_plots import sweep_plot
 
     out = cfg.out
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items() if k != "preset"}

@@ -19,7 +19,7 @@ SEG_CONFIG = "mmsegmentation/configs/unet/unet-s4-c16_fcn_1xb8-1k_cub_binary_seg
 
 
 def seg_config_path() -> Path:
-    path = Path(__file__).resolve().parents[1] / SEG_CONFIG
+    path = Path(__file__).resolve().parents[2] / SEG_CONFIG
     if not path.is_file():
         raise UserError(f"segmenter config not found: {path} (run the demo from a checkout of the repository)")
     return path

@@ -39,7 +39,7 @@ def cmd_make_masked(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    from bgmask.report import write_report
+    from bgmask.apps.report import write_report
 
     paths = write_report(ns.run_dirs, ns.out, ns.title)
     print(paths["md"].read_text())
@@ -48,20 +48,20 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from bgmask.demo import main_demo
-    from bgmask.sweep import demo_mask_sweep
+    from bgmask.apps.demo import main_demo
+    from bgmask.apps.sweep import demo_mask_sweep
 
     return main_demo(ns, mask_sweep=demo_mask_sweep)
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
-    from bgmask.zoo import main_pretrain
+    from bgmask.apps.zoo import main_pretrain
 
     return main_pretrain(ns)
 
 
 def cmd_mask_sweep(ns: argparse.Namespace) -> int:
-    from bgmask.sweep import main_sweep
+    from bgmask.apps.sweep import main_sweep
 
     return main_sweep(ns)
 
@@ -81,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     A.add(p, "--title", default="Results")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the paper's comparison on the synthetic benchmark (make demo)")
-    from bgmask.demo import demo_args
+    from bgmask.apps.demo import demo_args
 
     demo_args(p).set_defaults(func=cmd_demo)
     p = sub.add_parser("pretrain", help="make a stand-in pretrained backbone of the model zoo (bgmask/zoo/)")
-    from bgmask.zoo import pretrain_args
+    from bgmask.apps.zoo import pretrain_args
 
     pretrain_args(p).set_defaults(func=cmd_pretrain)
     p = sub.add_parser("mask-sweep", help="accuracy against mask quality: perturbed GT masks, early and late masking")
-    from bgmask.sweep import sweep_args
+    from bgmask.apps.sweep import sweep_args
 
     sweep_args(p).set_defaults(func=cmd_mask_sweep)
     return parser
