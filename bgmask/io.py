@@ -42,6 +42,7 @@ def atomic_path(path: str | Path):
         raise
 
 
+LOCK_NAME = ".bgmask.lock"  # the run-folder lock (bgmask.runfolder): never part of a folder's content
 TEMP_PATTERN = ".*.tmp"  # the names atomic_path gives its temporary files: .NAME.<pid>-<random>.tmp
 _TEMP_PID = re.compile(r"\.(\d+)-[^.]*\.tmp$")
 
@@ -50,10 +51,18 @@ def is_empty_folder(folder: str | Path) -> bool:
     """True when `folder` is missing, empty, or holds nothing but temporary files of atomic_path (what a
     run killed while writing its first file leaves) and a lock file left by a killed process: an output
     folder that a new run may take."""
-    from bgmask.runfolder import LOCK_NAME
-
     folder = Path(folder)
     return not folder.is_dir() or all(p.match(TEMP_PATTERN) or p.name == LOCK_NAME for p in folder.iterdir())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def temp_writer(tmp: Path) -> int | None:
@@ -67,8 +76,6 @@ def remove_stale_temp(folder: str | Path, recursive: bool = False, spare_live: b
     `folder`; returns how many. Call it only where no other process is writing (a run folder: where this
     process holds its lock, `bgmask.runfolder`); with `spare_live`, the files of another live process
     are left alone all the same (a writer that took no lock)."""
-    from bgmask.runfolder import pid_alive
-
     folder = Path(folder)
     if not folder.is_dir():
         return 0

@@ -38,7 +38,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from bgmask.errors import UserError
-from bgmask.io import atomic_write_text, remove_stale_temp
+from bgmask.io import LOCK_NAME, atomic_write_text, pid_alive, remove_stale_temp
 
 
 RESULTS = "results.jsonl"
@@ -171,8 +171,6 @@ def folder_lock(cfg: Namespace, is_main: bool):
     written: --snapshot_dir for training; for an evaluation the checkpoint's folder, where its line is
     logged (a folder that cannot be written, e.g. shared read-only weights, is evaluated unlocked: the
     evaluation writes nothing there)."""
-    from bgmask.runfolder import hold_folder
-
     if not cfg.eval_only:
         return hold_folder(cfg.snapshot_dir, "--snapshot_dir", enabled=is_main)
     folder = checkpoint_of(cfg).parent
@@ -180,20 +178,9 @@ def folder_lock(cfg: Namespace, is_main: bool):
     return hold_folder(folder, "the checkpoint's folder", enabled=is_main and writable)
 
 
-LOCK_NAME = ".bgmask.lock"
 ORPHAN_WAIT_S = 30.0  # how long a lock held only by the workers of a dead process is waited for
 
 _held: dict[Path, list] = {}  # resolved folder -> [fd, depth]: a process may take its own folder again
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def holder_pid(folder: str | Path) -> int | None:
