@@ -93,7 +93,7 @@ def strategy_of(cfg: Namespace, data_cfg: dict) -> Strategy:
 
 
 def train_transform(cfg: Namespace, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The training transform the flags name (built up front by validate_config too, so a bad
+    """The training transform the flags name (built up front by bgmask.settings too, so a bad
     augmentation flag is refused before anything is written)."""
     return full_decode(cfg, build_transform(
         True, cfg.image_size, cfg.augmentations_to_use, mean, std, cfg.crop_pct,
@@ -202,21 +202,12 @@ class Parts:
     meta: dict
 
 
-def resolve_channels_last(cfg: Namespace, model) -> None:
-    """--channels_last unset (None) -> the backbone family's preference, recorded in cfg as what ran."""
-    if getattr(cfg, "channels_last", None) is None:
-        cfg.channels_last = model.family.prefers_channels_last
-
-
 def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
     """The model (built right after seeding: its initial weights depend on the seed only), the data,
     the strategy and the optimisation."""
     probe = CUBDataset(cfg.data_path, "test", check_files=False)
     kwargs = model_kwargs(vars(cfg), probe.num_classes)
-    model = build_model(kwargs)
-    if kwargs["late_mask_stage"] == "auto":  # resolved by the backbone's family; recorded as what ran
-        kwargs["late_mask_stage"] = cfg.late_mask_stage = model.late_mask_stage
-    resolve_channels_last(cfg, model)
+    model = build_model(kwargs)  # "auto" stages and memory formats are resolved already (bgmask.settings)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     data_cfg = data_config(model, cfg)

@@ -93,12 +93,10 @@ def model_from_checkpoint(state: dict, path: str | Path) -> torch.nn.Module:
 
 
 def saved_classifier(ckpt: Path, cfg, num_classes: int):
-    """(model, data config, epoch) of a saved classifier. A bgmask checkpoint rebuilds its own model and
-    sets the strategy, fill and image size it was trained with on `cfg` (a --model_arch given explicitly,
-    `cfg.model_arch_given`, must name its architecture); a `snapshot_best.pt` of the
-    paper's code records no architecture, so its model is built from the flags (as the paper's
-    evaluation did) and its weights converted (`bgmask.models.paper`)."""
-    from bgmask.args import checked_settings
+    """(model, data config, epoch) of a saved classifier. A bgmask checkpoint rebuilds its own model (the
+    settings it contributes, `checkpoint_settings`, are already in `cfg`); a `snapshot_best.pt` of the
+    paper's code records no architecture, so its model is built from the flags (as the paper's evaluation
+    did) and its weights converted (`bgmask.models.paper`)."""
     from bgmask.build import build_model, data_config, model_kwargs
     from bgmask.models.paper import convert_paper_state, is_paper_snapshot
 
@@ -110,18 +108,30 @@ def saved_classifier(ckpt: Path, cfg, num_classes: int):
     state = as_checkpoint(raw, ckpt)
     if state["num_classes"] != num_classes:
         raise UserError(f"checkpoint {ckpt} has {state['num_classes']} classes but {cfg.data_path} has {num_classes}")
-    saved = saved_config(state, ckpt)
-    for key in ("strategy", "mask_fill", "image_size"):  # how the checkpoint's model sees its input
-        setattr(cfg, key, saved.get(key, getattr(cfg, key)))
-    crop = checked_settings({"crop_pct": state["data_config"]["crop_pct"]}, f"checkpoint {ckpt}") \
-        if "crop_pct" in state["data_config"] else {}
-    cfg.crop_pct = crop.get("crop_pct", cfg.crop_pct)  # its evaluation crop
-    saved_arch = saved_model_kwargs(state, ckpt)["model_arch"]
-    if getattr(cfg, "model_arch_given", False) and cfg.model_arch != saved_arch:
-        raise UserError(f"--model_arch {cfg.model_arch} but checkpoint {ckpt} holds a {saved_arch} (a bgmask "
-                        "checkpoint rebuilds its own model: drop --model_arch or pass the checkpoint's)")
-    cfg.model_arch = saved_arch
     return model_from_checkpoint(state, ckpt), state["data_config"], state["epoch"]
+
+
+def checkpoint_settings(ckpt: Path, cfg: dict, arch_given: bool) -> dict:
+    """The settings an evaluated bgmask checkpoint decides: how its model sees its input (strategy, fill,
+    image size, evaluation crop) and its architecture, which a --model_arch given explicitly
+    (`arch_given`) must name. A paper snapshot decides nothing: its model is built from the flags."""
+    from bgmask.args import checked_settings
+    from bgmask.models.paper import is_paper_snapshot
+
+    raw = read_torch_file(ckpt, "checkpoint", cfg["trust_checkpoint"])
+    if is_paper_snapshot(raw):
+        return {}
+    state = as_checkpoint(raw, ckpt)
+    saved = saved_config(state, ckpt)
+    out = {key: saved[key] for key in ("strategy", "mask_fill", "image_size") if key in saved}
+    if "crop_pct" in state["data_config"]:
+        out.update(checked_settings({"crop_pct": state["data_config"]["crop_pct"]}, f"checkpoint {ckpt}"))
+    saved_arch = saved_model_kwargs(state, ckpt)["model_arch"]
+    if arch_given and cfg["model_arch"] != saved_arch:
+        raise UserError(f"--model_arch {cfg['model_arch']} but checkpoint {ckpt} holds a {saved_arch} (a bgmask "
+                        "checkpoint rebuilds its own model: drop --model_arch or pass the checkpoint's)")
+    out["model_arch"] = saved_arch
+    return out
 
 
 def load_model_state(model: torch.nn.Module, weights: dict, what: str) -> None:

@@ -24,18 +24,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from bgmask import build
-from bgmask.args import validate_config
 from bgmask.attribution import evaluation_attribution, gt_mask_splits
-from bgmask.checkpoint import load_checkpoint, saved_classifier
+from bgmask.checkpoint import Progress, load_checkpoint, resume, save_epoch, saved_classifier, training_state
 from bgmask.data import CUBDataset
 from bgmask.distributed import DistInfo, all_reduce_sum, allow_tf32, barrier, cleanup, init_distributed
 from bgmask.errors import UserError
 from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
 from bgmask.optim import accumulation_groups, mix_batch, optimizer_step, sync_context
-from bgmask.checkpoint import Progress, resume, save_epoch, training_state
+from bgmask.processes import epoch_seed, loader_iter, seed_everything, worker_init
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, checkpoint_of, folder_lock
-from bgmask.processes import epoch_seed, seed_everything, worker_init
-from bgmask.processes import loader_iter
+from bgmask.settings import resolve
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -248,7 +246,6 @@ def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     model, data_cfg, epoch = saved_classifier(Path(ckpt), cfg, probe.num_classes)
     seed_everything(cfg.seed)
     model.to(dist.device)
-    build.resolve_channels_last(cfg, model)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     mask_fn = mask_fn or build.online_segmenter(cfg, dist, data_cfg)
@@ -271,9 +268,10 @@ def log_evaluation(record: dict, run_dir: Path, dist: DistInfo) -> None:
         print(f"note: the evaluation is not logged in {run_dir / 'results.jsonl'} ({e})", flush=True)
 
 
-def run(cfg: Namespace, mask_fn=None) -> dict:
-    """Train (or with --eval_only evaluate) as configured; returns the final metrics."""
-    validate_config(cfg)
+def run(cfg, mask_fn=None) -> dict:
+    """Train (or with --eval_only evaluate) as configured (a parsed Namespace is resolved first:
+    `bgmask.settings.resolve`); returns the final metrics."""
+    cfg = resolve(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)

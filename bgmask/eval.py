@@ -15,14 +15,17 @@ Accuracy metrics from per-sample predictions (exact: every sample counted once).
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from bgmask.distributed import all_gather_objects, ShardSampler
+from bgmask.distributed import ShardSampler, all_gather_objects
+from bgmask.io import atomic_write_text
 from bgmask.masking.strategies import apply_early_mask
 from bgmask.processes import loader_iter, unblock_sigint
 
@@ -153,3 +156,51 @@ def group_summary(preds, labels, groups, prefix: str) -> dict[str, float]:
     out[f"{prefix}/worst_group_acc"] = min(accs.values())
     out[f"{prefix}/mean_group_acc"] = float(np.mean(list(accs.values())))
     return out
+
+
+# ------------------------------------------------------------------------- an evaluation's files
+
+METRIC_ROWS = [
+    ("test/acc", "CUB test accuracy (in distribution)"),
+    ("waterbirds/acc", "Waterbirds accuracy (out of distribution)"),
+    ("waterbirds/drop", "drop (test - Waterbirds)"),
+    ("waterbirds/mean_group_acc", "Waterbirds mean group accuracy"),
+    ("waterbirds/worst_group_acc", "Waterbirds worst-group accuracy"),
+    ("diag/fg_only_acc", "FG-only (background removed)"),
+    ("diag/bg_only_acc", "BG-only (bird removed)"),
+    ("diag/mixed_same_acc", "mixed-same"),
+    ("diag/mixed_rand_acc", "mixed-rand"),
+    ("diag/bg_gap", "BG-gap (mixed-same - mixed-rand)"),
+    ("test/attr_bg_fraction", "attribution on the background, CUB test (share)"),
+    ("waterbirds/attr_bg_fraction", "attribution on the background, Waterbirds (share)"),
+]
+
+
+def metrics_markdown(record: dict, title: str) -> str:
+    lines = [f"### {title}", "", "| metric | value |", "|---|---|"]
+    for key, name in METRIC_ROWS:
+        if key in record:
+            lines.append(f"| {name} | {record[key]:.4f} |")
+    groups = sorted(k for k in record if k.startswith("waterbirds/group_"))
+    for k in groups:
+        g = int(k.split("_")[1])
+        lines.append(f"| Waterbirds group {g} (y={g // 2}, place={g % 2}) | {record[k]:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def output_paths(out: str | None, checkpoint: str) -> tuple[Path, Path]:
+    """--out PREFIX: PREFIX.json and PREFIX.md exactly, whatever dots PREFIX holds (`run.eval_1` ->
+    `run.eval_1.json`); default: waterbirds_eval.json / .md beside the checkpoint."""
+    prefix = out if out else str(Path(checkpoint).parent / "waterbirds_eval")
+    return Path(prefix + ".json"), Path(prefix + ".md")
+
+
+def write_evaluation(record: dict, cfg, prefix: str | None) -> tuple[Path, Path]:
+    """An evaluation of cfg.checkpoint as PREFIX.json and PREFIX.md (`output_paths`); prints the table."""
+    json_path, md_path = output_paths(prefix, cfg.checkpoint)
+    md = metrics_markdown(record, f"{cfg.model_arch} / {cfg.strategy} ({cfg.checkpoint})")
+    atomic_write_text(json_path, json.dumps(record, indent=2, sort_keys=True))
+    atomic_write_text(md_path, md)
+    print(md)
+    print(f"wrote {json_path} and {md_path}")
+    return json_path, md_path

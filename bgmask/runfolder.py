@@ -87,19 +87,20 @@ class RunFolder:
         if self.enabled and self.results.is_file():
             atomic_write_text(self.results, "")
 
-    def write_provenance(self, name: str = "") -> None:
-        """command.txt (or NAME_command.txt) and git_revision.txt."""
+    def write_provenance(self, name: str = "", command: list[str] | None = None) -> None:
+        """command.txt (or NAME_command.txt): `command`, by default this process's command line; and
+        git_revision.txt."""
         if self.enabled:
-            command = f"{name}_command.txt" if name else "command.txt"
-            atomic_write_text(self.path / command, shlex.join([sys.executable, *sys.argv]) + "\n")
+            path = self.path / (f"{name}_command.txt" if name else "command.txt")
+            atomic_write_text(path, shlex.join(command or [sys.executable, *sys.argv]) + "\n")
             atomic_write_text(self.path / "git_revision.txt", git_revision() + "\n")
 
     def write_config(self, cfg: Namespace) -> None:
         if self.enabled:
             import yaml
 
-            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(vars(cfg), sort_keys=True))
-            self.write_provenance()
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(dict(vars(cfg)), sort_keys=True))
+            self.write_provenance(command=getattr(cfg, "command", None))
 
     def log(self, record: dict, step: int | None = None) -> None:
         """Append one line to results.jsonl (and mirror the numbers to wandb at `step`)."""

@@ -1,6 +1,13 @@
-"""The stage cache: skip a piece of work when its marker holds the same inputs, else do it and write the
-marker atomically. One implementation for every resumable step of bgmask (the demo's stages and runs,
-the zoo's candidates, the sweep's evaluations, generated datasets, predicted and perturbed mask folders).
+"""The stage cache, and the stages the applications share.
+
+The stage cache: skip a piece of work when its marker holds the same inputs, else do it and write the
+marker atomically. One implementation (`Marker`) for every resumable step of bgmask: the demo's stages and
+runs, the zoo's candidates, the sweep's evaluations, generated datasets, predicted and perturbed mask
+folders. `Stages` names the stages of one output folder and prints one line for each.
+
+The shared stages (the demo, the mask sweep and the zoo build on them): the synthetic benchmark
+(`make_data`), the demo's training recipe on it (`Preset`, `classifier_settings`) and a classifier run
+from its settings, read back when finished and resumed when interrupted (`train_run`).
 
 A marker is a JSON object in a file. It is written only after the work it describes is whole (`run`),
 or, for a folder filled file by file, before the first file (`claim`), so a rerun with the same inputs
@@ -10,13 +17,16 @@ missing, unreadable or not a JSON object counts as "other inputs": the work runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bgmask.errors import UserError
-from bgmask.io import atomic_write_text, is_empty_folder, read_json_object, remove_stale_temp
+from bgmask.io import atomic_write_text, is_empty_folder, read_json, read_json_object, remove_stale_temp
+from bgmask.masking.strategies import STRATEGIES
 
 
 class Marker:
@@ -88,3 +98,141 @@ def say(prefix: str, name: str, seconds: float | None, what: str = "") -> None:
         print(f"[{prefix}] {name}: up to date, skipped", flush=True)
     else:
         print(f"[{prefix}] {name}: {what + ', ' if what else ''}done in {seconds:.0f} s", flush=True)
+
+
+class Stages:
+    """The named stages of one output folder: markers in OUT/stages/NAME.json, one line each, tagged
+    `[tag]`; `fresh` redoes every stage."""
+
+    def __init__(self, out: Path, fresh: bool = False, tag: str = "demo"):
+        self.out, self.fresh, self.tag = Path(out), fresh, tag
+
+    def run(self, name: str, inputs: dict, fn, describe=None):
+        """fn() unless the stage's marker holds the same inputs; `describe(result)` says what came out."""
+        result, seconds = Marker(self.out / "stages" / f"{name}.json").run(inputs, fn, self.fresh)
+        say(self.tag, name, seconds, describe(result) if describe and seconds is not None else "")
+        return result
+
+
+# ----------------------------------------------------------------- the demo's recipe on the benchmark
+
+# model key -> (timm name, head flags, zoo backbone); "vit" is the GAP head, the paper's most robust ViT
+MODELS = {"cnn": "bgmask_resnet_tiny", "vit": "bgmask_vit_tiny", "vit_cls": "bgmask_vit_tiny",
+          "vit_both": "bgmask_vit_tiny"}
+HEAD_SETTINGS = {"vit": {"patch_tokens_only": True}, "vit_cls": {"class_token_only": True}, "vit_both": {}}
+ZOO = {"cnn": "zoo:cnn", "vit": "zoo:vit", "vit_cls": "zoo:vit", "vit_both": "zoo:vit"}
+INITS = ("frozen", "finetuned", "scratch")
+PRETRAINED = ("frozen", "finetuned")
+MASKS = ("-", "GT", "predicted")
+
+
+def kind(model: str) -> str:
+    """'cnn' or 'vit': the key of the per-model recipe (epochs, lr)."""
+    return "vit" if model.startswith("vit") else "cnn"
+
+
+def strategy_rows(model: str, init: str, gt: bool) -> list[tuple]:
+    """(model, strategy, masks, init) for every registered strategy: masks '-' without masks, else
+    predicted (and GT too when `gt`)."""
+    rows = [(model, name, "predicted" if s.needs_mask else "-", init) for name, s in STRATEGIES.items()]
+    return rows + [(model, name, "GT", init) for name, s in STRATEGIES.items() if gt and s.needs_mask]
+
+
+# (model key, strategy, masks, init)
+ROWS_DEFAULT = [row for init in PRETRAINED for m in ("cnn", "vit") for row in strategy_rows(m, init, gt=False)]
+ROWS_FULL = [row for init in PRETRAINED for m in MODELS for row in strategy_rows(m, init, gt=m in ("cnn", "vit"))]
+ROWS_SCRATCH = strategy_rows("cnn", "scratch", gt=True) + strategy_rows("vit", "scratch", gt=False)  # the control
+
+
+@dataclass
+class Preset:
+    num_classes: int = 10
+    image_size: int = 64
+    train_per_class: int = 200
+    test_per_class: int = 50
+    correlation: float = 0.95
+    # init -> model kind -> epochs; the pretrained backbones need fewer than training from scratch
+    epochs: dict = field(default_factory=lambda: {"scratch": {"cnn": 8, "vit": 6}, "frozen": {"cnn": 3, "vit": 2},
+                                                  "finetuned": {"cnn": 3, "vit": 2}})
+    batch_size: int = 64
+    lr: dict = field(default_factory=lambda: {"cnn": 2e-3, "vit": 1e-3})
+    seg_iters: int = 400
+    rows: list = field(default_factory=lambda: list(ROWS_DEFAULT))
+    seeds: tuple = (0,)
+
+
+PRESETS = {
+    "default": Preset(),
+    "full": Preset(rows=list(ROWS_FULL), seeds=(0, 1, 2)),
+    "scratch": Preset(rows=list(ROWS_SCRATCH), seg_iters=600),  # the recipe of the control table in the README
+    "tiny": Preset(num_classes=3, image_size=32, train_per_class=12, test_per_class=5,
+                   epochs={init: {"cnn": 1, "vit": 1} for init in INITS}, batch_size=12, seg_iters=20,
+                   rows=[("cnn", "baseline", "-", "scratch"), ("cnn", "early", "predicted", "scratch"),
+                         ("cnn", "late", "GT", "scratch"), ("vit", "late", "predicted", "frozen"),
+                         ("cnn", "baseline", "-", "finetuned")]),
+}
+
+
+def classifier_settings(row, seed, p: Preset, data: Path, pred_masks: Path | None, run_dir: Path, threads) -> dict:
+    """The train.py settings of one demo row (model, strategy, masks, init) as keyword overrides."""
+    model, strategy, masks, init = row
+    k = kind(model)
+    out = dict(data_path=str(data), model_arch=MODELS[model], strategy=strategy, image_size=p.image_size,
+               crop_pct=1.0, augmentations_to_use="flip", epochs=p.epochs[init][k], batch_size=p.batch_size,
+               lr=p.lr[k], weight_decay=0.05, scheduler_type="cosine", min_lr=1e-5, seed=seed,
+               snapshot_dir=str(run_dir), num_workers=1, no_progress=True,
+               smoothing=0.0, eval_mode="none")  # the demo's recipe: only the final evaluation counts
+    if STRATEGIES[strategy].masks_features:
+        out["late_mask_stage"] = "last"  # the mask on the final map, for the CNN too
+    out.update(HEAD_SETTINGS.get(model, {}))
+    if threads:
+        out["threads"] = threads
+    if masks == "predicted":
+        out["mask_source"] = str(pred_masks)
+    if init in PRETRAINED:
+        out["pretrained_file"] = ZOO[model]
+    if init == "frozen":  # a linear probe: only the head trains
+        out.update(freeze_backbone=True, lr=1e-2)
+    if init == "finetuned":  # the backbone at a quarter of the from-scratch lr, the new head at 10x that
+        out.update(lr=p.lr[k] / 4, scratch_lr_factor=10.0)
+    return out
+
+
+def train_run(overrides: dict, run_dir: Path) -> dict:
+    """One training run (train.py's settings plus `overrides`, `bgmask.settings.run_settings`) in this
+    process: a finished run with the same settings is read back, an interrupted one resumed, any other
+    replaced. What the run prints goes to RUN_DIR/train.log; its command.txt holds the equivalent train.py
+    command line."""
+    from bgmask.engine import run
+    from bgmask.settings import run_settings
+
+    settings = run_settings(overrides, f"run {run_dir}")  # checked before anything is touched
+    marker = Marker(run_dir / "run_settings.json")
+    if run_dir.exists():
+        same = marker.holds(overrides, key="inputs")  # an unreadable marker or final record: made again
+        final = read_json(run_dir / "final_metrics.json")
+        if same and (run_dir / "done").is_file() and isinstance(final, dict):
+            return final
+        if same and (run_dir / "last.pt").is_file():
+            settings = run_settings({**overrides, "resume_training": True}, f"run {run_dir}")
+        else:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write({"inputs": overrides})  # the run's own settings: a resumed run matches them again
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        return run(settings)
+
+
+def make_data(stages: Stages, out: Path, data_args: dict) -> Path:
+    """Stage 1: the synthetic benchmark (its summary in DATA/summary.txt)."""
+    data = out / "data" / "synthetic_cub"
+
+    def make():
+        from bgmask.data.synthetic import generate_synthetic
+
+        s = generate_synthetic(data, overwrite=True, progress=False, **data_args)
+        atomic_write_text(data / "summary.txt", s.to_text() + "\n")
+        return {"sample_grid": str(s.sample_grid)}
+
+    stages.run("data", data_args, make, lambda r: f"{data} (summary.txt, {Path(r['sample_grid']).name})")
+    return data

@@ -72,7 +72,7 @@ def test_paper_preset_prints_commands(capsys):
 def test_default_rows_are_the_papers_grid_on_the_zoo():
     from pathlib import Path
 
-    from bgmask.apps.demo import PRESETS, ROWS_DEFAULT, ROWS_FULL, ROWS_SCRATCH, classifier_argv
+    from bgmask.stages import PRESETS, ROWS_DEFAULT, ROWS_FULL, ROWS_SCRATCH, classifier_settings
 
     assert sorted(ROWS_DEFAULT) == sorted((m, s, "-" if s == "baseline" else "predicted", i)
                                           for m in ("cnn", "vit") for s in ("baseline", "early", "late")
@@ -80,22 +80,22 @@ def test_default_rows_are_the_papers_grid_on_the_zoo():
     assert {r[0] for r in ROWS_FULL} == {"cnn", "vit", "vit_cls", "vit_both"} and PRESETS["full"].seeds == (0, 1, 2)
     assert {r[3] for r in ROWS_FULL} == {"frozen", "finetuned"} and {r[3] for r in ROWS_SCRATCH} == {"scratch"}
     p = PRESETS["default"]
-    argv = classifier_argv(("vit_cls", "late", "predicted", "frozen"), 1, p, Path("d"), Path("m"), Path("r"), None)
-    flag = {k: v for k, v in zip(argv, argv[1:]) if k.startswith("--")}
-    assert flag["--pretrained_file"] == "zoo:vit" and flag["--mask_source"] == "m" and flag["--seed"] == "1"
-    assert "--class_token_only" in argv and "--freeze_backbone" in argv and argv[len(argv) - 1 - argv[::-1].index("--lr") + 1] == "1e-2"
-    argv = classifier_argv(("cnn", "baseline", "-", "finetuned"), 0, p, Path("d"), None, Path("r"), None)
-    assert "zoo:cnn" in argv and "--freeze_backbone" not in argv and "--scratch_lr_factor" in argv
-    argv = classifier_argv(("vit", "early", "GT", "scratch"), 0, p, Path("d"), None, Path("r"), None)
-    assert "--pretrained_file" not in argv and "--patch_tokens_only" in argv
-    assert argv[argv.index("--epochs") + 1] == str(p.epochs["scratch"]["vit"])
+    s = classifier_settings(("vit_cls", "late", "predicted", "frozen"), 1, p, Path("d"), Path("m"), Path("r"), None)
+    assert s["pretrained_file"] == "zoo:vit" and s["mask_source"] == "m" and s["seed"] == 1
+    assert s["class_token_only"] and s["freeze_backbone"] and s["lr"] == 1e-2
+    s = classifier_settings(("cnn", "baseline", "-", "finetuned"), 0, p, Path("d"), None, Path("r"), None)
+    assert s["pretrained_file"] == "zoo:cnn" and "freeze_backbone" not in s and s["scratch_lr_factor"] == 10
+    assert s["lr"] == p.lr["cnn"] / 4
+    s = classifier_settings(("vit", "early", "GT", "scratch"), 0, p, Path("d"), None, Path("r"), None)
+    assert "pretrained_file" not in s and s["patch_tokens_only"]
+    assert s["epochs"] == p.epochs["scratch"]["vit"]
 
 
 @pytest.mark.parametrize("content", [b"{\"inputs\": {\"a\": 1", b"\xff\xfe not text", b"[1, 2]"])
 def test_a_corrupt_stage_marker_reruns_the_stage(tmp_path, capsys, content):
     """A stage marker that cannot be read (torn, not UTF-8, not a mapping) means the stage runs again;
     it was a traceback that named no file."""
-    from bgmask.apps.demo import Stages
+    from bgmask.stages import Stages
 
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "data.json").write_bytes(content)
@@ -107,14 +107,14 @@ def test_a_corrupt_stage_marker_reruns_the_stage(tmp_path, capsys, content):
 
 
 def test_a_corrupt_run_marker_retrains_the_run(tmp_path, monkeypatch):
-    from bgmask.apps import demo
+    from bgmask import stages
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "demo_argv.json").write_bytes(b"\x00\xff")
+    (run / "run_settings.json").write_bytes(b"\x00\xff")
     (run / "done").write_text("")
     (run / "final_metrics.json").write_text("{")
     trained = []
     monkeypatch.setattr("bgmask.engine.run", lambda cfg: trained.append(cfg) or {"test/acc": 1.0})
-    assert demo.train_run(["--data_path", str(tmp_path), "--snapshot_dir", str(run)], run) == {"test/acc": 1.0}
+    assert stages.train_run({"data_path": str(tmp_path), "snapshot_dir": str(run)}, run) == {"test/acc": 1.0}
     assert len(trained) == 1 and not trained[0].resume_training

@@ -360,12 +360,12 @@ def test_application_overrides_go_through_the_check_before_writing(tmp_path):
     the command line's before anything is written: a bad value of a preset is one line."""
     import copy
 
-    from bgmask.apps import demo
+    from bgmask import stages
 
-    p = copy.deepcopy(demo.PRESETS["tiny"])
+    p = copy.deepcopy(stages.PRESETS["tiny"])
     p.lr = {"cnn": float("nan"), "vit": 1e-3}
     run = tmp_path / "run"
-    argv = demo.classifier_argv(("cnn", "baseline", "-", "scratch"), 0, p, tmp_path, None, run, None)
-    with pytest.raises(UserError, match=r"^--lr must be > 0, got nan$"):
-        demo.train_run(argv, run)
+    overrides = stages.classifier_settings(("cnn", "baseline", "-", "scratch"), 0, p, tmp_path, None, run, None)
+    with pytest.raises(UserError, match=r"^run .*: --lr must be > 0, got nan$"):
+        stages.train_run(overrides, run)
     assert not run.exists()

@@ -14,6 +14,7 @@ from bgmask import args as A
 from bgmask.errors import UserError
 from bgmask.models import create_classifier
 from bgmask.optim import SCHEDULES, EpochScheduler, LRSchedule, build_optimizer
+from bgmask.settings import resolve
 
 LR, FACTOR, MIN_LR = 0.5, 10.0, 0.01  # backbone lr, scratch_lr_factor (head lr 5.0), eta_min
 
@@ -271,14 +272,14 @@ def test_flags_are_the_papers():
 def test_bad_schedule_values_one_clear_line(tmp_path, extra, pattern):
     cfg = cfg_from(["--data_path", str(tmp_path), *extra])
     with pytest.raises(UserError) as err:
-        A.validate_config(cfg)
+        resolve(cfg)
     assert pattern in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError, match=pattern.split(",")[0]):
         EpochScheduler(build_optimizer(_Tiny(), cfg), cfg)
 
 
 def test_long_warmup_and_unused_flags_are_accepted(tmp_path):
-    A.validate_config(cfg_from(["--data_path", str(tmp_path), "--scheduler_type", "cosine_with_warmup",
+    resolve(cfg_from(["--data_path", str(tmp_path), "--scheduler_type", "cosine_with_warmup",
                                 "--scheduler_warmup_epochs", "20", "--epochs", "1"]))
-    A.validate_config(cfg_from(["--data_path", str(tmp_path), "--scheduler_type", "cosine",
+    resolve(cfg_from(["--data_path", str(tmp_path), "--scheduler_type", "cosine",
                                 "--scheduler_warmup_epochs", "0"]))

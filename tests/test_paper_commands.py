@@ -15,6 +15,7 @@ import torch
 
 from bgmask import args as A
 from bgmask.apps.scripts import eval_early, eval_late, script_strategies, train_early, train_late
+from bgmask.settings import paper_flags
 
 from conftest import write_tiny_cub
 
@@ -62,8 +63,7 @@ def resolved(feature_level: bool, command: str, **paths) -> A.argparse.Namespace
     """The command's config as bgmask runs it (parsed, the paper's spellings resolved)."""
     argv = [paths.get(a, a) for a in shlex.split(command)]
     cfg = A.parse_with_config(A.train_parser("t", script_strategies(feature_level)), argv)
-    A.resolve_paper_flags(cfg)
-    return cfg
+    return A.argparse.Namespace(**{**vars(cfg), **paper_flags(vars(cfg))})
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

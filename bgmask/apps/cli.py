@@ -49,9 +49,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     from bgmask.apps.demo import main_demo
-    from bgmask.apps.sweep import demo_mask_sweep
 
-    return main_demo(ns, mask_sweep=demo_mask_sweep)
+    return main_demo(ns)
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:

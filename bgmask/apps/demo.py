@@ -15,76 +15,19 @@ Stages (each skipped on a rerun when its outputs exist for the same inputs; `--f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
 from bgmask.runfolder import hold_folder
-from bgmask.io import atomic_write_text, read_json, read_json_object
+from bgmask.io import atomic_write_text
 from bgmask.masking.strategies import STRATEGIES
-
-# model key -> (timm name, head flags, zoo backbone); "vit" is the GAP head, the paper's most robust ViT
-MODELS = {"cnn": "bgmask_resnet_tiny", "vit": "bgmask_vit_tiny", "vit_cls": "bgmask_vit_tiny",
-          "vit_both": "bgmask_vit_tiny"}
-HEAD_FLAGS = {"vit": ["--patch_tokens_only"], "vit_cls": ["--class_token_only"], "vit_both": []}
-ZOO = {"cnn": "zoo:cnn", "vit": "zoo:vit", "vit_cls": "zoo:vit", "vit_both": "zoo:vit"}
-INITS = ("frozen", "finetuned", "scratch")
-PRETRAINED = ("frozen", "finetuned")
-MASKS = ("-", "GT", "predicted")
-
-
-def kind(model: str) -> str:
-    """'cnn' or 'vit': the key of the per-model recipe (epochs, lr)."""
-    return "vit" if model.startswith("vit") else "cnn"
-
-
-def strategy_rows(model: str, init: str, gt: bool) -> list[tuple]:
-    """(model, strategy, masks, init) for every registered strategy: masks '-' without masks, else
-    predicted (and GT too when `gt`)."""
-    rows = [(model, name, "predicted" if s.needs_mask else "-", init) for name, s in STRATEGIES.items()]
-    return rows + [(model, name, "GT", init) for name, s in STRATEGIES.items() if gt and s.needs_mask]
-
-
-# (model key, strategy, masks, init)
-ROWS_DEFAULT = [row for init in PRETRAINED for m in ("cnn", "vit") for row in strategy_rows(m, init, gt=False)]
-ROWS_FULL = [row for init in PRETRAINED for m in MODELS for row in strategy_rows(m, init, gt=m in ("cnn", "vit"))]
-ROWS_SCRATCH = strategy_rows("cnn", "scratch", gt=True) + strategy_rows("vit", "scratch", gt=False)  # the control
-
-
-@dataclass
-class Preset:
-    num_classes: int = 10
-    image_size: int = 64
-    train_per_class: int = 200
-    test_per_class: int = 50
-    correlation: float = 0.95
-    # init -> model kind -> epochs; the pretrained backbones need fewer than training from scratch
-    epochs: dict = field(default_factory=lambda: {"scratch": {"cnn": 8, "vit": 6}, "frozen": {"cnn": 3, "vit": 2},
-                                                  "finetuned": {"cnn": 3, "vit": 2}})
-    batch_size: int = 64
-    lr: dict = field(default_factory=lambda: {"cnn": 2e-3, "vit": 1e-3})
-    seg_iters: int = 400
-    rows: list = field(default_factory=lambda: list(ROWS_DEFAULT))
-    seeds: tuple = (0,)
-
-
-PRESETS = {
-    "default": Preset(),
-    "full": Preset(rows=list(ROWS_FULL), seeds=(0, 1, 2)),
-    "scratch": Preset(rows=list(ROWS_SCRATCH), seg_iters=600),  # the recipe of the control table in the README
-    "tiny": Preset(num_classes=3, image_size=32, train_per_class=12, test_per_class=5,
-                   epochs={init: {"cnn": 1, "vit": 1} for init in INITS}, batch_size=12, seg_iters=20,
-                   rows=[("cnn", "baseline", "-", "scratch"), ("cnn", "early", "predicted", "scratch"),
-                         ("cnn", "late", "GT", "scratch"), ("vit", "late", "predicted", "frozen"),
-                         ("cnn", "baseline", "-", "finetuned")]),
-}
-
+from bgmask.stages import (INITS, MASKS, MODELS, PRESETS, Preset, Stages, classifier_settings, make_data,
+                           train_run)
 
 def demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     A.add(parser, "--out", default="demo_output", output="folder")
@@ -109,32 +52,6 @@ def demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-# ------------------------------------------------------------------------------------ stages
-
-class Stages:
-    """Skip a stage when its marker holds the same inputs (an interrupted demo continues)."""
-
-    def __init__(self, out: Path, fresh: bool):
-        self.out, self.fresh = out, fresh
-
-    def run(self, name: str, inputs: dict, fn, describe=None):
-        """fn() unless the stage's marker holds the same inputs; one line either way (`describe(result)`
-        says what came out)."""
-        marker = self.out / "stages" / f"{name}.json"
-        if not self.fresh and marker.is_file():
-            saved = read_json_object(marker)  # an unreadable marker: the stage runs again
-            if saved.get("inputs") == inputs:
-                print(f"[demo] {name}: up to date, skipped", flush=True)
-                return saved.get("result")
-        t0 = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - t0
-        atomic_write_text(marker, json.dumps({"inputs": inputs, "result": result, "seconds": seconds}, indent=2))
-        what = f"{describe(result)}, " if describe else ""
-        print(f"[demo] {name}: {what}done in {seconds:.0f} s", flush=True)
-        return result
-
-
 def parse_rows(specs) -> list[tuple]:
     rows = []
     for spec in specs:
@@ -156,53 +73,6 @@ def run_name(row, seed) -> str:
     return f"{model}-{strategy}-{masks.replace('-', 'none')}-{init}-s{seed}".lower()
 
 
-def classifier_argv(row, seed, p: Preset, data: Path, pred_masks: Path | None, run_dir: Path, threads) -> list[str]:
-    model, strategy, masks, init = row
-    argv = ["--data_path", str(data), "--model_arch", MODELS[model], "--strategy", strategy,
-            "--image_size", str(p.image_size), "--crop_pct", "1.0", "--augmentations_to_use", "flip",
-            "--epochs", str(p.epochs[init][kind(model)]), "--batch_size", str(p.batch_size),
-            "--lr", str(p.lr[kind(model)]),
-            "--weight_decay", "0.05", "--scheduler_type", "cosine", "--min_lr", "1e-5", "--seed", str(seed),
-            "--snapshot_dir", str(run_dir), "--num_workers", "1", "--no_progress"]
-    argv += ["--smoothing", "0", "--eval_mode", "none"]  # the demo's recipe; only the final evaluation counts
-    if STRATEGIES[strategy].masks_features:
-        argv += ["--late_mask_stage", "last"]  # the mask on the final map, for the CNN too
-    argv += HEAD_FLAGS.get(model, [])
-    if threads:
-        argv += ["--threads", str(threads)]
-    if masks == "predicted":
-        argv += ["--mask_source", str(pred_masks)]
-    if init in PRETRAINED:
-        argv += ["--pretrained_file", ZOO[model]]
-    if init == "frozen":  # a linear probe: only the head trains
-        argv += ["--freeze_backbone", "--lr", "1e-2"]
-    if init == "finetuned":  # the backbone at a quarter of the from-scratch lr, the new head at 10x that
-        argv += ["--lr", str(p.lr[kind(model)] / 4), "--scratch_lr_factor", "10"]
-    return argv
-
-
-def train_run(argv: list[str], run_dir: Path) -> dict:
-    """One train.py run in this process; resumes an interrupted one, skips a finished one. What the run
-    prints (its epoch lines) goes to RUN_DIR/train.log."""
-    from bgmask.engine import run
-
-    cfg = A.parse_with_config(A.train_parser("demo"), argv)  # the overrides checked before anything is touched
-    marker = run_dir / "demo_argv.json"
-    if run_dir.exists():
-        same = read_json(marker) == argv  # an unreadable marker or final record: the run is made again
-        final = read_json(run_dir / "final_metrics.json")
-        if same and (run_dir / "done").is_file() and isinstance(final, dict):
-            return final
-        if same and (run_dir / "last.pt").is_file():
-            cfg.resume_training = True
-        else:
-            shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps(argv))  # the run's own flags: a resumed run matches them again
-    with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-        return run(cfg)
-
-
 # --------------------------------------------------------------------------------------- main
 
 def main_demo(ns: argparse.Namespace, mask_sweep=None) -> int:
@@ -218,10 +88,10 @@ def main_demo(ns: argparse.Namespace, mask_sweep=None) -> int:
     p = resolve_preset(ns)
     out = Path(ns.out)
     with hold_folder(out, "--out"):  # one demo per folder: its stages and runs are this process's alone
-        return demo_stages(ns, p, out, mask_sweep)
+        return demo_stages(ns, p, out)
 
 
-def demo_stages(ns: argparse.Namespace, p: Preset, out: Path, mask_sweep) -> int:
+def demo_stages(ns: argparse.Namespace, p: Preset, out: Path) -> int:
     stages = Stages(out, ns.fresh)
     t_start = time.perf_counter()
     data_args = dict(num_classes=p.num_classes, image_size=p.image_size, train_per_class=p.train_per_class,
@@ -230,7 +100,7 @@ def demo_stages(ns: argparse.Namespace, p: Preset, out: Path, mask_sweep) -> int
     pred_masks, seg_result = make_masks(stages, out, data, data_args, p)
     run_dirs = train_rows(out, p, data, pred_masks, ns.threads)
     sweep = correlation_sweep(out, p, ns.correlation_sweep, ns.threads) if ns.correlation_sweep else None
-    masks_png = mask_sweep(out, ns, data, pred_masks) if ns.mask_sweep is not None and mask_sweep else None
+    masks_png = mask_sweep(out, ns, data, pred_masks) if ns.mask_sweep is not None else None
     write_demo_report(out, run_dirs, data, pred_masks, seg_result, sweep, masks_png)
     print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s", flush=True)
     return 0
@@ -245,21 +115,6 @@ def resolve_preset(ns: argparse.Namespace) -> Preset:
     if ns.epochs:
         p.epochs = {init: {k: ns.epochs for k in by_kind} for init, by_kind in p.epochs.items()}
     return p
-
-
-def make_data(stages: Stages, out: Path, data_args: dict) -> Path:
-    """Stage 1: the synthetic benchmark (its summary in DATA/summary.txt)."""
-    data = out / "data" / "synthetic_cub"
-
-    def make():
-        from bgmask.data.synthetic import generate_synthetic
-
-        s = generate_synthetic(data, overwrite=True, progress=False, **data_args)
-        atomic_write_text(data / "summary.txt", s.to_text() + "\n")
-        return {"sample_grid": str(s.sample_grid)}
-
-    stages.run("data", data_args, make, lambda r: f"{data} (summary.txt, {Path(r['sample_grid']).name})")
-    return data
 
 
 def make_masks(stages: Stages, out: Path, data: Path, data_args: dict, p: Preset):
@@ -285,9 +140,8 @@ def train_rows(out: Path, p: Preset, data: Path, pred_masks, threads) -> list[Pa
     run_dirs = []
     for seed, row in tqdm(jobs, desc="[demo] runs", unit="run", leave=False):
         run_dir = out / "runs" / run_name(row, seed)
-        argv = classifier_argv(row, seed, p, data, pred_masks, run_dir, threads)
         t0 = time.perf_counter()
-        final = train_run(argv, run_dir)
+        final = train_run(classifier_settings(row, seed, p, data, pred_masks, run_dir, threads), run_dir)
         tqdm.write(f"[demo] run {run_dir.name}: in-dist {final['test/acc']:.3f}  Waterbirds "
                    f"{final.get('waterbirds/acc', float('nan')):.3f}  ({time.perf_counter() - t0:.0f} s)")
         run_dirs.append(run_dir)
@@ -348,12 +202,23 @@ def correlation_sweep(out: Path, p: Preset, values, threads) -> list[dict]:
                                correlation=corr, seed=0, overwrite=True, progress=False)
         for strategy, masks in (("baseline", "-"), ("early", "GT")):
             run_dir = out / "sweep" / f"corr{corr:g}-{strategy}"
-            argv = classifier_argv(("cnn", strategy, masks, "scratch"), 0, p, data, None, run_dir, threads)
-            final = train_run(argv, run_dir)
+            final = train_run(classifier_settings(("cnn", strategy, masks, "scratch"), 0, p, data, None, run_dir,
+                                                  threads), run_dir)
             points.append({"correlation": corr, "strategy": strategy, "test/acc": final["test/acc"],
                            "waterbirds/acc": final["waterbirds/acc"]})
     atomic_write_text(out / "report" / "correlation_sweep.json", json.dumps(points, indent=2))
     return points
+
+
+def mask_sweep(out: Path, ns: argparse.Namespace, data: Path, pred_masks) -> Path:
+    """--mask_sweep: `bgmask mask-sweep` on the demo's data with the demo's preset; returns its sweep.png."""
+    from bgmask.apps.sweep import sweep_config, sweep_to_folder
+
+    cfg = sweep_config("bgmask demo --mask_sweep", data_path=str(data), out=str(out / "mask_sweep"),
+                       perturb_at=["test"], preset=ns.preset if ns.preset in PRESETS else "default",
+                       perturbations=ns.mask_sweep or ["erode:1,2,4", "dilate:1,2,4", "drop:0.25,0.5"],
+                       pred_masks=str(pred_masks) if pred_masks else None, threads=ns.threads)
+    return sweep_to_folder(cfg)[1]["png"]
 
 
 def paper_commands(root: str) -> str:

@@ -18,7 +18,7 @@ masks draw from (--mask_seed, image id): every training seed sees the same masks
 --out holds:
     data/synthetic_cub        generated with the preset when --data_path is not given
     masks/<name>-<strength>/  perturbed --mask_source folders (perturbed_masks.json: inputs, mIoU)
-    runs/<model>-<strategy>-<masks>-s<seed>/   one training run per trained point (demo.train_run)
+    runs/<model>-<strategy>-<masks>-s<seed>/   one training run per trained point (bgmask.stages.train_run)
     runs/.../sweep_evals/<masks>.json / .md / .log   that run evaluated with other masks (eval_waterbirds)
     stages/                   markers of the data and mask stages
     sweep.json, sweep.csv, sweep.md, sweep.png
@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bgmask import args as A
-from bgmask.apps.demo import INITS, MODELS, PRESETS, Preset, Stages, classifier_argv, make_data, train_run
 from bgmask.errors import UserError, require_dir
 from bgmask.runfolder import hold_folder
 from bgmask.io import atomic_write_text, read_json
 from bgmask.masking.perturb import PERTURBATIONS, check_perturbation, folder_miou, write_perturbed_masks
 from bgmask.masking.strategies import STRATEGIES
+from bgmask.stages import INITS, MODELS, PRESETS, Marker, Preset, Stages, classifier_settings, make_data, train_run
 
 MODES = ("test", "train", "both")
 MODE_TITLES = {"test": "trained on GT masks, tested on perturbed masks",
@@ -132,9 +132,7 @@ def main_sweep(ns: argparse.Namespace) -> int:
         torch.set_num_threads(ns.threads)
     cfg = config_from_args(ns)
     t0 = time.perf_counter()
-    with hold_folder(cfg.out, "--out"):  # one sweep per folder: its points are this process's alone
-        rows = run_sweep(cfg)
-        paths = write_sweep(rows, cfg)
+    rows, paths = sweep_to_folder(cfg)
     print("\n" + paths["md"].read_text().split("\n![")[0].rstrip() + "\n")
     print(f"[sweep] {len(rows)} grid points in {time.perf_counter() - t0:.0f} s; wrote "
           + ", ".join(str(p) for p in paths.values()), flush=True)
@@ -188,23 +186,6 @@ def config_from_args(ns: argparse.Namespace) -> SweepConfig:
 
 # -------------------------------------------------------------------------------------- stages
 
-@contextlib.contextmanager
-def sweep_tag():
-    """What the block prints (demo.Stages' lines), printed after it with the sweep's tag."""
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            yield
-    finally:
-        print(buf.getvalue().replace("[demo]", "[sweep]"), end="", flush=True)
-
-
-def tagged(stages: Stages, name: str, inputs: dict, fn, describe):
-    """demo.Stages.run, its line printed with the sweep's tag."""
-    with sweep_tag():
-        return stages.run(name, inputs, fn, describe)
-
-
 def sweep_data(cfg: SweepConfig, stages: Stages) -> tuple[Path, dict]:
     """The CUB-layout root and what identifies its contents."""
     if cfg.data_path is not None:
@@ -212,8 +193,7 @@ def sweep_data(cfg: SweepConfig, stages: Stages) -> tuple[Path, dict]:
     p = cfg.preset
     data_args = dict(num_classes=p.num_classes, image_size=p.image_size, train_per_class=p.train_per_class,
                      test_per_class=p.test_per_class, correlation=p.correlation, seed=0)
-    with sweep_tag():
-        data = make_data(stages, cfg.out, data_args)
+    data = make_data(stages, cfg.out, data_args)
     return data, {"generated": data_args}
 
 
@@ -230,8 +210,8 @@ def mask_points(cfg: SweepConfig, stages: Stages, data: Path, data_id: dict) -> 
             return write_perturbed_masks(data, folder, name, strength, cfg.mask_seed, cfg.mask_threshold,
                                          cfg.workers, overwrite=True, progress=cfg.progress)
 
-        summary = tagged(stages, f"masks_{key}", inputs, write,
-                         lambda r: f"{r['masks']} masks, mIoU {100 * r['miou']:.1f}")
+        summary = stages.run(f"masks_{key}", inputs, write,
+                             lambda r: f"{r['masks']} masks, mIoU {100 * r['miou']:.1f}")
         points.append(MaskPoint(key, name, strength, folder, summary["miou"], summary["miou"], inputs))
     if cfg.pred_masks is not None:
         points.append(segmenter_point(cfg, stages, data, data_id))
@@ -263,39 +243,47 @@ def segmenter_point(cfg: SweepConfig, stages: Stages, data: Path, data_id: dict)
                 "miou_waterbirds": folder_miou(data, cfg.pred_masks, cfg.mask_threshold, WATERBIRDS_SUBDIR)
                 if wb else None}
 
-    r = tagged(stages, "masks_segmenter", inputs, score, lambda r: f"segmenter mIoU {100 * r['miou']:.1f}")
+    r = stages.run("masks_segmenter", inputs, score, lambda r: f"segmenter mIoU {100 * r['miou']:.1f}")
     return MaskPoint("segmenter", "segmenter", None, cfg.pred_masks, r["miou"], r["miou_waterbirds"], inputs)
 
 
 # -------------------------------------------------------------------------------------- points
 
 def train_point(cfg: SweepConfig, data: Path, masks: MaskPoint, model: str, strategy: str, seed: int):
-    """The run trained with `masks` (demo.train_run: read back when finished, resumed when interrupted)."""
+    """The run trained with `masks` (bgmask.stages.train_run: read back when finished, resumed when
+    interrupted): (run folder, its settings as overrides, its final record)."""
     run_dir = cfg.out / "runs" / f"{model}-{strategy}-{masks.key}-s{seed}"
     row = (model, strategy, "GT" if masks.dir is None else "predicted", cfg.init)
-    argv = classifier_argv(row, seed, cfg.preset, data, masks.dir, run_dir, cfg.threads)
-    argv += ["--mask_threshold", str(cfg.mask_threshold)]
-    return run_dir, argv, train_run(argv, run_dir)
+    overrides = {**classifier_settings(row, seed, cfg.preset, data, masks.dir, run_dir, cfg.threads),
+                 "mask_threshold": cfg.mask_threshold}
+    return run_dir, overrides, train_run(overrides, run_dir)
 
 
-def evaluate_point(run_dir: Path, argv: list[str], strategy: str, masks: MaskPoint) -> dict:
-    """The trained run evaluated with `masks` through eval_waterbirds' body (`bgmask.apps.scripts.eval_main`);
-    its PREFIX.json/.md/.log in RUN_DIR/sweep_evals, read back when the same evaluation is done."""
-    from bgmask.apps.scripts import eval_main
+def evaluate_point(run_dir: Path, overrides: dict, masks: MaskPoint) -> dict:
+    """The trained run evaluated with `masks` as eval_waterbirds.py evaluates it; its PREFIX.json/.md/.log in
+    RUN_DIR/sweep_evals, read back when the same evaluation is done."""
+    from bgmask.engine import run
+    from bgmask.eval import write_evaluation
+    from bgmask.runfolder import folder_lock
+    from bgmask.settings import run_settings
 
     prefix = run_dir / "sweep_evals" / masks.key
-    marker, result = Path(f"{prefix}.sweep.json"), Path(f"{prefix}.json")
+    result = Path(f"{prefix}.json")
     ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
-    eval_argv = argv + ["--checkpoint", str(ckpt), "--out", str(prefix), "--mask_source", str(masks.dir or "gt")]
-    done = {"argv": eval_argv, "masks": masks.inputs}
+    settings = {**overrides, "eval_only": True, "checkpoint": str(ckpt), "mask_source": str(masks.dir or "gt")}
+    done = {"settings": settings, "masks": masks.inputs}
+    marker = Marker(f"{prefix}.sweep.json")
     saved = read_json(result)  # an unreadable marker or result: the evaluation runs again
-    if read_json(marker) == done and isinstance(saved, dict):
+    if marker.holds(done) and isinstance(saved, dict):
         return saved
-    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.path.parent.mkdir(parents=True, exist_ok=True)
+    evaluation = run_settings(settings, "mask-sweep evaluation")
     with open(f"{prefix}.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-        eval_main(eval_argv, STRATEGIES[strategy].masks_features, "mask-sweep evaluation")
-    atomic_write_text(marker, json.dumps(done, indent=2))
-    return json.loads(result.read_text())
+        with folder_lock(evaluation, True):  # the checkpoint's folder, as eval_waterbirds.py takes it
+            record = run(evaluation)
+            write_evaluation(record, evaluation, str(prefix))
+    marker.write(done)
+    return record
 
 
 def measure(cfg: SweepConfig, data: Path, mode: str, masks: MaskPoint, model: str, strategy: str,
@@ -303,8 +291,8 @@ def measure(cfg: SweepConfig, data: Path, mode: str, masks: MaskPoint, model: st
     """One point's metrics: trained with the perturbed masks for train/both, tested with them for test/both."""
     trained = masks if mode in ("train", "both") else GT
     tested = masks if mode in ("test", "both") else GT
-    run_dir, argv, final = train_point(cfg, data, trained, model, strategy, seed)
-    record = final if tested.key == trained.key else evaluate_point(run_dir, argv, strategy, tested)
+    run_dir, overrides, final = train_point(cfg, data, trained, model, strategy, seed)
+    record = final if tested.key == trained.key else evaluate_point(run_dir, overrides, tested)
     return {"perturb_at": mode, "masks": masks.key, "model": model, "strategy": strategy, "seed": seed,
             "run_dir": str(run_dir), **{k: record.get(k, float("nan")) for k in METRICS}}
 
@@ -315,7 +303,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     from tqdm import tqdm
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(cfg.out, fresh=False)
+    stages = Stages(cfg.out, fresh=False, tag="sweep")
     data, data_id = sweep_data(cfg, stages)
     masks = mask_points(cfg, stages, data, data_id)
     jobs = [(mode, m, model, strategy, seed) for mode in cfg.perturb_at for m in masks for model in cfg.models
@@ -419,15 +407,19 @@ def write_sweep(rows: list[dict], cfg: SweepConfig) -> dict[str, Path]:
     return paths
 
 
-def demo_mask_sweep(out: Path, ns: argparse.Namespace, data: Path, pred_masks) -> Path:
-    """`bgmask demo --mask_sweep`: the sweep on the demo's data with the demo's preset; returns its sweep.png."""
-    from bgmask.errors import ArgumentParser
+def sweep_config(source: str, **overrides) -> SweepConfig:
+    """mask-sweep's settings from keyword overrides of its flags' defaults (each checked as the command
+    line's, `bgmask.errors.flag_value`; `source` names them in an error): how another application runs a
+    sweep."""
+    from bgmask.errors import ArgumentParser, settings_from_mapping
 
-    argv = ["--data_path", str(data), "--out", str(out / "mask_sweep"), "--perturb_at", "test",
-            "--preset", ns.preset if ns.preset in PRESETS else "default",
-            "--perturbations", *(ns.mask_sweep or ["erode:1,2,4", "dilate:1,2,4", "drop:0.25,0.5"])]
-    argv += ["--pred_masks", str(pred_masks)] if pred_masks else []
-    argv += ["--threads", str(ns.threads)] if ns.threads else []
-    cfg = config_from_args(sweep_args(ArgumentParser(prog="bgmask demo --mask_sweep")).parse_args(argv))
-    with hold_folder(cfg.out, "--out"):
-        return write_sweep(run_sweep(cfg), cfg)["png"]
+    parser = sweep_args(ArgumentParser(prog="bgmask mask-sweep"))
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    return config_from_args(argparse.Namespace(**{**defaults, **settings_from_mapping(parser, overrides, source)}))
+
+
+def sweep_to_folder(cfg: SweepConfig) -> tuple[list[dict], dict[str, Path]]:
+    """Run the sweep holding its --out folder: (its rows, its files: `write_sweep`)."""
+    with hold_folder(cfg.out, "--out"):  # one sweep per folder: its points are this process's alone
+        rows = run_sweep(cfg)
+        return rows, write_sweep(rows, cfg)

@@ -54,9 +54,11 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
-from bgmask.runfolder import hold_folder
 from bgmask.io import atomic_write_bytes, atomic_write_text, read_json_object
 from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, file_sha256, read_zoo_index
+from bgmask.runfolder import hold_folder
+from bgmask.settings import command_line
+from bgmask.stages import Marker
 
 FP16_TOLERANCE = 0.005  # --dtype auto keeps fp16 when its val accuracy is at most this much lower
 INDEX_FORMAT = "bgmask-zoo"
@@ -64,7 +66,7 @@ INDEX_FORMAT = "bgmask-zoo"
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training flags a candidate varies; the rest is fixed in `candidate_argv`."""
+    """The training settings a candidate varies; the rest is fixed in `candidate_settings`."""
     name: str
     lr: float
     augment: str = "flip"  # --augmentations_to_use
@@ -78,7 +80,7 @@ class ZooModel:
     arch: str
     epochs: int
     recipes: tuple[Recipe, ...]
-    flags: tuple[str, ...] = ()
+    settings: tuple[tuple[str, object], ...] = ()  # fixed train.py settings of this model
     masked_warmup: int = 0  # default --masked_warmup_epochs
 
 
@@ -86,7 +88,7 @@ CNN_RECIPES = (Recipe("lr2e-3", 2e-3), Recipe("lr4e-3", 4e-3), Recipe("lr4e-3_af
 VIT_RECIPES = (Recipe("lr1e-3_clip1", 1e-3, grad_clip=1.0), Recipe("lr2e-3_clip1", 2e-3, grad_clip=1.0))
 WARMUP_RECIPE = Recipe("masked_warmup", 1e-3, grad_clip=1.0)
 ZOO_MODELS = {
-    "cnn": ZooModel("bgmask_resnet_tiny", 4, CNN_RECIPES, ("--channels_last",)),
+    "cnn": ZooModel("bgmask_resnet_tiny", 4, CNN_RECIPES, (("channels_last", True),)),
     "vit": ZooModel("bgmask_vit_tiny", 3, VIT_RECIPES, masked_warmup=1),  # no head flag: the "both" head
     "vit_reg4": ZooModel("bgmask_vit_tiny_reg4", 3, VIT_RECIPES, masked_warmup=1),
 }
@@ -133,7 +135,7 @@ def main_pretrain(ns: argparse.Namespace) -> int:
     import torch
 
     t0 = time.perf_counter()
-    spec = resolve_args(ns)
+    ns, spec = resolve_args(ns)
     if ns.threads:
         torch.set_num_threads(ns.threads)
     with hold_folder(Path(ns.work) / ns.name, "--work"):  # one pretraining of NAME at a time
@@ -144,8 +146,8 @@ def pretrain(ns: argparse.Namespace, spec: ZooModel, t0: float) -> int:
     data, data_args, data_seconds = make_pretrain_data(ns)
     work = Path(ns.work) / ns.name
     warmup = masked_warmup(ns, spec, data, work)
-    start = ["--pretrained_file", str(Path(warmup["run_dir"]) / "last.pt")] if warmup else []
-    candidates = [train_candidate(candidate_argv(ns, spec, r, data, work / r.name) + start, r, work / r.name)
+    start = {"pretrained_file": str(Path(warmup["run_dir"]) / "last.pt")} if warmup else {}
+    candidates = [train_candidate({**candidate_settings(ns, spec, r, data, work / r.name), **start}, r, work / r.name)
                   for r in recipes_of(spec, ns.recipes)]
     chosen = max(candidates, key=lambda c: c["val_acc"])  # the first one on a tie
     print(f"[pretrain] chosen {chosen['recipe']['name']}: val {chosen['val_acc']:.4f}, "
@@ -168,20 +170,20 @@ def pretrain(ns: argparse.Namespace, spec: ZooModel, t0: float) -> int:
     return 0
 
 
-def resolve_args(ns: argparse.Namespace) -> ZooModel:
-    """Fill the defaults that depend on --model (so the recorded command names them) and check the rest."""
+def resolve_args(ns: argparse.Namespace) -> tuple[argparse.Namespace, ZooModel]:
+    """(the flags with the defaults that depend on --model filled in, so the recorded command names them;
+    the model's spec). The rest is checked; `ns` is not changed."""
     spec = ZOO_MODELS[ns.model]
-    ns.name = ns.name or ns.model
+    ns = argparse.Namespace(**{
+        **vars(ns), "name": ns.name or ns.model, "recipes": [r.name for r in recipes_of(spec, ns.recipes)],
+        "epochs": ns.epochs or spec.epochs,
+        "masked_warmup_epochs": spec.masked_warmup if ns.masked_warmup_epochs is None else ns.masked_warmup_epochs})
     if not ns.name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--name {ns.name!r}: expected letters, digits, '_' or '-' (it names NAME.safetensors)")
-    ns.recipes = [r.name for r in recipes_of(spec, ns.recipes)]
-    ns.epochs = ns.epochs or spec.epochs
-    if ns.masked_warmup_epochs is None:
-        ns.masked_warmup_epochs = spec.masked_warmup
     if round(ns.train_per_class * ns.val_fraction) < 1:
         raise UserError(f"--val_fraction {ns.val_fraction:g} of --train_per_class {ns.train_per_class} leaves no "
                         "val image per species (raise either)")
-    return spec
+    return ns, spec
 
 
 def recipes_of(spec: ZooModel, names) -> list[Recipe]:
@@ -208,9 +210,7 @@ def pretrain_data(data: Path, data_args: dict) -> tuple[Path, dict, float]:
     from bgmask.data.synthetic import CONFIG_NAME, generate_synthetic
 
     timing = data.parent / f"{data.name}.seconds.json"
-    done = (data / "images.txt").is_file() and (data / CONFIG_NAME).is_file()
-    saved = read_json_object(data / CONFIG_NAME)
-    if done and all(saved.get(k) == v for k, v in data_args.items()):
+    if (data / "images.txt").is_file() and Marker(data / CONFIG_NAME).holds(data_args):  # a complete set
         return data, data_args, read_json_object(timing).get("seconds", 0.0)
     t0 = time.perf_counter()
     s = generate_synthetic(data, overwrite=False, progress=False, **data_args)
@@ -229,57 +229,53 @@ def masked_warmup(ns: argparse.Namespace, spec: ZooModel, data: Path, work: Path
     if not ns.masked_warmup_epochs:
         return None
     run_dir = work / WARMUP_RECIPE.name
-    argv = candidate_argv(ns, spec, WARMUP_RECIPE, data, run_dir)
-    argv[argv.index("--strategy") + 1] = "early"
-    argv[argv.index("--epochs") + 1] = str(ns.masked_warmup_epochs)
-    return train_candidate(argv + ["--mask_source", "gt", "--mask_fill", "black"], WARMUP_RECIPE, run_dir)
+    settings = {**candidate_settings(ns, spec, WARMUP_RECIPE, data, run_dir), "strategy": "early",
+                "epochs": ns.masked_warmup_epochs, "mask_source": "gt", "mask_fill": "black"}
+    return train_candidate(settings, WARMUP_RECIPE, run_dir)
 
 
-def candidate_argv(ns: argparse.Namespace, spec: ZooModel, r: Recipe, data: Path, run_dir: Path) -> list[str]:
-    """train.py flags of one candidate: the demo's fixed choices (64 px, no crop, cosine to 1e-5, AdamW)
+def candidate_settings(ns: argparse.Namespace, spec: ZooModel, r: Recipe, data: Path, run_dir: Path) -> dict:
+    """train.py settings of one candidate: the demo's fixed choices (64 px, no crop, cosine to 1e-5, AdamW)
     and the recipe's."""
-    argv = ["--data_path", str(data), "--model_arch", spec.arch, "--strategy", "baseline",
-            "--image_size", str(ns.image_size), "--crop_pct", "1.0", "--augmentations_to_use", r.augment,
-            "--epochs", str(ns.epochs), "--batch_size", str(ns.batch_size), "--lr", str(r.lr),
-            "--weight_decay", str(r.weight_decay), "--smoothing", str(r.smoothing), "--scheduler_type", "cosine",
-            "--min_lr", "1e-5", "--train_split", repr(1.0 - ns.val_fraction), "--split_seed", "0",
-            "--eval_mode", "val", "--seed", str(ns.seed), "--snapshot_dir", str(run_dir),
-            "--num_workers", str(ns.num_workers), "--no_progress", *spec.flags]
+    out = dict(data_path=str(data), model_arch=spec.arch, strategy="baseline", image_size=ns.image_size,
+               crop_pct=1.0, augmentations_to_use=r.augment, epochs=ns.epochs, batch_size=ns.batch_size, lr=r.lr,
+               weight_decay=r.weight_decay, smoothing=r.smoothing, scheduler_type="cosine", min_lr=1e-5,
+               train_split=1.0 - ns.val_fraction, split_seed=0, eval_mode="val", seed=ns.seed,
+               snapshot_dir=str(run_dir), num_workers=ns.num_workers, no_progress=True, **dict(spec.settings))
     if r.grad_clip:
-        argv += ["--grad_norm_clip", str(r.grad_clip)]
+        out["grad_norm_clip"] = r.grad_clip
     if ns.threads:
-        argv += ["--threads", str(ns.threads)]
+        out["threads"] = ns.threads
     if ns.max_steps_per_epoch:
-        argv += ["--max_steps_per_epoch", str(ns.max_steps_per_epoch)]
-    return argv
+        out["max_steps_per_epoch"] = ns.max_steps_per_epoch
+    return out
 
 
-def engine_run(argv: list[str], log: Path) -> dict:
-    """bgmask.engine.run on train.py's flags; what the run prints goes to `log`."""
+def engine_run(settings: dict, log: Path) -> dict:
+    """bgmask.engine.run on train.py's settings plus `settings`; what the run prints goes to `log`."""
     from bgmask.engine import run
+    from bgmask.settings import run_settings
 
-    cfg = A.parse_with_config(A.train_parser("bgmask pretrain"), argv)
+    cfg = run_settings(settings, "bgmask pretrain")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f):
         return run(cfg)
 
 
-def train_candidate(argv: list[str], recipe: Recipe, run_dir: Path) -> dict:
-    """Train one candidate (a finished run with the same flags is read back) -> its summary."""
-    record = run_dir / "candidate.json"
-    if (run_dir / "done").is_file() and record.is_file():
-        saved = read_json_object(record)  # an unreadable record: the candidate trains again
-        if saved.get("argv") == argv:
-            return {**saved, "reused": True}
+def train_candidate(settings: dict, recipe: Recipe, run_dir: Path) -> dict:
+    """Train one candidate (a finished run with the same settings is read back) -> its summary."""
+    record = Marker(run_dir / "candidate.json", fields=("settings",))
+    if (run_dir / "done").is_file() and record.holds({"settings": settings}):  # unreadable: trained again
+        return {**record.saved(), "reused": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    final = engine_run(argv, run_dir / "train.log")
+    final = engine_run(settings, run_dir / "train.log")
     history = [r["val/acc"] for r in read_jsonl(run_dir / "results.jsonl") if r.get("split") == "val"]
     best = max(range(len(history)), key=lambda i: (history[i], -i))  # the engine's best.pt: the first max
-    out = {"recipe": asdict(recipe), "argv": argv, "run_dir": str(run_dir), "val_acc": history[best],
+    out = {"recipe": asdict(recipe), "settings": settings, "run_dir": str(run_dir), "val_acc": history[best],
            "best_epoch": best + 1, "val_acc_per_epoch": history, "test_acc": final["test/acc"],
            "seconds": round(time.perf_counter() - t0, 1)}
-    atomic_write_text(record, json.dumps(out, indent=2))
+    record.write(out)
     print(f"[pretrain] {run_dir.parent.name} {recipe.name}: val {out['val_acc']:.4f} (epoch {best + 1} of "
           f"{len(history)}), {out['seconds']:.0f} s", flush=True)
     return out
@@ -304,7 +300,7 @@ def fp16_check(chosen: dict, work: Path):
     ckpt = work / "fp16_check" / "best.pt"
     shutil.rmtree(ckpt.parent, ignore_errors=True)
     save_checkpoint(ckpt, {**state, "model": rounded})
-    record = engine_run(chosen["argv"] + ["--eval_only", "--checkpoint", str(ckpt)], ckpt.parent / "eval.log")
+    record = engine_run({**chosen["settings"], "eval_only": True, "checkpoint": str(ckpt)}, ckpt.parent / "eval.log")
     fp16 = {"val_acc": record["val/acc"], "test_acc": record["test/acc"]}
     print(f"[pretrain] fp16 backbone: val {fp16['val_acc']:.4f}, test {fp16['test_acc']:.4f}", flush=True)
     return backbone, fp16
@@ -345,7 +341,7 @@ def zoo_entry(ns, spec: ZooModel, data_args: dict, runs: dict, fp16: dict, dtype
                  "val_fraction": ns.val_fraction, "split_seed": 0},
         "recipe": {**chosen["recipe"], "epochs": ns.epochs, "batch_size": ns.batch_size, "optimizer": "adamw",
                    "scheduler": "cosine", "min_lr": 1e-5, "seed": ns.seed,
-                   "train_command": shlex.join(["python", "early_masking_and_baseline/train.py", *chosen["argv"]])},
+                   "train_command": shlex.join(command_line(chosen["settings"]))},
         "masked_warmup": warmup and {"epochs": ns.masked_warmup_epochs, **{k: warmup[k] for k in keep}},
         "candidates": [{k: c[k] for k in keep} for c in runs["candidates"]],
         "chosen": chosen["recipe"]["name"],

@@ -11,7 +11,8 @@ know about a kind of backbone (ViT, ResNet, ConvNeXt, any other timm CNN) is its
 """
 
 from bgmask.models import small  # noqa: F401  (registers bgmask_* models with timm)
-from bgmask.models.classifier import LATE_MASK_STAGES, Classifier, create_classifier, resize_mask  # noqa: F401
+from bgmask.models.classifier import (LATE_MASK_STAGES, Classifier, create_classifier, family_of_arch,  # noqa: F401
+                                      resize_mask)
 from bgmask.models.families import FAMILIES, BackboneFamily, CNNFamily, family_of, register_family  # noqa: F401
 from bgmask.models.heads import HEADS, LATE_POOLS, TokenHead, register_head  # noqa: F401
 from bgmask.models.weights import load_pretrained_file, read_state_dict  # noqa: F401

@@ -21,6 +21,7 @@ the mask).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import timm
@@ -179,6 +180,15 @@ class Classifier(nn.Module):
                             f"got {tuple(feature_mask.shape)}")
         if self._late_problem is not None:
             raise UserError(f"late masking is not supported for model_arch={self.model_arch}: {self._late_problem}")
+
+
+@functools.lru_cache(maxsize=None)
+def family_of_arch(model_arch: str):
+    """The backbone family of a timm model name (an unknown name is one UserError), read from a
+    weightless meta-device copy: what "auto" settings mean is known before anything is built."""
+    check_model_arch(model_arch)
+    with torch.device("meta"):
+        return family_of(timm.create_model(model_arch, pretrained=False, num_classes=0))
 
 
 def create_classifier(model_arch: str, num_classes: int, *, head: str | None = None, pretrained: bool = False,
