@@ -80,3 +80,31 @@ def test_functions_are_short(name):
 
 def test_engine_keeps_only_the_loop():
     assert len((PACKAGE / "engine.py").read_text().splitlines()) < 300
+
+
+MAX_TOP_LEVEL_MODULES = 16
+MAX_FILE_LINES = 450
+
+
+def test_library_and_applications_are_apart():
+    """bgmask/ holds the library's modules (at most 16 at the top); the applications live in bgmask/apps/
+    and import the library, never each other's internals (cli, the `bgmask` command, wires them up)."""
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+    graph = import_graph()
+    library = {m for m in graph if not m.startswith("bgmask.apps") and m != "bgmask.__main__"}
+    assert not [(m, t) for m in library for t in graph[m] if t.startswith("bgmask.apps")]
+    apps = {m for m in graph if m.startswith("bgmask.apps.")}
+
+    def app(module):  # demo_plots and demo_seg are parts of the demo
+        return module.rsplit(".", 1)[-1].split("_")[0]
+
+    crossing = [(m, t) for m in apps for t in graph[m] & apps if m != "bgmask.apps.cli" and app(t) != app(m)
+                and (m, t) != ("bgmask.apps.demo", "bgmask.apps.sweep")]  # --mask_sweep: the sweep's entry
+    assert not crossing
+
+
+@pytest.mark.parametrize("name", sorted(module_names()))
+def test_files_are_short(name):
+    path = module_names()[name]
+    assert len(path.read_text().splitlines()) <= MAX_FILE_LINES, path
