@@ -112,17 +112,15 @@ def split_fractions(model, strategy, dataset, gt_dataset, indices, dist: DistInf
     The strategy sees what evaluation gives it (`dataset`'s masks, or `mask_fn`'s); the fraction uses
     `gt_dataset`'s GT masks (the same positions). Ranks take strided shares of `indices`; every rank gets
     every fraction."""
+    from bgmask.eval import batch_to_device
+
     mine, rows = np.asarray(indices)[dist.rank::dist.world_size], []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         batch = take(dataset, chunk)
         gt = batch["mask"] if gt_dataset is dataset else take(gt_dataset, chunk)["mask"]
-        images = batch["image"].to(dist.device)
-        masks = batch.get("mask")
-        masks = masks.to(dist.device) if masks is not None else None
-        if mask_fn is not None:
-            with torch.no_grad():
-                masks = mask_fn(images)
+        with torch.no_grad():  # the masks are the strategy's input, not part of the attributed function
+            images, masks = batch_to_device(batch, dist.device, mask_fn)
         attributions = attribute(model, strategy, images, masks, amp=amp, amp_dtype=amp_dtype)
         fractions = bg_fraction(attributions, gt.to(dist.device))
         rows += zip(chunk.tolist(), fractions.cpu().tolist())
