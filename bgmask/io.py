@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import os
@@ -14,10 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bgmask.errors import UserError
-
-# Write failures that are the user's to fix (full disk, read-only or forbidden folder): one line.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+from bgmask.errors import DISK_ERRNOS, UserError
 
 
 @contextlib.contextmanager
