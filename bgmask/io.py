@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -78,6 +79,15 @@ def remove_stale_temp(folder: str | Path, recursive: bool = False, spare_live: b
             tmp.unlink()
             n += 1
     return n
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | Path, default=None):

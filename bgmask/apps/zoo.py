@@ -55,8 +55,8 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.errors import UserError
 from bgmask.runfolder import hold_folder
-from bgmask.io import atomic_write_bytes, atomic_write_text, read_json_object
-from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, file_sha256, read_zoo_index
+from bgmask.io import atomic_write_bytes, atomic_write_text, file_sha256, read_json_object
+from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, read_zoo_index
 
 FP16_TOLERANCE = 0.005  # --dtype auto keeps fp16 when its val accuracy is at most this much lower
 INDEX_FORMAT = "bgmask-zoo"
