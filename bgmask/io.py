@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is either absent or complete, never half-written."""
+"""Files: atomic writes (a file is either absent or complete, never half-written), the readers of JSON
+markers and torch files, a file's sha256."""
 
 from __future__ import annotations
 
