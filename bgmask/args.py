@@ -185,6 +185,16 @@ def masking_args(add_help: bool = False, strategies=None, default: str | None = 
     return p
 
 
+def schedule_flag(group, name: str, range: str, help: str) -> None:  # noqa: A002
+    """The flag of a field of bgmask.optim.LRSchedule: its type and default are the field's."""
+    from dataclasses import fields
+
+    from bgmask.optim import LRSchedule
+
+    default = next(f.default for f in fields(LRSchedule) if f.name == name)
+    add(group, f"--{name}", type=type(default), default=default, range=range, help=help)
+
+
 def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     from bgmask.eval import AMP_DTYPES
     from bgmask.optim import OPTIMIZERS, SCHEDULES
@@ -203,19 +213,16 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(s, "--scheduler_type", default="cosine", choices=list(SCHEDULES))
     # Flags that only some --scheduler_type reads: their ranges refuse what no schedule takes (NaN, a negative
     # count); LRSchedule checks the stricter rule of the schedule in use, as one line too.
-    add(s, "--scheduler_warmup_epochs", type=int, default=10, range="[0, inf)",
-        help="cosine_with_warmup: linear warm-up epochs from lr 0 (may exceed --epochs); "
-             "cosine_warmup_restart: length of the first cycle")
-    add(s, "--min_lr", type=float, default=1e-6, range="(-inf, inf)",
-        help="cosine schedules: lowest lr (absolute, every group)")
-    add(s, "--scheduler_restart_factor", type=int, default=2, range="[0, inf)",
-        help="cosine_warmup_restart: cycle length multiplier after each restart")
-    add(s, "--scheduler_step_size", type=int, default=10, range="[0, inf)", help="steplr: epochs between decays")
-    add(s, "--scheduler_gamma", type=float, default=0.1, range="(0, 1]", help="steplr: decay factor")
-    add(s, "--scheduler_start_factor", type=float, default=0.333, range="[0, inf)",
-        help="linearlr: lr factor at epoch 0")
-    add(s, "--scheduler_end_factor", type=float, default=1.0, range="[0, inf)",
-        help="linearlr: factor reached after the last epoch")
+    schedule_flag(s, "scheduler_warmup_epochs", "[0, inf)",
+                  "cosine_with_warmup: linear warm-up epochs from lr 0 (may exceed --epochs); "
+                  "cosine_warmup_restart: length of the first cycle")
+    schedule_flag(s, "min_lr", "(-inf, inf)", "cosine schedules: lowest lr (absolute, every group)")
+    schedule_flag(s, "scheduler_restart_factor", "[0, inf)",
+                  "cosine_warmup_restart: cycle length multiplier after each restart")
+    schedule_flag(s, "scheduler_step_size", "[0, inf)", "steplr: epochs between decays")
+    schedule_flag(s, "scheduler_gamma", "(0, 1]", "steplr: decay factor")
+    schedule_flag(s, "scheduler_start_factor", "[0, inf)", "linearlr: lr factor at epoch 0")
+    schedule_flag(s, "scheduler_end_factor", "[0, inf)", "linearlr: factor reached after the last epoch")
     add(g, "--smoothing", type=float, default=0.1, range="[0, 1)", help="label smoothing (the paper: 0.1)")
     add(g, "--grad_norm_clip", type=float, default=None, range="(0, inf)")
     add(g, "--use_amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + grad scaler with --amp_dtype fp16 on CUDA)")

@@ -244,10 +244,7 @@ def test_resume_refuses_another_curve_only():
 def test_flags_are_the_papers():
     parser = A.train_parser("t")
     defaults = {a.dest: a.default for a in parser._actions}
-    for f in fields(LRSchedule):
-        assert f.name in defaults, f.name
-        if f.name not in ("scheduler_type", "epochs"):
-            assert defaults[f.name] == f.default, f.name
+    assert {f.name for f in fields(LRSchedule)} <= set(defaults)  # LRSchedule.from_config reads them
     assert (defaults["scheduler_warmup_epochs"], defaults["scheduler_restart_factor"], defaults["scheduler_step_size"],
             defaults["scheduler_gamma"], defaults["scheduler_start_factor"], defaults["scheduler_end_factor"],
             defaults["min_lr"]) == (10, 2, 10, 0.1, 0.333, 1.0, 1e-6)
