@@ -186,8 +186,6 @@ def read_torch_file(path: str | Path, what: str, trust: bool = False, map_locati
     call it, e.g. "checkpoint"); only a real torch pickle that needs more than weights suggests trust."""
     import pickle
 
-    import torch
-
     path = Path(path)
     junk = f"cannot read {what} {path}: not a torch checkpoint (truncated or not a torch file"
     if not path.is_file():
