@@ -69,8 +69,6 @@ def workers_arg(parser) -> None:
 
 
 # ---------------------------------------------------------------- training / evaluation flag groups
-# A flag's choices are the names of the code that implements them (a registry, or a tuple beside the
-# code), imported where the parser is built.
 
 
 def data_args(add_help: bool = False) -> argparse.ArgumentParser:
@@ -97,8 +95,7 @@ def data_args(add_help: bool = False) -> argparse.ArgumentParser:
     t = p.add_argument_group("timm augmentation set (--augmentations_to_use timm)")
     add(t, "--aa", default="rand-m9-mstd0.5-inc1",
         help="timm RandAugment / AutoAugment policy, e.g. rand-m9-mstd0.5-inc1, v0; 'none' turns it off")
-    add(t, "--train_interpolation", default="bicubic",
-        choices=INTERPOLATIONS,
+    add(t, "--train_interpolation", default="bicubic", choices=INTERPOLATIONS,
         help="interpolation of the random resized crop and of RandAugment's geometric ops")
     add(t, "--color_jitter", type=float, default=0.4, range="[0, inf)",
         help="ColorJitter brightness/contrast/saturation; as in timm only without --aa (--aa none) or with a "
@@ -153,8 +150,7 @@ LATE_FLAG_DEFAULTS = {"late_mask_stage": "auto", "late_pool": "mean", "late_drop
 def masking_args(add_help: bool = False, strategies=None, default: str | None = None) -> argparse.ArgumentParser:
     """--strategy takes `strategies` (default: every registered one) and `default` (default: the first)."""
     from bgmask.masking.strategies import MASK_FILLS, STRATEGIES
-    from bgmask.models.classifier import LATE_MASK_STAGES
-    from bgmask.models.heads import LATE_POOLS
+    from bgmask.models import LATE_MASK_STAGES, LATE_POOLS
 
     strategies = list(strategies or STRATEGIES)
     p = ArgumentParser(add_help=add_help)
@@ -187,11 +183,9 @@ def masking_args(add_help: bool = False, strategies=None, default: str | None = 
 
 def schedule_flag(group, name: str, range: str, help: str) -> None:  # noqa: A002
     """The flag of a field of bgmask.optim.LRSchedule: its type and default are the field's."""
-    from dataclasses import fields
-
     from bgmask.optim import LRSchedule
 
-    default = next(f.default for f in fields(LRSchedule) if f.name == name)
+    default = LRSchedule.__dataclass_fields__[name].default
     add(group, f"--{name}", type=type(default), default=default, range=range, help=help)
 
 
@@ -213,9 +207,8 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(s, "--scheduler_type", default="cosine", choices=list(SCHEDULES))
     # Flags that only some --scheduler_type reads: their ranges refuse what no schedule takes (NaN, a negative
     # count); LRSchedule checks the stricter rule of the schedule in use, as one line too.
-    schedule_flag(s, "scheduler_warmup_epochs", "[0, inf)",
-                  "cosine_with_warmup: linear warm-up epochs from lr 0 (may exceed --epochs); "
-                  "cosine_warmup_restart: length of the first cycle")
+    schedule_flag(s, "scheduler_warmup_epochs", "[0, inf)", "cosine_with_warmup: linear warm-up epochs from lr 0 "
+                  "(may exceed --epochs); cosine_warmup_restart: length of the first cycle")
     schedule_flag(s, "min_lr", "(-inf, inf)", "cosine schedules: lowest lr (absolute, every group)")
     schedule_flag(s, "scheduler_restart_factor", "[0, inf)",
                   "cosine_warmup_restart: cycle length multiplier after each restart")
