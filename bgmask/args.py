@@ -70,11 +70,10 @@ def workers_arg(parser) -> None:
 
 # ---------------------------------------------------------------- training / evaluation flag groups
 
-SCHEDULERS = ("cosine", "cosine_with_warmup", "cosine_warmup_restart", "linearlr", "steplr", "none")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-
 
 def data_args(add_help: bool = False) -> argparse.ArgumentParser:
+    from bgmask.data.transforms import AUGMENTATIONS, ERASE_MODES, INTERPOLATIONS
+
     p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("data")
     add(g, "--data_path", required=False, help="CUB_200_2011 root (real or `bgmask make-synthetic`)")
@@ -89,21 +88,20 @@ def data_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--crop_pct", type=float, default=1.0, range="(0, 1]",
         help="evaluation: shorter side -> image_size / crop_pct, then the central image_size crop "
              "(1.0 = the paper's Resize + CenterCrop; 0.875 = timm's)")
-    add(g, "--augmentations_to_use", default="timm", choices=["timm", "cub_original", "torchvision", "flip", "none"],
+    add(g, "--augmentations_to_use", default="timm", choices=AUGMENTATIONS,
         help="training set: timm (create_transform + RandAugment), cub_original (resize, flip, brightness, "
              "affine, random crop), torchvision (resize image_size*256/224 + centre crop, no randomness), flip, "
              "none; see bgmask/data/transforms.py")
     t = p.add_argument_group("timm augmentation set (--augmentations_to_use timm)")
     add(t, "--aa", default="rand-m9-mstd0.5-inc1",
         help="timm RandAugment / AutoAugment policy, e.g. rand-m9-mstd0.5-inc1, v0; 'none' turns it off")
-    add(t, "--train_interpolation", default="bicubic",
-        choices=["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"],
+    add(t, "--train_interpolation", default="bicubic", choices=INTERPOLATIONS,
         help="interpolation of the random resized crop and of RandAugment's geometric ops")
     add(t, "--color_jitter", type=float, default=0.4, range="[0, inf)",
         help="ColorJitter brightness/contrast/saturation; as in timm only without --aa (--aa none) or with a "
              "'3a' policy")
     add(t, "--reprob", type=float, default=0.25, range="[0, 1]", help="random-erasing probability")
-    add(t, "--remode", default="pixel", choices=["pixel", "rand", "const"], help="random-erasing fill")
+    add(t, "--remode", default="pixel", choices=ERASE_MODES, help="random-erasing fill")
     add(t, "--recount", type=int, default=1, range="[1, inf)", help="random erasing: up to this many boxes per image")
     add(t, "--imagenet_default_mean_and_std", action="store_false",
         help="the paper's switch of the training transform alone to Inception mean/std; refused: bgmask "
@@ -151,7 +149,8 @@ LATE_FLAG_DEFAULTS = {"late_mask_stage": "auto", "late_pool": "mean", "late_drop
 
 def masking_args(add_help: bool = False, strategies=None, default: str | None = None) -> argparse.ArgumentParser:
     """--strategy takes `strategies` (default: every registered one) and `default` (default: the first)."""
-    from bgmask.masking.strategies import STRATEGIES
+    from bgmask.masking.strategies import MASK_FILLS, STRATEGIES
+    from bgmask.models import LATE_MASK_STAGES, LATE_POOLS
 
     strategies = list(strategies or STRATEGIES)
     p = ArgumentParser(add_help=add_help)
@@ -161,7 +160,7 @@ def masking_args(add_help: bool = False, strategies=None, default: str | None = 
         help="'gt' (ROOT/segmentations) or a predicted-mask folder laid out as DIR/<image folder>/<rel>.png")
     add(g, "--mask_dir", default=None, help="alias of --mask_source DIR (late-masking spelling)")
     add(g, "--mask_threshold", type=int, default=0, range="[0, 254]", help="mask pixel > threshold = bird")
-    add(g, "--mask_fill", default="black", choices=["black", "mean", "blur"], help="early masking background fill")
+    add(g, "--mask_fill", default="black", choices=MASK_FILLS, help="early masking background fill")
     add(g, "--seg_model_config_path", default=None,
         help="online segmenter: MMSeg config; masks are predicted on each (augmented) batch")
     add(g, "--seg_model_checkpoint_path", default=None, help="online segmenter: checkpoint (slim or full)")
@@ -170,23 +169,34 @@ def masking_args(add_help: bool = False, strategies=None, default: str | None = 
              "evaluation batch); lowers its peak memory, same masks")
     late = p.add_argument_group("late masking (--strategy late)")
     add(late, "--late_mask_stage", "--late_mask_block", default=LATE_FLAG_DEFAULTS["late_mask_stage"],
-        choices=["auto", "last", "second_last"],
+        choices=["auto", *LATE_MASK_STAGES],
         help="mask the last stage/block output, or the second-last and run the last on it; auto (the paper's "
              "defaults): second_last for ResNet / ConvNeXt, last for ViTs and other CNNs")
     add(late, "--fm_second_last_block", action="store_true", help="the paper's spelling of --late_mask_stage second_last (ViT)")
     add(late, "--feature_masking_last_layer", action="store_true",
         help="the paper's spelling of --late_mask_stage last (CNN)")
-    add(late, "--late_pool", default=LATE_FLAG_DEFAULTS["late_pool"], choices=["mean", "masked_mean"],
+    add(late, "--late_pool", default=LATE_FLAG_DEFAULTS["late_pool"], choices=LATE_POOLS,
         help="mean over the whole grid (the paper) or over bird cells only")
     add(late, "--late_drop_cls", action="store_true", help="ViT: head on masked patch tokens only")
     return p
 
 
+def schedule_flag(group, name: str, range: str, help: str) -> None:  # noqa: A002
+    """The flag of a field of bgmask.optim.LRSchedule: its type and default are the field's."""
+    from bgmask.optim import LRSchedule
+
+    default = LRSchedule.__dataclass_fields__[name].default
+    add(group, f"--{name}", type=type(default), default=default, range=range, help=help)
+
+
 def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
+    from bgmask.eval import AMP_DTYPES
+    from bgmask.optim import OPTIMIZERS, SCHEDULES
+
     p = ArgumentParser(add_help=add_help)
     g = p.add_argument_group("optimisation")
     add(g, "--epochs", type=int, default=10, range="[1, inf)")
-    add(g, "--optimizer_type", default="adamw", choices=list(OPTIMIZERS))
+    add(g, "--optimizer_type", default="adamw", choices=OPTIMIZERS)
     add(g, "--lr", type=float, default=1e-3, range="(0, inf)")
     add(g, "--weight_decay", type=float, default=1e-2, range="[0, inf)")
     add(g, "--momentum", type=float, default=0.9, range="[0, 1]")
@@ -194,26 +204,22 @@ def optim_args(add_help: bool = False) -> argparse.ArgumentParser:
     add(g, "--betas2", type=float, default=0.999, range="[0, 1)")
     add(g, "--scratch_lr_factor", type=float, default=1.0, range="[0, inf)", help="head learning rate = lr x this")
     s = p.add_argument_group("learning-rate schedule (the paper's, per epoch; formulas in bgmask.optim.LRSchedule)")
-    add(s, "--scheduler_type", default="cosine", choices=list(SCHEDULERS))
+    add(s, "--scheduler_type", default="cosine", choices=list(SCHEDULES))
     # Flags that only some --scheduler_type reads: their ranges refuse what no schedule takes (NaN, a negative
     # count); LRSchedule checks the stricter rule of the schedule in use, as one line too.
-    add(s, "--scheduler_warmup_epochs", type=int, default=10, range="[0, inf)",
-        help="cosine_with_warmup: linear warm-up epochs from lr 0 (may exceed --epochs); "
-             "cosine_warmup_restart: length of the first cycle")
-    add(s, "--min_lr", type=float, default=1e-6, range="(-inf, inf)",
-        help="cosine schedules: lowest lr (absolute, every group)")
-    add(s, "--scheduler_restart_factor", type=int, default=2, range="[0, inf)",
-        help="cosine_warmup_restart: cycle length multiplier after each restart")
-    add(s, "--scheduler_step_size", type=int, default=10, range="[0, inf)", help="steplr: epochs between decays")
-    add(s, "--scheduler_gamma", type=float, default=0.1, range="(0, 1]", help="steplr: decay factor")
-    add(s, "--scheduler_start_factor", type=float, default=0.333, range="[0, inf)",
-        help="linearlr: lr factor at epoch 0")
-    add(s, "--scheduler_end_factor", type=float, default=1.0, range="[0, inf)",
-        help="linearlr: factor reached after the last epoch")
+    schedule_flag(s, "scheduler_warmup_epochs", "[0, inf)", "cosine_with_warmup: linear warm-up epochs from lr 0 "
+                  "(may exceed --epochs); cosine_warmup_restart: length of the first cycle")
+    schedule_flag(s, "min_lr", "(-inf, inf)", "cosine schedules: lowest lr (absolute, every group)")
+    schedule_flag(s, "scheduler_restart_factor", "[0, inf)",
+                  "cosine_warmup_restart: cycle length multiplier after each restart")
+    schedule_flag(s, "scheduler_step_size", "[0, inf)", "steplr: epochs between decays")
+    schedule_flag(s, "scheduler_gamma", "(0, 1]", "steplr: decay factor")
+    schedule_flag(s, "scheduler_start_factor", "[0, inf)", "linearlr: lr factor at epoch 0")
+    schedule_flag(s, "scheduler_end_factor", "[0, inf)", "linearlr: factor reached after the last epoch")
     add(g, "--smoothing", type=float, default=0.1, range="[0, 1)", help="label smoothing (the paper: 0.1)")
     add(g, "--grad_norm_clip", type=float, default=None, range="(0, inf)")
     add(g, "--use_amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + grad scaler with --amp_dtype fp16 on CUDA)")
-    add(g, "--amp_dtype", default="bf16", choices=["bf16", "fp16"])
+    add(g, "--amp_dtype", default="bf16", choices=list(AMP_DTYPES))
     add(g, "--channels_last", action="store_const", const=True, default=None,
         help="channels_last memory format (default: on for CNN backbones, off for ViTs: see --no_channels_last)")
     add(g, "--no_channels_last", dest="channels_last", action="store_const", const=False,
@@ -350,10 +356,12 @@ def checked_settings(values, source: str) -> dict:
 
 
 def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from bgmask.masking.strategies import MASK_FILLS
+
     add(parser, "--cub_root", required=True)
     add(parser, "--masks", default="gt", help="'gt' or a predicted-mask folder (DIR/<image folder>/<rel>.png)")
     add(parser, "--out_subdir", required=True, help="NAME: writes ROOT/NAME and ROOT/NAME_waterbirds")
-    add(parser, "--mask_fill", default="black", choices=["black", "mean", "blur"])
+    add(parser, "--mask_fill", default="black", choices=MASK_FILLS)
     add(parser, "--mask_threshold", type=int, default=0, range="[0, 254]")
     workers_arg(parser)
     return parser

@@ -11,11 +11,11 @@ so it is the same for CNNs and ViTs, and it differentiates the strategy's whole 
 `strategy.forward(model, strategy.preprocess(images, masks), masks)`: early masking's fill and late
 masking's `feature_mask=` product are inside the attributed function. Grad-CAM would be tied to a conv
 layer (no ViT, and late masking's product sits after it); Integrated Gradients costs one backward per
-step and measured 21-28x slower with 16 steps on the demo models (CPU, 64 px) for the same kind of pixel
-map, too slow to run by default. Input x gradient costs about 4 no-grad forwards (predict, forward,
-backward): ~120 images/s for bgmask_resnet_tiny, ~80 for bgmask_vit_tiny (64 px, one loaded CPU
-thread), so 64 images per split are on by default. Its limits: a first-order explanation, whose reference
-is the normalised 0 (the mean colour): a pixel of exactly that colour gets no attribution.
+step, many times the cost for the same kind of pixel map, too slow to run by default. Input x gradient
+costs about 4 no-grad forwards (predict, forward, backward), cheap enough for 64 images per split by
+default (the measured speeds: benchmarks/README.md, "Attribution and the mask sweep"). Its limits: a
+first-order explanation, whose reference is the normalised 0 (the mean colour): a pixel of exactly that
+colour gets no attribution.
 
 The fraction of an image: A = attribution summed over channels, clamped at >= 0 (positive evidence for
 the predicted class); fraction = sum(A on GT background) / sum(A). GT masks (1 = bird, 0 = background)
@@ -112,17 +112,15 @@ def split_fractions(model, strategy, dataset, gt_dataset, indices, dist: DistInf
     The strategy sees what evaluation gives it (`dataset`'s masks, or `mask_fn`'s); the fraction uses
     `gt_dataset`'s GT masks (the same positions). Ranks take strided shares of `indices`; every rank gets
     every fraction."""
+    from bgmask.eval import batch_to_device
+
     mine, rows = np.asarray(indices)[dist.rank::dist.world_size], []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         batch = take(dataset, chunk)
         gt = batch["mask"] if gt_dataset is dataset else take(gt_dataset, chunk)["mask"]
-        images = batch["image"].to(dist.device)
-        masks = batch.get("mask")
-        masks = masks.to(dist.device) if masks is not None else None
-        if mask_fn is not None:
-            with torch.no_grad():
-                masks = mask_fn(images)
+        with torch.no_grad():  # the masks are the strategy's input, not part of the attributed function
+            images, masks = batch_to_device(batch, dist.device, mask_fn)
         attributions = attribute(model, strategy, images, masks, amp=amp, amp_dtype=amp_dtype)
         fractions = bg_fraction(attributions, gt.to(dist.device))
         rows += zip(chunk.tolist(), fractions.cpu().tolist())

@@ -30,6 +30,7 @@ from bgmask.data import CUBDataset
 from bgmask.distributed import DistInfo, all_reduce_sum, allow_tf32, barrier, cleanup, init_distributed
 from bgmask.errors import UserError
 from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
+from bgmask.eval import prepare_batch, to_memory_format
 from bgmask.optim import accumulation_groups, mix_batch, optimizer_step, sync_context
 from bgmask.processes import epoch_seed, loader_iter, seed_everything, worker_init
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, checkpoint_of, folder_lock
@@ -39,19 +40,14 @@ from bgmask.settings import resolve
 # ------------------------------------------------------------------------------------- the loop
 
 def train_step(model, batch, strategy, dist: DistInfo, cfg: Namespace, mixup=None, mask_fn=None):
-    """The logits of one batch and its targets: masks to the strategy, mixup, autocast forward."""
-    images = batch["image"].to(dist.device, non_blocking=True)
-    labels = batch["label"].to(dist.device, non_blocking=True)
-    masks = batch.get("mask")
-    masks = masks.to(dist.device, non_blocking=True) if masks is not None else None
-    if mask_fn is not None:
-        masks = mask_fn(images)
-    images = strategy.preprocess(images, masks)
-    targets = labels
+    """The logits of one batch and its targets: the batch prepared as evaluation prepares it
+    (`bgmask.eval.prepare_batch`: masks, the strategy's preprocess), then mixup, then the memory format,
+    then the autocast forward."""
+    images, masks = prepare_batch(batch, strategy, dist.device, mask_fn)
+    targets = labels = batch["label"].to(dist.device, non_blocking=True)
     if mixup is not None:
         images, masks, targets = mix_batch(mixup, images, masks, labels)
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = to_memory_format(images, cfg.channels_last)
     with autocast_context(dist.device, cfg.use_amp, cfg.amp_dtype):
         logits = strategy.forward(model, images, masks)
     return logits, targets

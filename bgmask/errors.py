@@ -13,7 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# The OSErrors that are the user's to fix, not bugs: a full disk or quota, a read-only file system, a
+# forbidden file or folder, a path through a file. bgmask.io and run_cli report them as one line.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
 
 
 class UserError(Exception):
@@ -156,11 +158,11 @@ def run_cli(main_fn):
         except UserError as e:
             print(f"error: {one_line(str(e))}", file=sys.stderr)
             return UserError.exit_code
-        except OSError as e:  # a full disk or a read-only folder met outside bgmask.io: still one line
-            if e.errno not in _DISK_ERRNOS:
+        except OSError as e:  # a full disk or a forbidden folder met outside bgmask.io: still one line
+            if e.errno not in DISK_ERRNOS:
                 raise
-            where = f" {e.filename}" if e.filename else ""
-            print(f"error: cannot write{where}: {e.strerror}", file=sys.stderr)
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror}", file=sys.stderr)
             return UserError.exit_code
 
     return wrapper

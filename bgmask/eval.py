@@ -33,10 +33,41 @@ from bgmask.processes import loader_iter, unblock_sigint
 DIAGNOSTICS = ("fg_only", "bg_only", "mixed_same", "mixed_rand")
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp_dtype -> the autocast dtype
+
+
 def autocast_context(device: torch.device, enabled: bool, dtype: str = "bf16"):
     if not enabled:
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=AMP_DTYPES[dtype])
+
+
+def batch_to_device(batch: dict, device: torch.device, mask_fn=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, masks) of a collated batch on `device` (non-blocking copies): the masks are the batch's
+    own, or, with `mask_fn` (an online segmenter), its prediction from the images as loaded: contiguous
+    NCHW, since the segmenter is a network of its own with its own memory format."""
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch.get("mask")
+    masks = masks.to(device, non_blocking=True) if masks is not None else None
+    if mask_fn is not None:
+        masks = mask_fn(images)
+    return images, masks
+
+
+def prepare_batch(batch: dict, strategy, device: torch.device,
+                  mask_fn=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one preparation of a batch for the classifier, in training (`bgmask.engine.train_step`) and
+    evaluation (`predict`), in this order: to the device, the masks (`mask_fn` sees the contiguous batch,
+    see `batch_to_device`), the strategy's preprocess. The memory format comes last, right before the
+    forward (`to_memory_format`): training mixes (mixup / cutmix) between the two, so the model gets the
+    same layout in both paths."""
+    images, masks = batch_to_device(batch, device, mask_fn)
+    return strategy.preprocess(images, masks), masks
+
+
+def to_memory_format(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The classifier's input layout (`--channels_last`), applied last, right before the forward."""
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 @torch.no_grad()
@@ -52,14 +83,8 @@ def predict(model, dataset: Dataset, strategy, dist, batch_size: int = 64, num_w
     rows = {"index": [], "pred": [], "label": [], "group": [], "place": []}
     for batch in tqdm(loader_iter(loader), total=len(loader), desc=desc, disable=not (progress and dist.is_main),
                       leave=False):
-        images = batch["image"].to(dist.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        masks = batch.get("mask")
-        masks = masks.to(dist.device, non_blocking=True) if masks is not None else None
-        if mask_fn is not None:
-            masks = mask_fn(images)
-        images = strategy.preprocess(images, masks)
+        images, masks = prepare_batch(batch, strategy, dist.device, mask_fn)
+        images = to_memory_format(images, channels_last)
         with autocast_context(dist.device, amp, amp_dtype):
             logits = strategy.forward(model, images, masks)
         rows["pred"].append(logits.argmax(1).cpu().numpy())

@@ -1,9 +1,10 @@
-"""Atomic file writes: a file is either absent or complete, never half-written."""
+"""Files: atomic writes (a file is either absent or complete, never half-written), the readers of JSON
+markers and torch files, a file's sha256."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import hashlib
 import io
 import json
 import os
@@ -14,10 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bgmask.errors import UserError
-
-# Write failures that are the user's to fix (full disk, read-only or forbidden folder): one line.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+from bgmask.errors import DISK_ERRNOS, UserError
 
 
 @contextlib.contextmanager
@@ -89,6 +87,15 @@ def remove_stale_temp(folder: str | Path, recursive: bool = False, spare_live: b
             tmp.unlink()
             n += 1
     return n
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | Path, default=None):
@@ -185,8 +192,6 @@ def read_torch_file(path: str | Path, what: str, trust: bool = False, map_locati
     of junk). A missing, truncated, junk or unsafe file is one UserError naming `path` (`what`: how to
     call it, e.g. "checkpoint"); only a real torch pickle that needs more than weights suggests trust."""
     import pickle
-
-    import torch
 
     path = Path(path)
     junk = f"cannot read {what} {path}: not a torch checkpoint (truncated or not a torch file"

@@ -39,6 +39,9 @@ def param_groups(model, lr: float, scratch_lr_factor: float, weight_decay: float
             for head in (False, True) for decays in (True, False) if (head, decays) in buckets]
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd")  # --optimizer_type: the optimisers build_optimizer makes
+
+
 def build_optimizer(model, cfg: Namespace) -> torch.optim.Optimizer:
     """The paper's optimisers over `param_groups` (backbone lr, head lr x scratch_lr_factor, timm's
     no-decay rule)."""
@@ -181,13 +184,13 @@ def _linear(s: LRSchedule, base: float, e: int) -> float:
     return base * (start + (end - start) * min(e, s.epochs) / s.epochs)
 
 
-# --scheduler_type -> lr_at(schedule, base, epoch); the names of bgmask.args.SCHEDULERS
+# --scheduler_type (its choices are these keys) -> lr_at(schedule, base, epoch)
 SCHEDULES = {
     "cosine": lambda s, base, e: _cosine(s, base, e, s.epochs),
     "cosine_with_warmup": _warmup_cosine,
     "cosine_warmup_restart": _restarts,
-    "steplr": lambda s, base, e: base * s.scheduler_gamma ** (e // s.scheduler_step_size),
     "linearlr": _linear,
+    "steplr": lambda s, base, e: base * s.scheduler_gamma ** (e // s.scheduler_step_size),
     "none": lambda s, base, e: base,
 }
 

@@ -442,3 +442,27 @@ def test_bad_input_is_one_line(case, ws, tmp_path, capsys):
     assert not [p for p in written if p.suffix in (".pt", ".pth")], written
     for path in case.absent(ws, tmp_path, scratch):
         assert not path.exists(), f"{path} was written"
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EACCES", "ENOTDIR"])
+def test_a_disk_error_outside_bgmask_io_is_one_line(code, capsys):
+    """run_cli reports the errno values of bgmask.errors.DISK_ERRNOS (the one list bgmask.io uses too) as one
+    line naming the file; any other OSError is a bug and keeps its traceback."""
+    import errno
+
+    from bgmask.errors import DISK_ERRNOS, run_cli
+
+    number = getattr(errno, code)
+    assert number in DISK_ERRNOS
+
+    def fails(argv):
+        raise OSError(number, os.strerror(number), "/some/file")
+
+    assert run_cli(fails)([]) == 2
+    assert capsys.readouterr().err == f"error: /some/file: {os.strerror(number)}\n"
+
+    def bug(argv):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    with pytest.raises(OSError):
+        run_cli(bug)([])

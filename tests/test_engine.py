@@ -199,6 +199,55 @@ def test_every_strategy_trains_and_evaluates(cub, tmp_path, name, arch):
         assert ev[key] == final[key], key
 
 
+class Recorder(torch.nn.Module):
+    """A stand-in classifier (and segmenter) that records what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images, feature_mask=None):
+        self.seen.append((images.detach().clone(), images.is_contiguous(memory_format=torch.channels_last),
+                          None if feature_mask is None else feature_mask.detach().clone()))
+        return images.mean((2, 3))[:, :2]
+
+
+@pytest.mark.parametrize("name", ["baseline", "early", "late"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_and_evaluation_prepare_a_batch_alike(name, channels_last):
+    """The two paths share bgmask.eval.prepare_batch: the online segmenter sees the contiguous batch as
+    loaded, and the model gets the same images and masks, in the --channels_last layout, in both."""
+    from argparse import Namespace
+
+    from bgmask.distributed import DistInfo
+    from bgmask.engine import train_step
+    from bgmask.eval import predict
+
+    torch.manual_seed(0)
+    records = [{"image": torch.randn(3, 16, 16), "mask": torch.zeros(1, 16, 16), "label": i % 2, "index": i,
+                "group": 0, "place": 0} for i in range(4)]
+    segmenter = Recorder()
+
+    def mask_fn(images):
+        segmenter(images)
+        return (images[:, :1] > 0).float()
+
+    strategy, dist = create_strategy(name), DistInfo()
+    train_model, eval_model = Recorder(), Recorder()
+    cfg = Namespace(channels_last=channels_last, use_amp=False, amp_dtype="bf16")
+    train_step(train_model, torch.utils.data.default_collate(records), strategy, dist, cfg, mask_fn=mask_fn)
+    predict(eval_model, records, strategy, dist, batch_size=4, mask_fn=mask_fn, channels_last=channels_last,
+            progress=False)
+    assert len(segmenter.seen) == 2 and all(not cl and images.is_contiguous() for images, cl, _ in segmenter.seen)
+    assert torch.equal(segmenter.seen[0][0], segmenter.seen[1][0])
+    (train_images, train_cl, train_mask), = train_model.seen
+    (eval_images, eval_cl, eval_mask), = eval_model.seen
+    assert train_cl == eval_cl == channels_last
+    assert torch.equal(train_images, eval_images)
+    assert (train_mask is None) == (eval_mask is None) == (name != "late")
+    assert train_mask is None or torch.equal(train_mask, eval_mask)
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_with_a_full_mask_is_the_baseline(name):
     """Masking nothing changes nothing: with an all-ones mask every strategy gives the baseline's logits;

@@ -369,3 +369,38 @@ def test_application_overrides_go_through_the_check_before_writing(tmp_path):
     with pytest.raises(UserError, match=r"^run .*: --lr must be > 0, got nan$"):
         stages.train_run(overrides, run)
     assert not run.exists()
+
+
+def _accepts(flag: str, value) -> None:
+    """Run `value` of `flag` through the code that implements the flag (a refusal raises)."""
+    import torch
+
+    from bgmask.data.transforms import build_transform
+    from bgmask.eval import autocast_context
+    from bgmask.masking.strategies import apply_early_mask
+    from bgmask.models import create_classifier
+
+    images, masks = torch.zeros(1, 3, 32, 32), torch.ones(1, 1, 32, 32)
+    if flag in ("augmentations_to_use", "train_interpolation", "remode"):
+        kw = {"augmentations": value} if flag == "augmentations_to_use" else {flag: value}
+        build_transform(True, 32, **kw)
+    elif flag == "mask_fill":
+        apply_early_mask(images, masks, value, (0.5,) * 3, (0.5,) * 3)
+    elif flag in ("late_mask_stage", "late_pool"):
+        create_classifier("bgmask_resnet_tiny", 2, **{flag: value})
+    elif flag == "amp_dtype":
+        with autocast_context(torch.device("cpu"), True, value):
+            pass
+    else:
+        raise AssertionError(f"no check for --{flag}")
+
+
+@pytest.mark.parametrize("flag", ["augmentations_to_use", "train_interpolation", "remode", "mask_fill",
+                                  "late_mask_stage", "late_pool", "amp_dtype"])
+def test_every_choice_is_accepted_by_the_code_that_implements_it(flag):
+    """These flags' choices are derived from their code's registry (bgmask.args imports them): every choice
+    the parser offers reaches that code and is accepted there."""
+    action = next(a for a in A.train_parser("t")._actions if a.dest == flag)
+    assert len(action.choices) > 1
+    for value in action.choices:
+        _accepts(flag, value)

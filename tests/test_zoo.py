@@ -13,6 +13,7 @@ import torch
 from bgmask import args as A
 from bgmask.apps.cli import main as cli_main
 from bgmask.errors import UserError
+from bgmask.io import file_sha256
 from bgmask.models import HEADS, create_classifier, weights
 
 SHIPPED = weights.read_zoo_index()
@@ -35,7 +36,7 @@ def test_shipped_file_matches_its_record(name):
     entry = SHIPPED[name]
     path = weights.ZOO_DIR / entry["file"]
     assert entry["file"] == f"{name}.safetensors"
-    assert weights.file_sha256(path) == entry["sha256"]
+    assert file_sha256(path) == entry["sha256"]
     assert path.stat().st_size == entry["bytes"]
     assert entry["command"].startswith("bgmask pretrain --model ") and f"--name {name} " in entry["command"]
     assert entry["data"]["correlation"] == 0.95 and entry["data"]["seed"] != 0  # habitat context; not the demo's species
@@ -85,7 +86,7 @@ def test_tampered_copy_names_the_file_and_both_hashes(zoo_copy):
     data = bytearray(path.read_bytes())
     data[-1] ^= 1  # a weight's last byte: still a readable file
     path.write_bytes(bytes(data))
-    actual, recorded = weights.file_sha256(path), SHIPPED["cnn"]["sha256"]
+    actual, recorded = file_sha256(path), SHIPPED["cnn"]["sha256"]
     with pytest.raises(UserError) as e:
         create_classifier("bgmask_resnet_tiny", 10, pretrained_file="zoo:cnn")
     assert str(e.value) == (f"zoo:cnn: {path} has sha256 {actual}, zoo.json records {recorded} (a changed or damaged "
@@ -146,7 +147,7 @@ def test_pretrain_tiny_writes_a_loadable_entry_and_reproduces_it(tmp_path, monke
                          "image_size": 64, "train_per_class": 10, "test_per_class": 2, "correlation": 0.95,
                          "seed": 1000, "val_fraction": 0.1, "split_seed": 0}
     path = out / "tiny.safetensors"
-    assert (e["sha256"], e["bytes"], e["model_arch"]) == (weights.file_sha256(path), path.stat().st_size,
+    assert (e["sha256"], e["bytes"], e["model_arch"]) == (file_sha256(path), path.stat().st_size,
                                                           "bgmask_resnet_tiny")
     monkeypatch.setattr(weights, "ZOO_DIR", out)
     clf = create_classifier("bgmask_resnet_tiny", 3, pretrained_file="zoo:tiny")
@@ -163,4 +164,4 @@ def test_pretrain_tiny_writes_a_loadable_entry_and_reproduces_it(tmp_path, monke
     assert 0 <= run(cfg)["test/acc"] <= 1
     # the recorded command, run again elsewhere, makes the same file
     assert cli_main(argv[:-4] + ["--out", str(tmp_path / "again"), "--work", str(tmp_path / "w2")]) == 0
-    assert weights.file_sha256(tmp_path / "again" / "tiny.safetensors") == e["sha256"]
+    assert file_sha256(tmp_path / "again" / "tiny.safetensors") == e["sha256"]

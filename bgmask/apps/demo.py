@@ -32,7 +32,7 @@ from bgmask.stages import (INITS, MASKS, MODELS, PRESETS, Preset, Stages, classi
 def demo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     A.add(parser, "--out", default="demo_output", output="folder")
     A.add(parser, "--preset", default="default", choices=[*PRESETS, "paper"],
-          help="default: the paper's grid on the shipped pretrained backbones, ~10 CPU minutes; full = all three "
+          help="default: the paper's grid on the shipped pretrained backbones (minutes on a CPU); full = all three "
                "ViT heads, GT-mask rows, 3 seeds; scratch = the from-scratch control; paper = print the real-data "
                "commands")
     A.add(parser, "--rows", nargs="+", default=None,

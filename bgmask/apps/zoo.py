@@ -12,11 +12,9 @@ the project makes its own: each backbone is trained as a classifier (through the
           10 habitats every habitat is home to ~10 species, so the habitat narrows the answer (a
           background-only classifier reaches ~10 %) but only the bird decides it. The backbone therefore
           encodes backgrounds as a real pretrained one does (ImageNet features carry scene context), and a
-          probe on the demo's biased data can pick the habitat up: the bias the paper removes. Measured on
-          the demo (CNN, frozen, predicted masks): from a backbone pretrained at 0.95 the baseline probe
-          scores 82 % on Waterbirds against 93 % with early and 87 % with late masking; from one pretrained
-          at 0.1 (independent habitats: p = 1/len(HABITATS)) every probe scored 97-98 %, so masking had
-          nothing to remove. Same 64 px images as the demo.
+          probe on the demo's biased data can pick the habitat up: the bias the paper removes. From a
+          backbone pretrained on independent habitats (0.1: p = 1/len(HABITATS)) masking had nothing to
+          remove (the measured accuracies: README.md, the model zoo). Same 64 px images as the demo.
   recipe  each candidate recipe of the model (`--strategy baseline`) trains on the set's train split less a
           stratified val split (--val_fraction, i.e. --train_split 1 - f); the recipe with the best val
           accuracy (its best epoch, the engine's best.pt) is kept. Its held-out accuracy is measured on
@@ -54,8 +52,8 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
-from bgmask.io import atomic_write_bytes, atomic_write_text, read_json_object
-from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, file_sha256, read_zoo_index
+from bgmask.io import atomic_write_bytes, atomic_write_text, file_sha256, read_json_object
+from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, read_zoo_index
 from bgmask.runfolder import hold_folder
 from bgmask.settings import command_line
 from bgmask.stages import Marker
@@ -223,9 +221,8 @@ def pretrain_data(data: Path, data_args: dict) -> tuple[Path, dict, float]:
 def masked_warmup(ns: argparse.Namespace, spec: ZooModel, data: Path, work: Path) -> dict | None:
     """The optional first stage: --masked_warmup_epochs on early-masked images (GT masks, black background),
     whose last.pt every recipe starts from. Why: from scratch on these 100 species the tiny ViT stays at
-    chance (val 0.85 % after a plain epoch at lr 1e-3; loss at ln 100 for 250 steps at lr 3e-4 or 1e-3, with
-    or without clipping and warm-up), while on the bird alone it leaves chance within 200 steps and then
-    keeps learning on plain images; the CNN needs no such start."""
+    chance, while on the bird alone it leaves chance and then keeps learning on plain images (the runs:
+    README.md, the model zoo); the CNN needs no such start."""
     if not ns.masked_warmup_epochs:
         return None
     run_dir = work / WARMUP_RECIPE.name

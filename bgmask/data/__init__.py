@@ -1,6 +1,7 @@
 """Datasets (CUB, Waterbirds, synthetic benchmark) and joint image/mask transforms.
 
-Names are imported lazily so that `bgmask make-synthetic` (numpy + PIL only) does not pay for torch.
+Names are imported lazily, so that a module of the package that needs no torch (the synthetic generator:
+numpy + PIL) imports without it.
 """
 
 _EXPORTS = {

@@ -61,7 +61,7 @@ class Classifier(nn.Module):
                  late_drop_cls: bool = False, image_size: int | None = None):
         super().__init__()
         if late_mask_stage not in (*LATE_MASK_STAGES, "auto"):
-            raise UserError(f"unknown late_mask_stage {late_mask_stage!r}; expected one of "
+            raise UserError(f"unknown late_mask_stage {late_mask_stage!r}; expected auto or one of "
                             f"{', '.join(LATE_MASK_STAGES)}")
         self.late_pool = check_late_pool(late_pool)
         self.model_arch = model_arch

@@ -89,8 +89,8 @@ class BackboneFamily:
     model_cls: type[nn.Module] = nn.Module
     supports_second_last: bool = False
     supports_output_stride: bool = False  # timm's dilated last stages (CNNs)
-    # what --channels_last auto means: on for convolutional families, whose conv kernels run faster in
-    # NHWC (measured 1.14-1.30x per training step on the 2-core CPU, benchmarks/README.md); a ViT has one conv
+    # what --channels_last means when neither it nor --no_channels_last is given: on for convolutional
+    # families, whose conv kernels run faster in NHWC (benchmarks/README.md, bench_defaults); a ViT has one conv
     prefers_channels_last: bool = False
 
     def default_late_stage(self) -> str:

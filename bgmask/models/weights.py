@@ -17,7 +17,6 @@ initialised; a file whose backbone tensors mostly do not fit is rejected with a 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import timm
 import torch
 from torch import nn
 
-from bgmask.io import load_weights_only
+from bgmask.io import file_sha256, load_weights_only
 from bgmask.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -146,14 +145,6 @@ def create_timm_model(model_arch: str, pretrained: bool = False, **kwargs) -> nn
 
 # ----------------------------------------------------------------------------------------------------------
 # the model zoo (`--pretrained_file zoo:NAME`; bgmask.apps.zoo writes it)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_zoo_index(zoo_dir: str | Path | None = None) -> dict[str, dict]:

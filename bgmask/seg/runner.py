@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shlex
@@ -25,7 +24,7 @@ from pathlib import Path
 from bgmask import args as A
 from bgmask.errors import ArgumentParser, UserError, require_dir, run_cli
 from bgmask.runfolder import hold_folder
-from bgmask.io import atomic_write_text, read_json_object, remove_stale_temp
+from bgmask.io import atomic_write_text, file_sha256, read_json_object, remove_stale_temp
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, git_revision
 
 SLIM_NAME = "segmenter_slim.pth"
@@ -463,14 +462,6 @@ def _image_hw(path: Path) -> tuple[int, int]:
         return 0, 0
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _open_segmenter(config: str | None, checkpoint: str | Path, batch_size: int, device: str,
                     trust_full_checkpoint: bool):
     """The segmenter, and its provenance (checkpoint path and SHA-256, config) for the output folder."""
@@ -482,7 +473,7 @@ def _open_segmenter(config: str | None, checkpoint: str | Path, batch_size: int,
     ckpt = Path(checkpoint)
     seg = load_segmenter(config, ckpt, device=resolve_device(device), batch_size=batch_size,
                          trust_full_checkpoint=trust_full_checkpoint)
-    info = {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": _file_digest(ckpt),
+    info = {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": file_sha256(ckpt),
             "config": str(Path(config).resolve()) if config else None}
     return seg, info
 
