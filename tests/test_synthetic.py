@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bgmask.data.synthetic import HABITATS, PLACE_OF_HABITAT, generate_synthetic
+from bgmask.data.habitats import HABITATS, PLACE_OF_HABITAT
+from bgmask.data.synthetic import generate_synthetic
 from bgmask.errors import UserError
 
 TINY = dict(num_classes=3, image_size=32, train_per_class=3, test_per_class=2, seed=0, progress=False)
