@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,8 @@ from tqdm import tqdm
 from bgmask.data.habitats import HABITATS, PLACE_OF_HABITAT, pick_habitat, render_habitat
 from bgmask.data.render import MARKING_POSITIONS, Species, composite, render_bird
 from bgmask.errors import UserError
-from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, remove_stale_temp
+from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder
+from bgmask.stages import Marker
 
 __all__ = [
     "WATERBIRDS_DIRNAME",
@@ -231,24 +231,16 @@ def _validate(num_classes, image_size, train_per_class, test_per_class, correlat
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output folder {out} exists and is not a folder")
-    if is_empty_folder(out):
-        remove_stale_temp(out)  # a run killed while writing its config leaves only its temporary file
-        return
-    if overwrite:
-        if not (out / CONFIG_NAME).is_file():  # never wipe a folder that is not a synthetic dataset
-            raise UserError(f"refusing to overwrite {out}: it is not empty and holds no {CONFIG_NAME}")
-        shutil.rmtree(out)
-        return
-    try:
-        previous = json.loads((out / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        previous = None
-    if previous != config:
-        raise UserError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
-    remove_stale_temp(out, recursive=True)  # half-written files of a killed run
+def _claim_out_dir(out: Path, config: dict, overwrite: bool) -> None:
+    """Make `out` the home of the dataset of `config`, its config file written first: an empty folder, or
+    one of the same config (resumed). With `overwrite`, a synthetic dataset of any config is replaced;
+    a non-empty folder without a config file is never wiped."""
+    marker = Marker(out / CONFIG_NAME, exact=True)  # a quirk left off is a missing key: compared too
+    if overwrite and not is_empty_folder(out) and not marker.path.is_file():
+        raise UserError(f"refusing to overwrite {out}: it is not empty and holds no {CONFIG_NAME}")
+    marker.claim(out, config, overwrite,
+                 lambda saved: f"output folder {out} exists and is not empty (pass --overwrite to replace it)",
+                 text=json.dumps(config, indent=2, sort_keys=True) + "\n", fresh=overwrite)
 
 
 def _save_jpeg(path: Path, rgb_u8: np.ndarray, mode: str = "RGB") -> None:
@@ -275,9 +267,7 @@ def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_clas
         "train_per_class": int(train_per_class), "test_per_class": int(test_per_class),
         "correlation": float(correlation), "seed": int(seed), **quirks.config(),
     }
-    _prepare_out_dir(out, config, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _claim_out_dir(out, config, overwrite)
 
     species = make_species(num_classes, seed)
     per_class = train_per_class + test_per_class
