@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bgmask.errors import UserError
 from bgmask.io import atomic_write_text, is_empty_folder, read_json, read_json_object, remove_stale_temp
@@ -30,11 +31,14 @@ from bgmask.masking.strategies import STRATEGIES
 
 
 class Marker:
-    """The marker file at `path`; `fields` (default: every key of the inputs) are the ones compared."""
+    """The marker file at `path`; `fields` (default: every key of the inputs) are the ones compared. With
+    `exact`, the saved object must also hold no key the inputs lack (a config compared as a whole, where
+    a missing key is a setting left at its default)."""
 
-    def __init__(self, path: str | Path, fields=None):
+    def __init__(self, path: str | Path, fields=None, exact: bool = False):
         self.path = Path(path)
         self.fields = tuple(fields) if fields is not None else None
+        self.exact = exact
 
     def saved(self) -> dict:
         return read_json_object(self.path)
@@ -48,7 +52,7 @@ class Marker:
         if not isinstance(saved, dict):
             return False
         keys = self.fields if self.fields is not None else tuple(inputs)
-        if self.fields is None and key and set(saved) != set(inputs):
+        if (self.exact or (self.fields is None and key)) and set(saved) != set(inputs):
             return False
         return all(saved.get(k) == inputs.get(k) for k in keys)
 
@@ -67,20 +71,24 @@ class Marker:
         self.write({"inputs": inputs, "result": result, "seconds": seconds})
         return result, seconds
 
-    def claim(self, folder: str | Path, inputs: dict, overwrite: bool, refusal: str, record: dict | None = None,
-              text: str | None = None) -> bool:
+    def claim(self, folder: str | Path, inputs: dict, overwrite: bool, refusal: str | Callable[[dict], str],
+              record: dict | None = None, text: str | None = None, fresh: bool = False) -> bool:
         """Make `folder` the home of outputs of `inputs`, before its first file is written. True when the
         folder already held them (the caller resumes it: finished files are kept). A folder of other inputs
         (or a non-empty one without the marker) is replaced with `overwrite`, else refused with
-        `refusal` (one line; `{saved}` in it is the saved marker). The marker then holds `record` (default:
-        the inputs), written as `text` when given (a file whose exact bytes matter)."""
+        `refusal` (one line; `{saved}` in it is the saved marker; or a function of the saved marker that
+        returns the line, for a message that depends on it). With `fresh`, a folder that holds the inputs
+        is treated like one of other inputs (an `--overwrite` that always starts again). The marker then
+        holds `record` (default: the inputs), written as `text` when given (a file whose exact bytes
+        matter)."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"output folder {folder} exists and is not a folder")
-        resumed = self.holds(inputs)
+        resumed = not fresh and self.holds(inputs)
         if not resumed and not is_empty_folder(folder):
             if not overwrite:
-                raise UserError(refusal.format(saved=self.saved()))
+                saved = self.saved()
+                raise UserError(refusal(saved) if callable(refusal) else refusal.format(saved=saved))
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temp(folder, recursive=True)  # half-written files of a killed run

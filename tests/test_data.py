@@ -155,6 +155,15 @@ def test_make_binary_seg_layout_and_resume(tiny_cub, tmp_path):
         make_binary_seg(tiny_cub, other, val_fraction=0.25, progress=False)
 
 
+def test_make_binary_seg_overwrite_starts_again(tiny_cub, tmp_path):
+    """--overwrite replaces even a dataset of the same arguments (it is never resumed)."""
+    out = tmp_path / "seg"
+    make_binary_seg(tiny_cub, out, val_fraction=0.25, progress=False)
+    (out / "stray.txt").write_text("x")
+    make_binary_seg(tiny_cub, out, val_fraction=0.25, overwrite=True, progress=False)
+    assert not (out / "stray.txt").exists() and (out / "split_info.json").is_file()
+
+
 def test_cli_bad_input_exit_2(tiny_cub, tmp_path, capsys):
     rc = cli_main(["make-binary-seg", "--cub_root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()

@@ -204,3 +204,19 @@ def test_folder_resumes_refuses_other_inputs_and_is_worker_independent(tiny_cub,
         write_perturbed_masks(tiny_cub, one, "noise", 2, seed=5, progress=False)
     write_perturbed_masks(tiny_cub, one, "erode", 1, overwrite=True, progress=False)
     assert not any("noise" in p.read_text() for p in one.glob("*.json"))
+
+
+def test_folder_refusals_and_a_killed_runs_temp_file(tiny_cub, tmp_path):
+    """A folder of other files is refused (replaced with overwrite); one that holds nothing but the
+    temporary file of a run killed while writing its marker is taken, the file removed."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty and holds no perturbed_masks.json"):
+        write_perturbed_masks(tiny_cub, foreign, "noise", 2, progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".perturbed_masks.json.123-abc.tmp").write_text("half")
+    write_perturbed_masks(tiny_cub, killed, "noise", 2, progress=False)
+    assert not list(killed.rglob("*.tmp")) and (killed / "perturbed_masks.json").is_file()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bgmask.data.synthetic import HABITATS, PLACE_OF_HABITAT, generate_synthetic
+from bgmask.data.habitats import HABITATS, PLACE_OF_HABITAT
+from bgmask.data.synthetic import Quirks, generate_synthetic
 from bgmask.errors import UserError
 
 TINY = dict(num_classes=3, image_size=32, train_per_class=3, test_per_class=2, seed=0, progress=False)
@@ -179,6 +180,19 @@ def test_rerun_with_other_args_needs_overwrite(ref, tmp_path):
     clean = tmp_path / "clean"
     generate_synthetic(clean, **changed)
     assert tree(run) == tree(clean)
+
+
+def test_config_is_compared_whole_and_overwrite_starts_again(tmp_path):
+    """A dataset made with a quirk is not resumed by a run without it (an unset quirk is a key missing
+    from the config), and --overwrite regenerates even a dataset of the same config."""
+    run, gray = tmp_path / "run", Quirks(grayscale_fraction=0.5)
+    generate_synthetic(run, **TINY, quirks=gray)
+    with pytest.raises(UserError, match="not empty"):
+        generate_synthetic(run, **TINY)
+    assert generate_synthetic(run, **TINY, quirks=gray).num_resumed > 0
+    (run / "stray.txt").write_text("x")
+    assert generate_synthetic(run, **TINY, quirks=gray, overwrite=True).num_resumed == 0
+    assert not (run / "stray.txt").exists()
 
 
 def test_foreign_folder_is_never_touched(tmp_path):

@@ -16,8 +16,6 @@ not) and the annotation, drawn on the upright image, lines up with it.
 from __future__ import annotations
 
 import functools
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +25,9 @@ from PIL import Image
 from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath, read_cub_metadata, split_ids
 from bgmask.data.images import write_upright
 from bgmask.errors import UserError
-from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, read_json_object, remove_stale_temp
+from bgmask.io import atomic_save_image
 from bgmask.processes import run_each
+from bgmask.stages import Marker
 
 
 @dataclass
@@ -41,16 +40,12 @@ class BinarySegSummary:
         return f"binary segmentation dataset in {self.out_dir} ({parts})"
 
 
-def prepare_output_dir(out_dir: Path, overwrite: bool, marker: str | None = None) -> None:
-    """Refuse a non-empty output folder unless `overwrite`, or unless it holds `marker` (a rerun of the
-    same job, which then resumes). Temporary files of a killed run (even one killed while writing the
-    marker) do not make a folder non-empty."""
-    if not is_empty_folder(out_dir):
-        if overwrite:
-            shutil.rmtree(out_dir)
-        elif marker is None or not (out_dir / marker).is_file():
-            raise UserError(f"output folder {out_dir} exists and is not empty (pass --overwrite to replace it)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _refusal(out_dir: Path, marker: Marker, saved: dict) -> str:
+    """Why `out_dir` is not taken: a dataset of other arguments (an unreadable split_info.json: of unknown
+    arguments), or a folder that holds no dataset."""
+    if marker.path.is_file():
+        return f"output folder {out_dir} holds a dataset made with other arguments (pass --overwrite to replace it)"
+    return f"output folder {out_dir} exists and is not empty (pass --overwrite to replace it)"
 
 
 def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: float = 0.1, seed: int = 0,
@@ -70,32 +65,27 @@ def make_binary_seg(cub_root: str | Path, out_dir: str | Path, val_fraction: flo
                                   empty_val_hint=f" (--val_fraction {val_fraction:g} rounds to no image of any "
                                                  "class: raise it, or pass --val_fraction 0 for no val split)")
     config = {"cub_root": str(cub_root.resolve()), "val_fraction": val_fraction, "seed": seed}
-    prepare_output_dir(out_dir, overwrite, marker="split_info.json")
-    if (out_dir / "split_info.json").is_file():
-        saved = read_json_object(out_dir / "split_info.json")  # unreadable: a dataset of unknown arguments
-        if saved.get("config") != config:
-            raise UserError(f"output folder {out_dir} holds a dataset made with other arguments "
-                            "(pass --overwrite to replace it)")
-    remove_stale_temp(out_dir, recursive=True)  # half-written files of a killed run
+    wb_dir = cub_root / WATERBIRDS_SUBDIR
+    counts = {k: len(v) for k, v in splits.items()}
+    if wb_dir.is_dir():
+        counts["waterbird_test"] = len(splits["test"])
+    # split_info.json first: a rerun of the same config resumes; --overwrite always starts again
+    marker = Marker(out_dir / "split_info.json")
+    marker.claim(out_dir, {"config": config}, overwrite, functools.partial(_refusal, out_dir, marker),
+                 record={"config": config, "counts": counts}, fresh=overwrite)
     jobs = []  # (source image, source mask or None, out image, out annotation or None)
     for split, ids in splits.items():
         for i in ids:
             rel = meta.relpaths[i]
             jobs.append((cub_root / "images" / rel, cub_root / "segmentations" / mask_relpath(rel),
                          out_dir / "images" / split / rel, out_dir / "annotations" / split / mask_relpath(rel)))
-    wb_dir = cub_root / WATERBIRDS_SUBDIR
     if wb_dir.is_dir():
         for i in splits["test"]:
             rel = meta.relpaths[i]
             jobs.append((wb_dir / rel, None, out_dir / "images" / "waterbird_test" / rel, None))
-    atomic_write_text(out_dir / "split_info.json", json.dumps({
-        "config": config, "counts": {k: len(v) for k, v in splits.items()}
-        | ({"waterbird_test": len(splits["test"])} if wb_dir.is_dir() else {}),
-    }, indent=2))
     todo = [job for job in jobs if not (job[2].is_file() and (job[3] is None or job[3].is_file()))]
     run_each(functools.partial(_export_one, images_txt=cub_root / "images.txt"), todo, workers,
              "make-binary-seg", progress)  # finished files of an earlier, interrupted run skipped
-    counts = json.loads((out_dir / "split_info.json").read_text())["counts"]
     return BinarySegSummary(out_dir, counts)
 
 

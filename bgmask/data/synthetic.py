@@ -33,15 +33,16 @@ image CUB's non-square shapes, 4:3 landscape or 3:4 portrait (like 500x375 / 375
 cropped alike); `grayscale_fraction` / `cmyk_fraction` of the images (and their Waterbirds copies) are
 saved as L / CMYK JPEGs. Each image draws its quirks from its own stream, so they do not change the
 other draws and grayscale picks are the same with or without varied sizes.
+
+This module holds the species roster (`make_species`), the real-data quirks, the dataset writer
+(`generate_synthetic`) and the sample grid; the drawing lives in `bgmask.data.render` (the bird) and
+`bgmask.data.habitats` (the backgrounds).
 """
 
 from __future__ import annotations
 
-import colorsys
-import functools
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,41 +51,22 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from bgmask.data.habitats import HABITATS, PLACE_OF_HABITAT, pick_habitat, render_habitat
+from bgmask.data.render import MARKING_POSITIONS, Species, composite, render_bird
 from bgmask.errors import UserError
-from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder, remove_stale_temp
+from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder
+from bgmask.stages import Marker
 
 __all__ = [
-    "HABITATS",
-    "HABITAT_FAMILIES",
-    "PLACE_OF_HABITAT",
     "WATERBIRDS_DIRNAME",
-    "Species",
     "SyntheticSummary",
     "generate_synthetic",
     "make_species",
-    "render_bird",
-    "render_habitat",
 ]
 
 GENERATOR_VERSION = 1
 WATERBIRDS_DIRNAME = "waterbird_complete95_forest2water2"
 CONFIG_NAME = "synthetic_config.json"
-
-# Habitat i = family i % 5 with palette i // 5 (so the first five are all different families).
-HABITAT_FAMILIES = ["water", "forest", "sky", "dunes", "rock"]
-_PALETTE_NAMES = {
-    "water": ("ocean", "lake"),
-    "forest": ("summer", "autumn"),
-    "sky": ("day", "sunset"),
-    "dunes": ("golden", "red"),
-    "rock": ("granite", "basalt"),
-}
-HABITATS = [f"{fam}_{_PALETTE_NAMES[fam][p]}" for p in range(2) for fam in HABITAT_FAMILIES]
-_FAMILY_PLACE = {"water": 1, "sky": 1, "forest": 0, "dunes": 0, "rock": 0}
-# Place group of each habitat: 1 = water-like, 0 = land-like (Waterbirds' `place` / `y` convention).
-PLACE_OF_HABITAT = [_FAMILY_PLACE[HABITAT_FAMILIES[i % 5]] for i in range(len(HABITATS))]
-
-MARKING_POSITIONS = ["crown", "throat", "breast", "belly", "tail"]
 
 # Pairwise coprime list lengths (23, 19, 17): name k = (ADJ[k % 23], MID[k % 19], NOUN[k % 17])
 # is unique for every k < 7429 (Chinese remainder theorem).
@@ -104,28 +86,8 @@ _QUIRKS = 5  # Quirks.draw: orientation, scale, JPEG mode
 
 
 # ----------------------------------------------------------------------------------------------
-# Species
+# Species roster: names, home habitats and cues (the cues are drawn by bgmask.data.render)
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Species:
-    index: int  # 0-based class index
-    name: str  # e.g. "Azure_Crested_Tern"
-    home_habitat: int  # index into HABITATS
-    marking_pos: str  # one of MARKING_POSITIONS
-    marking_hue: float  # HSV hue in [0, 1)
-    bar_period: float  # wing-bar period, in units of the body half-length L
-    bar_angle: float  # wing-bar orientation relative to the body axis (radians)
-    beak_len: float  # in units of L
-    body_aspect: float  # body semi-minor / semi-major axis
-    tail_len: float  # in units of L
-    tail_width: float  # half-width of the tail end, in units of L
-    tail_fork: float  # depth of the fork as a fraction of tail_len (0 = square tail)
-
-    @property
-    def folder(self) -> str:
-        return f"{self.index + 1:03d}.{self.name}"
-
-
 def class_name(k: int) -> str:
     return f"{_ADJ[k % len(_ADJ)]}_{_MID[k % len(_MID)]}_{_NOUN[k % len(_NOUN)]}"
 
@@ -158,343 +120,6 @@ def make_species(num_classes: int, seed: int = 0) -> list[Species]:
             tail_fork=0.0 if fork_u < 0.4 else 0.25 + 0.6 * (fork_u - 0.4),
         ))
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Vectorised rendering helpers (float32, H x W arrays of pixel centres)
-# ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (ys, xs), each (S, S) float32, in pixels."""
-    c = np.arange(size, dtype=np.float32) + 0.5
-    ys, xs = np.meshgrid(c, c, indexing="ij")
-    ys.flags.writeable = False
-    xs.flags.writeable = False
-    return ys, xs
-
-
-@functools.lru_cache(maxsize=8)
-def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (y, x) in [0, 1), each (S, S) float32."""
-    ys, xs = _pixel_grid(size)
-    return ys / size, xs / size
-
-
-@functools.lru_cache(maxsize=32)
-def _interp_matrix(size: int, cells: int) -> np.ndarray:
-    """(size, cells + 1) smoothstep interpolation weights from a coarse lattice to pixels."""
-    pos = (np.arange(size, dtype=np.float64) + 0.5) / size * cells
-    i0 = np.minimum(np.floor(pos).astype(int), cells - 1)
-    f = pos - i0
-    w = f * f * (3 - 2 * f)
-    m = np.zeros((size, cells + 1), np.float32)
-    m[np.arange(size), i0] = 1 - w
-    m[np.arange(size), i0 + 1] = w
-    return m
-
-
-def _value_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Smooth value noise in [0, 1], (S, S) float32, with about `cells` blobs across."""
-    g = rng.random((cells + 1, cells + 1), dtype=np.float32)
-    m = _interp_matrix(size, cells)
-    return m @ g @ m.T
-
-
-def _smoothstep(e0, e1, x):
-    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
-    return t * t * (3 - 2 * t)
-
-
-def _mix(a: np.ndarray, b, t: np.ndarray) -> np.ndarray:
-    """a + t * (b - a); a (S, S, 3) or colour, b colour or (S, S, 3), t (S, S)."""
-    return a + t[..., None] * (np.asarray(b, np.float32) - a)
-
-
-def _sd_ellipse(u, v, cx, cy, a, b, rot=0.0):
-    """Approximate signed distance to an ellipse (first-order: (f - 1) / |grad f|)."""
-    du, dv = u - cx, v - cy
-    if rot:
-        c, s = math.cos(rot), math.sin(rot)
-        du, dv = du * c + dv * s, -du * s + dv * c
-    qu, qv = du / a, dv / b
-    f = np.sqrt(qu * qu + qv * qv)
-    g = np.sqrt((qu / a) ** 2 + (qv / b) ** 2)
-    return (f - 1.0) * f / np.maximum(g, 1e-6)
-
-
-def _sd_circle(u, v, cx, cy, r):
-    return np.sqrt((u - cx) ** 2 + (v - cy) ** 2) - r
-
-
-def _sd_convex(u, v, pts):
-    """Signed distance (exact inside, a lower bound outside) to a convex polygon."""
-    pts = [(float(x), float(y)) for x, y in pts]  # python floats keep the arrays float32
-    area2 = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]))
-    sign = 1.0 if area2 > 0 else -1.0
-    d = None
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
-        ex, ey = x1 - x0, y1 - y0
-        n = math.hypot(ex, ey)
-        nx, ny = sign * ey / n, -sign * ex / n  # outward normal
-        di = (u - x0) * nx + (v - y0) * ny
-        d = di if d is None else np.maximum(d, di)
-    return d
-
-
-def _hsv(h, s, v) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bird
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class _BirdShape:
-    """One bird's geometry in its own frame (units of the body half-length L, u forward, v down)."""
-    u: np.ndarray  # (S, S) bird-frame coordinates of the pixel centres
-    v: np.ndarray
-    L: float  # body half-length in pixels
-    aspect: float  # body semi-minor / semi-major axis
-    hx: float  # head centre and radius
-    hy: float
-    hr: float
-    tl: float  # tail length
-    tc: float  # cos / sin of the tail tilt
-    ts: float
-    tu0: float  # tail hinge
-    tv0: float
-    d_beak: np.ndarray  # (S, S) signed distances (units of L): beak, whole silhouette
-    d_sil: np.ndarray
-
-
-def render_bird(sp: Species, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Render one bird of species `sp`. Returns (rgb (S, S, 3) float32 in [0, 1], alpha (S, S)
-    float32 in [0, 1], 1 = bird) with anti-aliased edges from signed distances."""
-    px = size / 64.0
-    u, v, L = _bird_pose(rng, size, px)
-    b = _bird_silhouette(sp, rng, u, v, L)
-    alpha = np.clip(0.5 - b.d_sil * L, 0.0, 1.0)
-    col = _paint_bird(sp, rng, b, size)
-    # Dark outline so that the bird stands out on any habitat.
-    ow = 0.9 * px
-    outline = np.clip(0.5 + (b.d_sil * L + ow), 0.0, 1.0)
-    col = _mix(col, (0.05, 0.05, 0.05), 0.8 * outline)
-    return col, alpha
-
-
-def _bird_pose(rng: np.random.Generator, size: int, px: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """Random size, tilt, facing and position: the bird frame (u, v) of every pixel and L in pixels."""
-    ys, xs = _pixel_grid(size)
-    L = rng.uniform(13.0, 18.0) * px  # body half-length in pixels
-    ang = math.radians(rng.uniform(-25.0, 25.0))
-    facing = 1.0 if rng.random() < 0.5 else -1.0
-    cx = size * (0.5 + rng.uniform(-0.12, 0.12))
-    cy = size * (0.5 + rng.uniform(-0.12, 0.12))
-    c, s = math.cos(ang), math.sin(ang)
-    dx, dy = xs - cx, ys - cy
-    u = facing * (dx * c + dy * s) / L  # bird frame, units of L: u forward (to the head)
-    v = (-dx * s + dy * c) / L  # v down
-    return u, v, L
-
-
-def _bird_silhouette(sp: Species, rng: np.random.Generator, u, v, L: float) -> _BirdShape:
-    """Body, head, beak and (forked) tail as signed distances."""
-    aspect = sp.body_aspect * rng.uniform(0.92, 1.08)
-    hr = rng.uniform(0.38, 0.46)  # head radius
-    hx, hy = 0.85, -0.42 * rng.uniform(0.85, 1.15)
-    beak = sp.beak_len * rng.uniform(0.9, 1.1)
-    tl = sp.tail_len * rng.uniform(0.9, 1.1)
-    tw = sp.tail_width * rng.uniform(0.9, 1.1)
-    t_ang = math.radians(rng.uniform(-15.0, 15.0))
-
-    d_body = _sd_ellipse(u, v, 0.0, 0.0, 1.0, aspect)
-    d_head = _sd_circle(u, v, hx, hy, hr)
-    bx = hx + 0.85 * hr
-    d_beak = _sd_convex(u, v, [(bx, hy - 0.12), (hx + hr + beak, hy + 0.04), (bx, hy + 0.12)])
-    # Tail in its own frame, hinged at the back of the body and tilted by t_ang.
-    tc, ts = math.cos(t_ang), math.sin(t_ang)
-    tu0, tv0 = -0.7, 0.0
-    tu = (u - tu0) * tc + (v - tv0) * ts
-    tv = -(u - tu0) * ts + (v - tv0) * tc
-    d_tail = _sd_convex(tu, tv, [(0.1, -0.18), (0.1, 0.18), (-tl, max(tw, 0.2)), (-tl, -max(tw, 0.2))])
-    if sp.tail_fork > 0:
-        notch = _sd_convex(tu, tv, [(-tl - 0.05, -0.8 * tw), (-tl + sp.tail_fork * tl, 0.0),
-                                    (-tl - 0.05, 0.8 * tw)])
-        d_tail = np.maximum(d_tail, -notch)
-    d_sil = np.minimum(np.minimum(d_body, d_head), np.minimum(d_beak, d_tail))
-    return _BirdShape(u, v, L, aspect, hx, hy, hr, tl, tc, ts, tu0, tv0, d_beak, d_sil)
-
-
-def _paint_bird(sp: Species, rng: np.random.Generator, b: _BirdShape, size: int) -> np.ndarray:
-    """Colours (S, S, 3) before the outline: body, barred wing, marking, beak, eye."""
-    u, v, L = b.u, b.v, b.L
-    # Colours: body random per image (no class signal).
-    body = _hsv(rng.random(), rng.uniform(0.1, 0.6), rng.uniform(0.35, 0.9))
-    col = np.broadcast_to(body, (size, size, 3)).astype(np.float32)
-    # Wing with species-specific bars (in the bird frame, so they turn with the bird).
-    d_wing = _sd_ellipse(u, v, -0.1, -0.1 * b.aspect / 0.55, 0.72, 0.6 * b.aspect, rot=math.radians(8))
-    a_wing = np.clip(0.5 - d_wing * L, 0.0, 1.0)
-    light = _hsv(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.75, 1.0))
-    period = sp.bar_period * rng.uniform(0.93, 1.07)
-    ba = sp.bar_angle + math.radians(rng.uniform(-8, 8))
-    t = (u * math.cos(ba) + v * math.sin(ba)) * (2 * math.pi / period) + rng.uniform(0, 2 * math.pi)
-    bars = np.clip(0.5 + np.sin(t) * (period * L / (2 * math.pi)), 0.0, 1.0)  # ~1 px soft edges
-    wing = light * (1.0 - 0.85 * bars[..., None])
-    col = col + a_wing[..., None] * (wing - col)
-    # Marking: position and colour depend on the species.
-    mr = 0.35 * rng.uniform(0.9, 1.1)
-    mx, my = _marking_centre(sp.marking_pos, b)
-    a_mark = np.clip(0.5 - _sd_circle(u, v, mx, my, mr) * L, 0.0, 1.0)
-    mark = _hsv(sp.marking_hue + rng.uniform(-0.02, 0.02), rng.uniform(0.8, 1.0), rng.uniform(0.85, 1.0))
-    col = _mix(col, mark, a_mark)
-    # Beak and eye (random colours).
-    beak_col = _hsv(rng.uniform(0.05, 0.15), rng.uniform(0.0, 0.8), rng.uniform(0.1, 0.9))
-    col = _mix(col, beak_col, np.clip(0.5 - b.d_beak * L, 0.0, 1.0))
-    er = max(0.08, 0.9 / L)
-    return _mix(col, (0.03, 0.03, 0.03), np.clip(0.5 - _sd_circle(u, v, b.hx + 0.15, b.hy - 0.08, er) * L, 0.0, 1.0))
-
-
-def _marking_centre(pos: str, b: _BirdShape) -> tuple[float, float]:
-    """(u, v) of the species' marking at body position `pos` (one of MARKING_POSITIONS)."""
-    return {
-        "crown": (b.hx - 0.05, b.hy - 0.30),
-        "throat": (b.hx + 0.15, b.hy + 0.38),
-        "breast": (0.62, 0.32 * b.aspect / 0.55),
-        "belly": (-0.05, 0.50 * b.aspect / 0.55),
-        "tail": (b.tu0 + (-0.55 * b.tl) * b.tc, b.tv0 + (-0.55 * b.tl) * b.ts),
-    }[pos]
-
-
-# ----------------------------------------------------------------------------------------------
-# Habitats: five texture families x two palettes, per-image jitter of colours/frequencies/phases
-# ----------------------------------------------------------------------------------------------
-_PALETTES = {
-    # water: deep, shallow, highlight
-    "water": [((0.03, 0.18, 0.42), (0.12, 0.42, 0.72), (0.78, 0.92, 1.0)),
-              ((0.04, 0.28, 0.22), (0.22, 0.52, 0.45), (0.80, 0.95, 0.85))],
-    # forest: dark leaves, light leaves, accent, trunk
-    "forest": [((0.07, 0.22, 0.07), (0.33, 0.58, 0.18), (0.60, 0.72, 0.25), (0.33, 0.21, 0.11)),
-               ((0.45, 0.13, 0.05), (0.90, 0.52, 0.10), (0.96, 0.82, 0.25), (0.20, 0.13, 0.09))],
-    # sky: top, horizon, cloud
-    "sky": [((0.22, 0.42, 0.85), (0.70, 0.85, 0.98), (0.97, 0.97, 1.0)),
-            ((0.30, 0.18, 0.48), (0.98, 0.60, 0.30), (1.0, 0.78, 0.72))],
-    # dunes: light slope, shadow slope
-    "dunes": [((0.93, 0.80, 0.55), (0.70, 0.50, 0.28)),
-              ((0.86, 0.50, 0.33), (0.52, 0.25, 0.16))],
-    # rock: stone, crack
-    "rock": [((0.58, 0.58, 0.56), (0.15, 0.15, 0.15)),
-             ((0.30, 0.30, 0.34), (0.06, 0.06, 0.08))],
-}
-
-
-def _jitter(rng, colour, sd=0.04) -> np.ndarray:
-    return np.clip(np.asarray(colour, np.float32) + rng.normal(0.0, sd, 3).astype(np.float32), 0.0, 1.0)
-
-
-def _habitat_water(rng, size, pal):
-    y, x = _unit_grid(size)
-    deep, shallow, hi = (_jitter(rng, c) for c in pal)
-    img = _mix(np.broadcast_to(shallow, (size, size, 3)).astype(np.float32), deep,
-               np.clip(y * rng.uniform(0.6, 1.2), 0, 1))
-    f = rng.uniform(5.0, 10.0)
-    warp = rng.uniform(0.03, 0.08) * np.sin(2 * np.pi * (rng.uniform(0.8, 2.5) * x + rng.random()))
-    w = np.sin(2 * np.pi * (f * (y + warp) + rng.random()))
-    mod = _value_noise(rng, size, int(rng.integers(3, 7)))
-    img = _mix(img, hi, _smoothstep(0.55, 0.95, w) * (0.35 + 0.65 * mod))
-    img = _mix(img, deep * 0.7, _smoothstep(-0.6, -1.0, w) * 0.5)
-    return img
-
-
-def _habitat_forest(rng, size, pal):
-    y, x = _unit_grid(size)
-    dark, lightc, accent, trunk = (_jitter(rng, c) for c in pal)
-    n1 = _value_noise(rng, size, int(rng.integers(4, 8)))
-    n2 = _value_noise(rng, size, int(rng.integers(8, 13)))
-    img = _mix(np.broadcast_to(dark, (size, size, 3)).astype(np.float32), lightc, _smoothstep(0.25, 0.75, n1))
-    img = _mix(img, accent, _smoothstep(0.6, 0.8, n2))
-    bark = 0.8 + 0.4 * _value_noise(rng, size, 16)
-    for _ in range(int(rng.integers(2, 6))):
-        x0, half_w = rng.uniform(0.0, 1.0), rng.uniform(0.015, 0.045)
-        tilt = rng.uniform(-0.12, 0.12)
-        dist = (np.abs(x - x0 - tilt * (y - 0.5)) - half_w) * size  # pixels
-        a = np.clip(0.5 - dist, 0.0, 1.0)
-        img = img + a[..., None] * (trunk * bark[..., None] - img)
-    return img
-
-
-def _habitat_sky(rng, size, pal):
-    y, x = _unit_grid(size)
-    top, horizon, cloud = (_jitter(rng, c) for c in pal)
-    img = _mix(np.broadcast_to(top, (size, size, 3)).astype(np.float32), horizon,
-               np.clip(y * rng.uniform(0.8, 1.3) + rng.uniform(-0.2, 0.1), 0, 1))
-    n = _value_noise(rng, size, int(rng.integers(3, 6))) + 0.45 * _value_noise(rng, size, int(rng.integers(8, 12)))
-    th = rng.uniform(0.6, 0.9)
-    img = _mix(img, cloud, _smoothstep(th, th + 0.3, n))
-    return img
-
-
-def _habitat_dunes(rng, size, pal):
-    y, x = _unit_grid(size)
-    lightc, shadow = (_jitter(rng, c) for c in pal)
-    h = y + rng.uniform(0.05, 0.12) * np.sin(2 * np.pi * (rng.uniform(0.6, 1.5) * x + rng.random()))
-    h = h + rng.uniform(0.0, 0.05) * np.sin(2 * np.pi * (rng.uniform(2.0, 3.5) * x + rng.random()))
-    shade = np.sin(2 * np.pi * (rng.uniform(2.0, 4.0) * h + rng.random()))
-    img = _mix(np.broadcast_to(shadow, (size, size, 3)).astype(np.float32), lightc, _smoothstep(-0.4, 0.4, shade))
-    ripple = np.sin(2 * np.pi * (rng.uniform(12.0, 20.0) * (h + 0.02 * x) + rng.random()))
-    return img * (1.0 + rng.uniform(0.03, 0.08) * ripple)[..., None]
-
-
-def _habitat_rock(rng, size, pal):
-    y, x = _unit_grid(size)
-    stone, crack = (_jitter(rng, c) for c in pal)
-    n = int(rng.integers(8, 17))
-    sx, sy = rng.random(n).astype(np.float32), rng.random(n).astype(np.float32)
-    d2 = (x[None] - sx[:, None, None]) ** 2 + (y[None] - sy[:, None, None]) ** 2  # (n, S, S)
-    part = np.partition(d2, 1, axis=0)
-    d1, d2nd = np.sqrt(part[0]), np.sqrt(part[1])
-    nearest = np.argmin(d2, axis=0)
-    shade = (1.0 + rng.uniform(-0.25, 0.25, n).astype(np.float32))[nearest]
-    tint = (rng.normal(0.0, 0.04, (n, 3)).astype(np.float32))[nearest]
-    grain = 0.85 + 0.3 * _value_noise(rng, size, 12)
-    img = np.clip(stone * (shade * grain)[..., None] + tint, 0.0, 1.0)
-    edge = (d2nd - d1) * size  # pixels to the cell border (x2)
-    return _mix(img, crack, 1.0 - _smoothstep(0.0, rng.uniform(1.0, 2.0), edge))
-
-
-_FAMILY_FN = {"water": _habitat_water, "forest": _habitat_forest, "sky": _habitat_sky,
-              "dunes": _habitat_dunes, "rock": _habitat_rock}
-
-
-def render_habitat(habitat: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Render habitat `habitat` (index into HABITATS): (S, S, 3) float32 in [0, 1]."""
-    fam, pal = HABITAT_FAMILIES[habitat % 5], habitat // 5
-    img = _FAMILY_FN[fam](rng, size, _PALETTES[fam][pal])
-    img = img * rng.uniform(0.85, 1.15)
-    img = img + rng.normal(0.0, rng.uniform(0.01, 0.035), img.shape).astype(np.float32)
-    return np.clip(img, 0.0, 1.0).astype(np.float32, copy=False)
-
-
-def _composite(bird: np.ndarray, mask_u8: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    a = (mask_u8.astype(np.float32) / 255.0)[..., None]
-    out = bg + a * (bird - bg)
-    return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def _pick_habitat(rng: np.random.Generator, home: int, p_home: float) -> int:
-    """Home with probability p_home, else a uniformly random other habitat."""
-    if rng.random() < p_home:
-        return home
-    other = int(rng.integers(0, len(HABITATS) - 1))
-    return other + 1 if other >= home else other
-
-
-def _bbox(mask_u8: np.ndarray) -> tuple[float, float, float, float]:
-    """CUB bbox (x, y, w, h) of mask > 0; (0, 0, 0, 0) if empty."""
-    on = mask_u8 > 0
-    rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
-    if rows.size == 0:
-        return 0.0, 0.0, 0.0, 0.0
-    return float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,6 +157,15 @@ class Quirks:
         long_side = max(16, int(round(image_size * scale)))
         short_side = max(12, int(round(long_side * 0.75)))
         return long_side, ((short_side, long_side) if portrait else (long_side, short_side)), mode
+
+
+def _bbox(mask_u8: np.ndarray) -> tuple[float, float, float, float]:
+    """CUB bbox (x, y, w, h) of mask > 0; (0, 0, 0, 0) if empty."""
+    on = mask_u8 > 0
+    rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
+    if rows.size == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    return float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)
 
 
 def _crop_box(mask_u8: np.ndarray, wh: tuple[int, int] | None) -> tuple[slice, slice]:
@@ -597,24 +231,16 @@ def _validate(num_classes, image_size, train_per_class, test_per_class, correlat
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output folder {out} exists and is not a folder")
-    if is_empty_folder(out):
-        remove_stale_temp(out)  # a run killed while writing its config leaves only its temporary file
-        return
-    if overwrite:
-        if not (out / CONFIG_NAME).is_file():  # never wipe a folder that is not a synthetic dataset
-            raise UserError(f"refusing to overwrite {out}: it is not empty and holds no {CONFIG_NAME}")
-        shutil.rmtree(out)
-        return
-    try:
-        previous = json.loads((out / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        previous = None
-    if previous != config:
-        raise UserError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
-    remove_stale_temp(out, recursive=True)  # half-written files of a killed run
+def _claim_out_dir(out: Path, config: dict, overwrite: bool) -> None:
+    """Make `out` the home of the dataset of `config`, its config file written first: an empty folder, or
+    one of the same config (resumed). With `overwrite`, a synthetic dataset of any config is replaced;
+    a non-empty folder without a config file is never wiped."""
+    marker = Marker(out / CONFIG_NAME, exact=True)  # a quirk left off is a missing key: compared too
+    if overwrite and not is_empty_folder(out) and not marker.path.is_file():
+        raise UserError(f"refusing to overwrite {out}: it is not empty and holds no {CONFIG_NAME}")
+    marker.claim(out, config, overwrite,
+                 lambda saved: f"output folder {out} exists and is not empty (pass --overwrite to replace it)",
+                 text=json.dumps(config, indent=2, sort_keys=True) + "\n", fresh=overwrite)
 
 
 def _save_jpeg(path: Path, rgb_u8: np.ndarray, mode: str = "RGB") -> None:
@@ -641,9 +267,7 @@ def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_clas
         "train_per_class": int(train_per_class), "test_per_class": int(test_per_class),
         "correlation": float(correlation), "seed": int(seed), **quirks.config(),
     }
-    _prepare_out_dir(out, config, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _claim_out_dir(out, config, overwrite)
 
     species = make_species(num_classes, seed)
     per_class = train_per_class + test_per_class
@@ -688,8 +312,8 @@ def _make_image(out: Path, sp: Species, j: int, per_class: int, train_per_class:
     def rng(stream):
         return np.random.default_rng([seed, _SPLIT_CODE[split], sp.index, idx, stream])
 
-    habitat = _pick_habitat(rng(_HAB_CHOICE), sp.home_habitat, correlation)
-    wb_habitat = None if is_train else _pick_habitat(rng(_WB_CHOICE), sp.home_habitat, 0.0)
+    habitat = pick_habitat(rng(_HAB_CHOICE), sp.home_habitat, correlation)
+    wb_habitat = None if is_train else pick_habitat(rng(_WB_CHOICE), sp.home_habitat, 0.0)
     img_path, mask_path = out / "images" / rel, out / "segmentations" / (rel[:-4] + ".png")
     wb_path = out / WATERBIRDS_DIRNAME / rel
     rendered = 0
@@ -703,11 +327,11 @@ def _make_image(out: Path, sp: Species, j: int, per_class: int, train_per_class:
         box = _crop_box(mask_u8, wh)
         bird, mask_u8 = bird[box], mask_u8[box]
         bg = render_habitat(habitat, rng(_HAB_RENDER), size)[box]
-        _save_pair(img_path, mask_path, _composite(bird, mask_u8, bg), mask_u8, mode)
+        _save_pair(img_path, mask_path, composite(bird, mask_u8, bg), mask_u8, mode)
         rendered = 1
         if not is_train:
             wb_bg = render_habitat(wb_habitat, rng(_WB_RENDER), size)[box]
-            _save_jpeg(wb_path, _composite(bird, mask_u8, wb_bg), mode)
+            _save_jpeg(wb_path, composite(bird, mask_u8, wb_bg), mode)
             rendered = 2
     return (img_id, rel, sp.index, is_train, habitat, _bbox(mask_u8), wb_habitat), rendered
 

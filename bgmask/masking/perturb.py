@@ -32,10 +32,9 @@ same perturbed mask).
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import numbers
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,8 +44,9 @@ from PIL import Image
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, mask_relpath, read_cub_metadata
 from bgmask.errors import Interval, UserError
-from bgmask.io import atomic_save_image, atomic_write_text, read_json_object, remove_stale_temp
+from bgmask.io import atomic_save_image
 from bgmask.processes import run_each
+from bgmask.stages import Marker
 
 
 @dataclass(frozen=True)
@@ -323,8 +323,8 @@ def write_perturbed_masks(root: str | Path, out_dir: str | Path, name: str, stre
               "seed": seed, "threshold": threshold}
     meta = read_cub_metadata(root)
     MaskSource("gt").check(root, "images")
-    _claim_folder(out_dir, inputs, overwrite)
-    remove_stale_temp(out_dir, recursive=True)  # half-written files of a killed run
+    marker = Marker(out_dir / FOLDER_MARKER, fields=tuple(inputs))  # finished, it also holds the summary
+    marker.claim(out_dir, inputs, overwrite, functools.partial(_refusal, out_dir, marker))
     wb = (root / WATERBIRDS_SUBDIR).is_dir()
     jobs = []
     for i in meta.ids:
@@ -336,27 +336,17 @@ def write_perturbed_masks(root: str | Path, out_dir: str | Path, name: str, stre
             jobs.append((root / "segmentations" / rel, dests, name, inputs["strength"], (seed, i), threshold))
     run_each(_write_perturbed, jobs, workers, f"masks {name} {strength:g}", progress)
     summary = {**inputs, "masks": len(meta.ids), "miou": folder_miou(root, out_dir, threshold)}
-    atomic_write_text(out_dir / FOLDER_MARKER, json.dumps({**summary, "complete": True}, indent=2))
+    marker.write({**summary, "complete": True})
     return summary
 
 
-def _claim_folder(out_dir: Path, inputs: dict, overwrite: bool) -> None:
-    """Record the folder's inputs before any mask is written, so a rerun knows what the files are."""
-    marker = out_dir / FOLDER_MARKER
-    if marker.is_file():
-        saved = read_json_object(marker)  # unreadable: masks of unknown inputs
-        if {k: saved.get(k) for k in inputs} == inputs:
-            return
-        if not overwrite:
-            raise UserError(f"{out_dir} holds masks of other inputs ({saved.get('perturbation')} "
-                            f"{saved.get('strength')}, seed {saved.get('seed')}); expected an empty folder or "
-                            f"the same inputs (or pass overwrite)")
-        shutil.rmtree(out_dir)
-    elif out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out_dir} is not empty and holds no {FOLDER_MARKER}; expected an empty or new folder")
-        shutil.rmtree(out_dir)
-    atomic_write_text(marker, json.dumps(inputs, indent=2))
+def _refusal(out_dir: Path, marker: Marker, saved: dict) -> str:
+    """Why `out_dir` is not taken: masks of other inputs (an unreadable marker: of unknown inputs), or a
+    folder that holds no masks."""
+    if not marker.path.is_file():
+        return f"{out_dir} is not empty and holds no {FOLDER_MARKER}; expected an empty or new folder"
+    return (f"{out_dir} holds masks of other inputs ({saved.get('perturbation')} {saved.get('strength')}, "
+            f"seed {saved.get('seed')}); expected an empty folder or the same inputs (or pass overwrite)")
 
 
 def _write_perturbed(job: tuple) -> None:
