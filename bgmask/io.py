@@ -1,5 +1,5 @@
 """Files: atomic writes (a file is either absent or complete, never half-written), the readers of JSON
-markers and torch files, a file's sha256."""
+markers and torch files, a file's sha256, and the stage cache (`Marker`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -220,3 +223,79 @@ def load_trusted(path: str | Path, map_location, label: str, trust_flag: str):
     except Exception as e:  # noqa: BLE001 -- a trusted but broken pickle fails in any way
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"cannot unpickle {label} (with {trust_flag}): {e.__class__.__name__}: {reason}") from None
+
+
+# ------------------------------------------------------------------------------------ the stage cache
+# Skip a piece of work when its marker holds the same inputs, else do it and write the marker
+# atomically. A marker is a JSON object in a file, written only after the work it describes is whole
+# (`run`), or, for a folder filled file by file, before the first file (`claim`), so a rerun with the same
+# inputs resumes the folder and a rerun with other inputs never mixes two kinds of files. A marker that is
+# missing, unreadable or not a JSON object counts as "other inputs": the work runs again.
+
+class Marker:
+    """The marker file at `path`; `fields` (default: every key of the inputs) are the ones compared. With
+    `exact`, the saved object must also hold no key the inputs lack (a config compared as a whole, where
+    a missing key is a setting left at its default)."""
+
+    def __init__(self, path: str | Path, fields=None, exact: bool = False):
+        self.path = Path(path)
+        self.fields = tuple(fields) if fields is not None else None
+        self.exact = exact
+
+    def saved(self) -> dict:
+        return read_json_object(self.path)
+
+    def holds(self, inputs: dict, key: str | None = None) -> bool:
+        """Whether the marker records these inputs (under `key`, or as the marker object itself)."""
+        if not self.path.is_file():
+            return False
+        saved = self.saved()
+        saved = saved.get(key, {}) if key else saved
+        if not isinstance(saved, dict):
+            return False
+        keys = self.fields if self.fields is not None else tuple(inputs)
+        if (self.exact or (self.fields is None and key)) and set(saved) != set(inputs):
+            return False
+        return all(saved.get(k) == inputs.get(k) for k in keys)
+
+    def write(self, record: dict) -> None:
+        atomic_write_text(self.path, json.dumps(record, indent=2))
+
+    def run(self, inputs: dict, fn, fresh: bool = False):
+        """(result, seconds): fn()'s result and its duration, or the saved result and None when the marker
+        holds `inputs` (and not `fresh`). The marker records {"inputs", "result", "seconds"}; `fn` returns
+        JSON-serialisable data."""
+        if not fresh and self.holds(inputs, key="inputs"):
+            return self.saved().get("result"), None
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+        self.write({"inputs": inputs, "result": result, "seconds": seconds})
+        return result, seconds
+
+    def claim(self, folder: str | Path, inputs: dict, overwrite: bool, refusal: str | Callable[[dict], str],
+              record: dict | None = None, text: str | None = None, fresh: bool = False) -> bool:
+        """Make `folder` the home of outputs of `inputs`, before its first file is written. True when the
+        folder already held them (the caller resumes it: finished files are kept). A folder of other inputs
+        (or a non-empty one without the marker) is replaced with `overwrite`, else refused with
+        `refusal` (one line; `{saved}` in it is the saved marker; or a function of the saved marker that
+        returns the line, for a message that depends on it). With `fresh`, a folder that holds the inputs
+        is treated like one of other inputs (an `--overwrite` that always starts again). The marker then
+        holds `record` (default: the inputs), written as `text` when given (a file whose exact bytes
+        matter)."""
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"output folder {folder} exists and is not a folder")
+        resumed = not fresh and self.holds(inputs)
+        if not resumed and not is_empty_folder(folder):
+            if not overwrite:
+                saved = self.saved()
+                raise UserError(refusal(saved) if callable(refusal) else refusal.format(saved=saved))
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp(folder, recursive=True)  # half-written files of a killed run
+        if text is not None:
+            atomic_write_text(self.path, text)
+        else:
+            self.write(record if record is not None else inputs)
+        return resumed

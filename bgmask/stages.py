@@ -1,9 +1,6 @@
-"""The stage cache, and the stages the applications share.
-
-The stage cache: skip a piece of work when its marker holds the same inputs, else do it and write the
-marker atomically. One implementation (`Marker`) for every resumable step of bgmask: the demo's stages and
-runs, the zoo's candidates, the sweep's evaluations, generated datasets, predicted and perturbed mask
-folders. `Stages` names the stages of one output folder and prints one line for each.
+"""The stages the applications share, each skipped when its marker holds the same inputs (the stage
+cache, `bgmask.io.Marker`: one implementation for every resumable step of bgmask). `Stages` names the
+stages of one output folder and prints one line for each.
 
 The shared stages (the demo, the mask sweep and the zoo build on them): the synthetic benchmark
 (`make_data`), the demo's training recipe on it (`Preset`, `classifier_settings`) and a classifier run
@@ -18,85 +15,12 @@ missing, unreadable or not a JSON object counts as "other inputs": the work runs
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from bgmask.errors import UserError
-from bgmask.io import atomic_write_text, is_empty_folder, read_json, read_json_object, remove_stale_temp
+from bgmask.io import Marker, atomic_write_text, read_json
 from bgmask.masking.strategies import STRATEGIES
-
-
-class Marker:
-    """The marker file at `path`; `fields` (default: every key of the inputs) are the ones compared. With
-    `exact`, the saved object must also hold no key the inputs lack (a config compared as a whole, where
-    a missing key is a setting left at its default)."""
-
-    def __init__(self, path: str | Path, fields=None, exact: bool = False):
-        self.path = Path(path)
-        self.fields = tuple(fields) if fields is not None else None
-        self.exact = exact
-
-    def saved(self) -> dict:
-        return read_json_object(self.path)
-
-    def holds(self, inputs: dict, key: str | None = None) -> bool:
-        """Whether the marker records these inputs (under `key`, or as the marker object itself)."""
-        if not self.path.is_file():
-            return False
-        saved = self.saved()
-        saved = saved.get(key, {}) if key else saved
-        if not isinstance(saved, dict):
-            return False
-        keys = self.fields if self.fields is not None else tuple(inputs)
-        if (self.exact or (self.fields is None and key)) and set(saved) != set(inputs):
-            return False
-        return all(saved.get(k) == inputs.get(k) for k in keys)
-
-    def write(self, record: dict) -> None:
-        atomic_write_text(self.path, json.dumps(record, indent=2))
-
-    def run(self, inputs: dict, fn, fresh: bool = False):
-        """(result, seconds): fn()'s result and its duration, or the saved result and None when the marker
-        holds `inputs` (and not `fresh`). The marker records {"inputs", "result", "seconds"}; `fn` returns
-        JSON-serialisable data."""
-        if not fresh and self.holds(inputs, key="inputs"):
-            return self.saved().get("result"), None
-        t0 = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - t0
-        self.write({"inputs": inputs, "result": result, "seconds": seconds})
-        return result, seconds
-
-    def claim(self, folder: str | Path, inputs: dict, overwrite: bool, refusal: str | Callable[[dict], str],
-              record: dict | None = None, text: str | None = None, fresh: bool = False) -> bool:
-        """Make `folder` the home of outputs of `inputs`, before its first file is written. True when the
-        folder already held them (the caller resumes it: finished files are kept). A folder of other inputs
-        (or a non-empty one without the marker) is replaced with `overwrite`, else refused with
-        `refusal` (one line; `{saved}` in it is the saved marker; or a function of the saved marker that
-        returns the line, for a message that depends on it). With `fresh`, a folder that holds the inputs
-        is treated like one of other inputs (an `--overwrite` that always starts again). The marker then
-        holds `record` (default: the inputs), written as `text` when given (a file whose exact bytes
-        matter)."""
-        folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"output folder {folder} exists and is not a folder")
-        resumed = not fresh and self.holds(inputs)
-        if not resumed and not is_empty_folder(folder):
-            if not overwrite:
-                saved = self.saved()
-                raise UserError(refusal(saved) if callable(refusal) else refusal.format(saved=saved))
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp(folder, recursive=True)  # half-written files of a killed run
-        if text is not None:
-            atomic_write_text(self.path, text)
-        else:
-            self.write(record if record is not None else inputs)
-        return resumed
 
 
 def say(prefix: str, name: str, seconds: float | None, what: str = "") -> None:

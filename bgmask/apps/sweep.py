@@ -46,7 +46,8 @@ from bgmask.runfolder import hold_folder
 from bgmask.io import atomic_write_text, read_json
 from bgmask.masking.perturb import PERTURBATIONS, check_perturbation, folder_miou, write_perturbed_masks
 from bgmask.masking.strategies import STRATEGIES
-from bgmask.stages import INITS, MODELS, PRESETS, Marker, Preset, Stages, classifier_settings, make_data, train_run
+from bgmask.io import Marker
+from bgmask.stages import INITS, MODELS, PRESETS, Preset, Stages, classifier_settings, make_data, train_run
 
 MODES = ("test", "train", "both")
 MODE_TITLES = {"test": "trained on GT masks, tested on perturbed masks",

@@ -56,7 +56,7 @@ from bgmask.io import atomic_write_bytes, atomic_write_text, file_sha256, read_j
 from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, read_zoo_index
 from bgmask.runfolder import hold_folder
 from bgmask.settings import command_line
-from bgmask.stages import Marker
+from bgmask.io import Marker
 
 FP16_TOLERANCE = 0.005  # --dtype auto keeps fp16 when its val accuracy is at most this much lower
 INDEX_FORMAT = "bgmask-zoo"

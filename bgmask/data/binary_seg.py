@@ -27,7 +27,7 @@ from bgmask.data.images import write_upright
 from bgmask.errors import UserError
 from bgmask.io import atomic_save_image
 from bgmask.processes import run_each
-from bgmask.stages import Marker
+from bgmask.io import Marker
 
 
 @dataclass

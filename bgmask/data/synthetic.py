@@ -55,7 +55,7 @@ from bgmask.data.habitats import HABITATS, PLACE_OF_HABITAT, pick_habitat, rende
 from bgmask.data.render import MARKING_POSITIONS, Species, composite, render_bird
 from bgmask.errors import UserError
 from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder
-from bgmask.stages import Marker
+from bgmask.io import Marker
 
 __all__ = [
     "WATERBIRDS_DIRNAME",

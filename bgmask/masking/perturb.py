@@ -46,7 +46,7 @@ from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, mask_relpath, read_cu
 from bgmask.errors import Interval, UserError
 from bgmask.io import atomic_save_image
 from bgmask.processes import run_each
-from bgmask.stages import Marker
+from bgmask.io import Marker
 
 
 @dataclass(frozen=True)
