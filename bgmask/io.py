@@ -173,13 +173,16 @@ def is_torch_pickle(path: str | Path) -> bool:
         return False
 
 
-def read_torch_file(path: str | Path, what: str, trust: bool = False, map_location="cpu"):
+def read_torch_file(path: str | Path, what: str, trust: bool = False, map_location="cpu", *,
+                    trust_flag: str = "--trust_checkpoint", unsafe: str | None = None, explain: bool = False):
     """torch.load with weights_only=True; `trust` allows arbitrary unpickling of a real torch file (never
     of junk). A missing, truncated, junk or unsafe file is one UserError naming `path` (`what`: how to
-    call it, e.g. "checkpoint"); only a real torch pickle that needs more than weights suggests trust."""
+    call it, e.g. "checkpoint"); only a real torch pickle that needs more than weights suggests trust:
+    the line `unsafe` when given, else one naming `trust_flag`. With `explain`, a file that torch cannot
+    open (RuntimeError, EOFError, OSError: a truncated archive) is reported with torch's own reason; else
+    every failure reads as junk, naming the exception's class. One implementation for the classifier's
+    files and the segmenter's (`bgmask.seg.checkpoint.load_checkpoint_file`)."""
     import pickle
-
-    import torch
 
     path = Path(path)
     junk = f"cannot read {what} {path}: not a torch checkpoint (truncated or not a torch file"
@@ -191,11 +194,16 @@ def read_torch_file(path: str | Path, what: str, trust: bool = False, map_locati
         if not is_torch_pickle(path):
             raise UserError(f"{junk})") from None
         if not trust:
-            raise UserError(f"{what} {path} needs arbitrary unpickling to load (unsafe); pass --trust_checkpoint "
+            raise UserError(unsafe or f"{what} {path} needs arbitrary unpickling to load (unsafe); pass {trust_flag} "
                             "only if you trust its origin") from None
     except Exception as e:  # noqa: BLE001 -- random bytes fail in any way (KeyError, IndexError, ...)
-        raise UserError(f"{junk}: {e.__class__.__name__})") from None
-    return load_trusted(path, map_location, f"{what} {path}", "--trust_checkpoint")
+        if not explain:
+            raise UserError(f"{junk}: {e.__class__.__name__})") from None
+        if not isinstance(e, (RuntimeError, EOFError, OSError)):
+            raise UserError(f"{junk})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "corrupt file"
+        raise UserError(f"cannot read {what} {path}: {e.__class__.__name__}: {reason}") from None
+    return load_trusted(path, map_location, f"{what} {path}", trust_flag)
 
 
 def load_trusted(path: str | Path, map_location, label: str, trust_flag: str):
