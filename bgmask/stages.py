@@ -57,21 +57,29 @@ class Marker:
         self.write({"inputs": inputs, "result": result, "seconds": seconds})
         return result, seconds
 
-    def claim(self, folder: str | Path, inputs: dict, overwrite: bool, refusal: str, record: dict | None = None,
-              text: str | None = None) -> bool:
+    def claim(self, folder: str | Path, inputs: dict, overwrite: bool, refusal, record: dict | None = None,
+              text: str | None = None, *, clear=None, keep_unmarked: bool = False) -> bool:
         """Make `folder` the home of outputs of `inputs`, before its first file is written. True when the
         folder already held them (the caller resumes it: finished files are kept). A folder of other inputs
         (or a non-empty one without the marker) is replaced with `overwrite`, else refused with
-        `refusal` (one line; `{saved}` in it is the saved marker). The marker then holds `record` (default:
-        the inputs), written as `text` when given (a file whose exact bytes matter)."""
+        `refusal` (one line; `{saved}` in it is the saved marker; or a function of the saved marker that
+        returns the line). The marker then holds `record` (default: the inputs), written as `text` when
+        given (a file whose exact bytes matter).
+
+        `clear(folder)` removes the old outputs before a replacement (default: the whole folder, for an
+        output folder that holds nothing else). With `keep_unmarked`, a folder without the marker is taken
+        as it is and its files count as finished: for an output folder the user may share with other
+        files, which must be neither refused nor deleted."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"output folder {folder} exists and is not a folder")
         resumed = self.holds(inputs)
-        if not resumed and not is_empty_folder(folder):
+        taken = self.path.is_file() if keep_unmarked else not is_empty_folder(folder)
+        if not resumed and taken:
             if not overwrite:
-                raise UserError(refusal.format(saved=self.saved()))
-            shutil.rmtree(folder)
+                saved = self.saved()
+                raise UserError(refusal(saved) if callable(refusal) else refusal.format(saved=saved))
+            (clear or shutil.rmtree)(folder)
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temp(folder, recursive=True)  # half-written files of a killed run
         if text is not None:
