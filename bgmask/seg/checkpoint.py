@@ -96,11 +96,12 @@ def convert_to_slim(src: str | Path, dst: str | Path, trust_full: bool = False, 
 @contextlib.contextmanager
 def trusted_full_checkpoints(folder: str | Path):
     """Inside the block, mmengine may unpickle full checkpoints (weights_only=False) found under
-    `folder` (the work dir of our own run, to resume it); anything else still loads weights-only."""
-    from mmengine.runner.checkpoint import CheckpointLoader
+    `folder` (the work dir of our own run, to resume it); anything else still loads weights-only.
+    mmengine's loader of local paths (scheme "") is swapped through its public `register_scheme`, and
+    its own `load_from_local` is put back afterwards."""
+    from mmengine.runner.checkpoint import CheckpointLoader, load_from_local
 
     folder = Path(folder).resolve()
-    original = CheckpointLoader._schemes[""]
 
     def load_local(filename, map_location=None):
         path = Path(filename).expanduser().resolve()
@@ -109,8 +110,8 @@ def trusted_full_checkpoints(folder: str | Path):
         trusted = folder == path or folder in path.parents
         return torch.load(path, map_location=map_location, weights_only=not trusted)
 
-    CheckpointLoader._schemes[""] = load_local
+    CheckpointLoader.register_scheme("", load_local, force=True)
     try:
         yield
     finally:
-        CheckpointLoader._schemes[""] = original
+        CheckpointLoader.register_scheme("", load_from_local, force=True)
