@@ -76,7 +76,7 @@ def stage_rows(a, root: Path) -> list[tuple[str, int, float]]:
             root, "gt", "images_bench_masked", progress=False, workers=a.workers).values()),
     }
     if a.seg_checkpoint:
-        from bgmask.seg.runner import predict_masks
+        from bgmask.seg.predict import predict_masks
 
         stages[f"predict_masks (loop only), {a.workers} decode workers"] = lambda: predict_masks(
             root, work / "pred", a.seg_config, a.seg_checkpoint, device="cpu", progress=False, workers=a.workers)

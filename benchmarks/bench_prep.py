@@ -37,7 +37,7 @@ def stages(a, cub: Path, tmp: Path) -> dict:
 
     out = {"make-binary-seg": binseg, "make-masked": masked}
     if a.seg_checkpoint:
-        from bgmask.seg.runner import predict_masks
+        from bgmask.seg.predict import predict_masks
 
         def predict(w, k):
             s = predict_masks(cub, tmp / f"pred{w}_{k}", a.seg_config, a.seg_checkpoint, device="cpu",

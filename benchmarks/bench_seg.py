@@ -54,7 +54,7 @@ def main(argv=None) -> list[dict]:
     from PIL import Image
 
     from bgmask.data.cub import read_cub_metadata
-    from bgmask.seg.runner import predict_masks
+    from bgmask.seg.predict import predict_masks
     from bgmask.seg.segmenter import load_segmenter
 
     device = torch.device(a.device)

@@ -190,10 +190,15 @@ def is_torch_pickle(path: str | Path) -> bool:
         return False
 
 
-def read_torch_file(path: str | Path, what: str, trust: bool = False, map_location="cpu"):
+def read_torch_file(path: str | Path, what: str, trust: bool = False, map_location="cpu", *,
+                    trust_flag: str = "--trust_checkpoint", unsafe: str | None = None, explain: bool = False):
     """torch.load with weights_only=True; `trust` allows arbitrary unpickling of a real torch file (never
     of junk). A missing, truncated, junk or unsafe file is one UserError naming `path` (`what`: how to
-    call it, e.g. "checkpoint"); only a real torch pickle that needs more than weights suggests trust."""
+    call it, e.g. "checkpoint"); only a real torch pickle that needs more than weights suggests trust:
+    the line `unsafe` when given, else one naming `trust_flag`. With `explain`, a file that torch cannot
+    open (RuntimeError, EOFError, OSError: a truncated archive) is reported with torch's own reason; else
+    every failure reads as junk, naming the exception's class. One implementation for the classifier's
+    files and the segmenter's (`bgmask.seg.checkpoint.load_checkpoint_file`)."""
     import pickle
 
     path = Path(path)
@@ -206,11 +211,16 @@ def read_torch_file(path: str | Path, what: str, trust: bool = False, map_locati
         if not is_torch_pickle(path):
             raise UserError(f"{junk})") from None
         if not trust:
-            raise UserError(f"{what} {path} needs arbitrary unpickling to load (unsafe); pass --trust_checkpoint "
+            raise UserError(unsafe or f"{what} {path} needs arbitrary unpickling to load (unsafe); pass {trust_flag} "
                             "only if you trust its origin") from None
     except Exception as e:  # noqa: BLE001 -- random bytes fail in any way (KeyError, IndexError, ...)
-        raise UserError(f"{junk}: {e.__class__.__name__})") from None
-    return load_trusted(path, map_location, f"{what} {path}", "--trust_checkpoint")
+        if not explain:
+            raise UserError(f"{junk}: {e.__class__.__name__})") from None
+        if not isinstance(e, (RuntimeError, EOFError, OSError)):
+            raise UserError(f"{junk})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "corrupt file"
+        raise UserError(f"cannot read {what} {path}: {e.__class__.__name__}: {reason}") from None
+    return load_trusted(path, map_location, f"{what} {path}", trust_flag)
 
 
 def load_trusted(path: str | Path, map_location, label: str, trust_flag: str):
@@ -274,7 +284,8 @@ class Marker:
         return result, seconds
 
     def claim(self, folder: str | Path, inputs: dict, overwrite: bool, refusal: str | Callable[[dict], str],
-              record: dict | None = None, text: str | None = None, fresh: bool = False) -> bool:
+              record: dict | None = None, text: str | None = None, fresh: bool = False, *, clear=None,
+              keep_unmarked: bool = False) -> bool:
         """Make `folder` the home of outputs of `inputs`, before its first file is written. True when the
         folder already held them (the caller resumes it: finished files are kept). A folder of other inputs
         (or a non-empty one without the marker) is replaced with `overwrite`, else refused with
@@ -282,16 +293,22 @@ class Marker:
         returns the line, for a message that depends on it). With `fresh`, a folder that holds the inputs
         is treated like one of other inputs (an `--overwrite` that always starts again). The marker then
         holds `record` (default: the inputs), written as `text` when given (a file whose exact bytes
-        matter)."""
+        matter).
+
+        `clear(folder)` removes the old outputs before a replacement (default: the whole folder, for an
+        output folder that holds nothing else). With `keep_unmarked`, a folder without the marker is taken
+        as it is and its files count as finished: for an output folder the user may share with other
+        files, which must be neither refused nor deleted."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"output folder {folder} exists and is not a folder")
         resumed = not fresh and self.holds(inputs)
-        if not resumed and not is_empty_folder(folder):
+        taken = self.path.is_file() if keep_unmarked else not is_empty_folder(folder)
+        if not resumed and taken:
             if not overwrite:
                 saved = self.saved()
                 raise UserError(refusal(saved) if callable(refusal) else refusal.format(saved=saved))
-            shutil.rmtree(folder)
+            (clear or shutil.rmtree)(folder)
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temp(folder, recursive=True)  # half-written files of a killed run
         if text is not None:

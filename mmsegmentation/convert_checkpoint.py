@@ -5,7 +5,7 @@
 A full mmengine checkpoint unpickles Python objects: convert only checkpoints of your own runs.
 """
 
-from bgmask.seg.runner import convert_main as main
+from bgmask.seg.cli import convert_main as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

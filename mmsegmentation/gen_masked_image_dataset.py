@@ -14,7 +14,7 @@ CUB_ROOT/<out_subdir>/<rel> and CUB_ROOT/<out_subdir>_waterbirds/<rel> (as `bgma
 Train on them with --image_sub_path_train NAME --image_sub_path_test NAME_waterbirds.
 """
 
-from bgmask.seg.runner import gen_masked_main as main
+from bgmask.seg.cli import gen_masked_main as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

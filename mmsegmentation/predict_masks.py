@@ -8,7 +8,7 @@
 Atomic per file; a rerun skips finished files. Warns when many masks are empty (undertrained segmenter).
 """
 
-from bgmask.seg.runner import predict_main as main
+from bgmask.seg.cli import predict_main as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

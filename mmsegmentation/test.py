@@ -6,7 +6,7 @@ Writes WORK_DIR/test_metrics.json (or --out) and appends it to WORK_DIR/results.
 A full mmengine checkpoint (iter_N.pth) needs --trust-full-checkpoint (only for your own runs).
 """
 
-from bgmask.seg.runner import test_main as main
+from bgmask.seg.cli import test_main as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

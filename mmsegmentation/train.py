@@ -12,7 +12,7 @@ Without --data-root the config's own data_root is used. Resume the latest checkp
 add --resume. Override anything: --cfg-options key=value.
 """
 
-from bgmask.seg.runner import train_main as main
+from bgmask.seg.cli import train_main as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

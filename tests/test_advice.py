@@ -25,16 +25,16 @@ def _cli(name):
 
 
 def _runner(name):
-    from bgmask.seg import runner
+    from bgmask.seg import cli
 
-    return getattr(runner, name)()
+    return getattr(cli, name)()
 
 
 def _main(name):
     """(main(argv) -> exit code, the parser of that command)."""
     from bgmask.apps import scripts
     from bgmask.apps.cli import main as cli_main
-    from bgmask.seg import runner
+    from bgmask.seg import cli as seg_cli
 
     if name.startswith("bgmask "):
         sub = name.split(" ", 1)[1]
@@ -42,9 +42,9 @@ def _main(name):
     return {
         "train.py": (scripts.train_early, scripts.eval_parser("t", False)),  # train's flags (+ eval's --out)
         "eval_waterbirds.py": (scripts.eval_early, scripts.eval_parser("t", False)),
-        "predict_masks.py": (runner.predict_main, _runner("predict_parser")),
-        "convert_checkpoint.py": (runner.convert_main, _runner("convert_parser")),
-        "seg test.py": (runner.test_main if hasattr(runner, "test_main") else None, _runner("test_parser")),
+        "predict_masks.py": (seg_cli.predict_main, _runner("predict_parser")),
+        "convert_checkpoint.py": (seg_cli.convert_main, _runner("convert_parser")),
+        "seg test.py": (seg_cli.test_main if hasattr(seg_cli, "test_main") else None, _runner("test_parser")),
     }[name]
 
 

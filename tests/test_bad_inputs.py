@@ -56,9 +56,9 @@ def in_process_main(command: str):
         return {"train": scripts.train_early, "train_late": scripts.train_late, "eval": scripts.eval_early,
                 "eval_late": scripts.eval_late}[command]
     pytest.importorskip("mmseg")
-    from bgmask.seg import runner
-    return {"seg_train": runner.train_main, "seg_test": runner.test_main, "predict": runner.predict_main,
-            "gen_masked": runner.gen_masked_main, "convert": runner.convert_main}[command]
+    from bgmask.seg import cli
+    return {"seg_train": cli.train_main, "seg_test": cli.test_main, "predict": cli.predict_main,
+            "gen_masked": cli.gen_masked_main, "convert": cli.convert_main}[command]
 
 
 # ------------------------------------------------------------------------------------ workspace

@@ -85,7 +85,7 @@ class Zygote:
 def zygote():
     preload = ["bgmask.apps.scripts", "bgmask.engine", "bgmask.apps.cli", "bgmask.data.synthetic", "bgmask.masking.make_masked"]
     if HAVE_MMSEG:
-        preload = ["bgmask.seg:compat.install", *preload, "bgmask.seg.runner", "bgmask.seg.segmenter", "mmseg.models",
+        preload = ["bgmask.seg:compat.install", *preload, "bgmask.seg.cli", "bgmask.seg.segmenter", "mmseg.models",
                    "mmseg.apis", "mmengine.runner"]
     z = Zygote(preload)
     yield z

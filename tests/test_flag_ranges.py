@@ -24,9 +24,9 @@ def _cli_sub(name):
 
 
 def _runner(name):
-    from bgmask.seg import runner
+    from bgmask.seg import cli
 
-    return getattr(runner, name)()
+    return getattr(cli, name)()
 
 
 PARSERS = {

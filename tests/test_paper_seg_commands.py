@@ -34,7 +34,8 @@ from test_segmentation import CONFIGS, NO_WORKERS, SMALL, WB  # noqa: E402
 
 from bgmask.data.binary_seg import make_binary_seg  # noqa: E402
 from bgmask.data.synthetic import generate_synthetic  # noqa: E402
-from bgmask.seg.runner import gen_masked_main, resolve_launcher, train_main  # noqa: E402
+from bgmask.seg.cli import gen_masked_main, train_main  # noqa: E402
+from bgmask.seg.config import resolve_launcher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "mmsegmentation"
@@ -166,7 +167,7 @@ def test_1h_launcher_line_runs_two_processes(paper_run, tmp_path):
 
 def test_local_rank_flag_becomes_local_rank(monkeypatch, capsys):
     """torch.distributed.launch without --use_env passes --local-rank=N; it becomes LOCAL_RANK."""
-    from bgmask.seg.runner import train_parser
+    from bgmask.seg.cli import train_parser
 
     ns = train_parser().parse_args([str(SMALL), "--launcher", "pytorch", "--local-rank=3"])
     assert train_parser().parse_args([str(SMALL), "--local_rank", "3"]).local_rank == ns.local_rank == 3
@@ -186,7 +187,8 @@ def test_paper_shaped_config_data_root(tmp_path, capsys):
     """The paper's dataset config copies its hard-coded data_root into RepeatDataset-wrapped datasets:
     without --data-root that root is used (here: missing -> one line naming both); --data-root
     replaces it in every dataloader."""
-    from bgmask.seg.runner import config_args, load_config, split_folder
+    from bgmask.seg.cli import config_args
+    from bgmask.seg.config import load_config, split_folder
 
     paper_root = "/user/aaniraj/home/Documents/Projects/data/cub_binary_segmentation"
     config = tmp_path / "paper_dataset.py"

@@ -110,7 +110,7 @@ def predict_argv(synth: Path, slim: Path, out: Path, workers: int) -> list[str]:
 
 
 def test_predict_masks_same_bytes_with_two_workers(synth, slim, tmp_path):
-    from bgmask.seg.runner import predict_main
+    from bgmask.seg.cli import predict_main
 
     assert predict_main(predict_argv(synth, slim, tmp_path / "zero", 0)) == 0
     assert predict_main(predict_argv(synth, slim, tmp_path / "two", 2)) == 0
@@ -119,7 +119,7 @@ def test_predict_masks_same_bytes_with_two_workers(synth, slim, tmp_path):
 
 
 def test_predict_masks_worker_user_error_is_one_line(synth, slim, tmp_path, capsys):
-    from bgmask.seg.runner import predict_main
+    from bgmask.seg.cli import predict_main
 
     victim = corrupt_copy(synth, tmp_path / "cub")
     assert predict_main(predict_argv(tmp_path / "cub", slim, tmp_path / "out", 2)) == 2

@@ -222,7 +222,7 @@ def evil_segmenter(slim, tmp_path, marker) -> Path:
 
 def test_segmenter_checkpoint_needs_trust(slim, good, tmp_path, marker, capsys):
     from bgmask.seg.checkpoint import load_checkpoint_file
-    from bgmask.seg.runner import convert_main, predict_main, test_main
+    from bgmask.seg.cli import convert_main, predict_main, test_main
 
     f = evil_segmenter(slim, tmp_path, marker)
     err = one_line(capsys, predict_main(["--config", str(SMALL_SEG), "--checkpoint", str(f), "--cub_root",

@@ -23,8 +23,8 @@ from bgmask.data.binary_seg import make_binary_seg  # noqa: E402
 from bgmask.data.synthetic import generate_synthetic  # noqa: E402
 from bgmask.errors import UserError  # noqa: E402
 from bgmask.seg.checkpoint import convert_to_slim, load_checkpoint_file, save_slim  # noqa: E402
-from bgmask.seg import runner  # noqa: E402
-from bgmask.seg.runner import predict_main, train_main  # noqa: E402
+from bgmask.seg import cli  # noqa: E402
+from bgmask.seg.cli import predict_main, train_main  # noqa: E402
 from bgmask.seg.segmenter import IMAGENET_MEAN, IMAGENET_STD, build_model, load_segmenter, read_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,8 @@ def test_every_config_builds_and_runs_forward(config):
 
 
 def test_data_root_comes_from_the_command_line(tmp_path, capsys):
-    from bgmask.seg.runner import config_args, load_config, split_folder
+    from bgmask.seg.cli import config_args
+    from bgmask.seg.config import load_config, split_folder
 
     rc = train_main([str(SMALL), "--cfg-options", "train_cfg.max_iters=1"])
     assert rc == 2
@@ -129,7 +130,7 @@ def test_classifier_side_does_not_import_mmseg():
 @pytest.mark.slow
 def test_short_training_beats_all_background(trained, capsys):
     data, work = trained["data"], trained["work"]
-    rc = runner.test_main([str(SMALL), str(trained["slim"]), "--data-root", str(data), "--work-dir", str(work),
+    rc = cli.test_main([str(SMALL), str(trained["slim"]), "--data-root", str(data), "--work-dir", str(work),
                     "--cfg-options", *NO_WORKERS])
     assert rc == 0
     rec = json.loads((work / "test_metrics.json").read_text())
@@ -260,7 +261,7 @@ def test_predict_masks_layout_and_resume(trained, capsys):
 
 @pytest.mark.slow
 def test_gen_masked_image_dataset(trained):
-    from bgmask.seg.runner import gen_masked_main
+    from bgmask.seg.cli import gen_masked_main
 
     cub = trained["cub"]
     rc = gen_masked_main(["--checkpoint", str(trained["slim"]), "--cub_root", str(cub), "--out_dir",
@@ -360,7 +361,7 @@ def test_online_segmenter_flag_errors(trained, tmp_path, capsys):
 def test_segmenter_train_and_test_into_a_held_work_dir_are_refused(trained, tmp_path, capsys):
     """One process per work dir (bgmask.runfolder), before mmengine writes its logs there."""
     from bgmask.runfolder import LOCK_NAME
-    from bgmask.seg.runner import test_main
+    from bgmask.seg.cli import test_main
 
     from test_folder_lock import Holder
 

@@ -77,7 +77,7 @@ def output_to(log_path: Path):
 def train_and_test_segmenter(data: Path, seg_dir: Path, p) -> dict:
     """Train the small segmenter and test it (mIoU / mDice); the MMSeg output goes to SEG_DIR/segmenter.log."""
     from bgmask.data.binary_seg import make_binary_seg
-    from bgmask.seg.runner import test_main, train_main
+    from bgmask.seg.cli import test_main, train_main
 
     binseg = seg_dir / "cub_binary_segmentation"
     make_binary_seg(data, binseg, val_fraction=0.1, overwrite=True, progress=False)
@@ -114,7 +114,7 @@ def describe_segmenter(result: dict) -> str:
 def predict_and_copy(data: Path, seg_dir: Path, pred_masks: Path, p) -> dict:
     """Predicted masks for every image, then the early-masked copies; the output goes to SEG_DIR/predict_masks.log."""
     from bgmask.masking.make_masked import make_masked
-    from bgmask.seg.runner import predict_masks
+    from bgmask.seg.predict import predict_masks
 
     log = seg_dir / "predict_masks.log"
     with output_to(log):

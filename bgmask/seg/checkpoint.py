@@ -17,14 +17,13 @@ our own runs and only when asked for (`trust_full=True`, `--trust-full-checkpoin
 from __future__ import annotations
 
 import contextlib
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from bgmask.errors import UserError, require_file
-from bgmask.io import atomic_path, is_torch_pickle, load_trusted, load_weights_only
+from bgmask.io import atomic_path, read_torch_file
 
 SLIM_FORMAT = "bgmask-seg-slim-v1"
 
@@ -63,28 +62,14 @@ def load_checkpoint_file(path: str | Path, trust_full: bool = False, map_locatio
                          trust_flag: str = "--trust-full-checkpoint") -> dict:
     """Load a slim checkpoint (`weights_only=True`), or a full mmengine one when `trust_full`; the
     refusal of a full one names `trust_flag`, the calling command's flag (the classifier scripts':
-    --trust_checkpoint)."""
+    --trust_checkpoint). `bgmask.io.read_torch_file` with the segmenter's lines: junk, which no flag can
+    load, is never told to trust anything."""
     path = require_file(path, "segmenter checkpoint")
-    junk = f"cannot read checkpoint {path}: not a torch checkpoint (truncated or not a torch file)"
-    try:
-        return load_weights_only(path, map_location)
-    except pickle.UnpicklingError:
-        # Only a real torch file that needs more than weights is a full checkpoint: the advice to trust
-        # it must never be given for junk, which no flag can load.
-        if not is_torch_pickle(path):
-            raise UserError(junk) from None
-        if not trust_full:
-            raise UserError(
-                f"{path} is a full mmengine checkpoint (it pickles Python objects, so loading it can run "
-                "code); use the slim WORK_DIR/segmenter_slim.pth that train.py writes, or pass "
-                f"{trust_flag} if this file comes from your own training run"
-            ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'corrupt file'}") from None
-    except Exception:  # noqa: BLE001 -- random bytes fail in any way (KeyError, IndexError, ...)
-        raise UserError(junk) from None
-    return load_trusted(path, map_location, f"checkpoint {path}", trust_flag)
+    unsafe = (f"{path} is a full mmengine checkpoint (it pickles Python objects, so loading it can run "
+              "code); use the slim WORK_DIR/segmenter_slim.pth that train.py writes, or pass "
+              f"{trust_flag} if this file comes from your own training run")
+    return read_torch_file(path, "checkpoint", trust_full, map_location, trust_flag=trust_flag, unsafe=unsafe,
+                           explain=True)
 
 
 def state_dict_and_meta(ckpt: dict, source: str | Path = "checkpoint") -> tuple[dict, dict]:
@@ -111,11 +96,12 @@ def convert_to_slim(src: str | Path, dst: str | Path, trust_full: bool = False, 
 @contextlib.contextmanager
 def trusted_full_checkpoints(folder: str | Path):
     """Inside the block, mmengine may unpickle full checkpoints (weights_only=False) found under
-    `folder` (the work dir of our own run, to resume it); anything else still loads weights-only."""
-    from mmengine.runner.checkpoint import CheckpointLoader
+    `folder` (the work dir of our own run, to resume it); anything else still loads weights-only.
+    mmengine's loader of local paths (scheme "") is swapped through its public `register_scheme`, and
+    its own `load_from_local` is put back afterwards."""
+    from mmengine.runner.checkpoint import CheckpointLoader, load_from_local
 
     folder = Path(folder).resolve()
-    original = CheckpointLoader._schemes[""]
 
     def load_local(filename, map_location=None):
         path = Path(filename).expanduser().resolve()
@@ -124,8 +110,8 @@ def trusted_full_checkpoints(folder: str | Path):
         trusted = folder == path or folder in path.parents
         return torch.load(path, map_location=map_location, weights_only=not trusted)
 
-    CheckpointLoader._schemes[""] = load_local
+    CheckpointLoader.register_scheme("", load_local, force=True)
     try:
         yield
     finally:
-        CheckpointLoader._schemes[""] = original
+        CheckpointLoader.register_scheme("", load_from_local, force=True)

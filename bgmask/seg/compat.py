@@ -10,6 +10,9 @@ Importing this module (also done by `import bgmask.seg`) only registers the stan
 without importing mmcv, so that MMSeg may be imported afterwards in any order; `install()` (called by
 every bgmask.seg entry point and by `bgmask.seg.dataset`, which configs import) also forces the PyTorch
 path. Both are idempotent and do nothing when the real compiled `mmcv._ext` (full mmcv) is present.
+
+`use_test_split` is the one place where bgmask sets private state of an mmengine object (mmengine has no
+public way to point a runner's test loop at another dataloader).
 """
 
 from __future__ import annotations
@@ -93,6 +96,22 @@ def install() -> bool:
     msda.IS_CUDA_AVAILABLE = False
     msda.IS_MLU_AVAILABLE = False
     return True
+
+
+def use_test_split(runner, dataloader, evaluator, loop) -> None:
+    """Make the next `runner.test()` run `loop` (a test loop config) over `dataloader` with `evaluator`,
+    keeping the runner's model, log and hooks (one runner tests every split).
+
+    Needed because mmengine builds a runner's test loop from the dataloader, evaluator and loop settings
+    given to `Runner.__init__` and offers no public way to change them: `Runner.test_loop` has no setter,
+    and the hooks and the log processor read `runner.test_loop` / `runner.test_dataloader`, so a loop
+    built and run on the side would log the wrong split. `Runner.test()` rebuilds the loop from these
+    three private attributes. Checked against mmengine 0.10.7 (`Runner.__init__` stores
+    `_test_dataloader`, `_test_evaluator`, `_test_loop`; `Runner.test()` calls
+    `self.build_test_loop(self._test_loop)`)."""
+    runner._test_dataloader = dataloader
+    runner._test_evaluator = evaluator
+    runner._test_loop = loop
 
 
 register_stub()
