@@ -105,7 +105,7 @@ def train_and_test_segmenter(data: Path, seg_dir: Path, p) -> dict:
 
 
 def describe_segmenter(result: dict) -> str:
-    """The segmenter stage's one line (demo.Stages)."""
+    """The segmenter stage's one line (bgmask.stages.Stages)."""
     scores = " / ".join(f"{result[split]['mIoU']:.1f} {name}"
                         for split, name in (("test", "test"), ("waterbird_test", "Waterbirds")) if split in result)
     return f"mIoU {scores}, trained in {result['seconds']:.0f} s (log: {result.get('log')})"
@@ -126,7 +126,7 @@ def predict_and_copy(data: Path, seg_dir: Path, pred_masks: Path, p) -> dict:
 
 
 def describe_masks(result: dict) -> str:
-    """The masks stage's one line (demo.Stages)."""
+    """The masks stage's one line (bgmask.stages.Stages)."""
     s = result["predict"]
     coverage = f"{100 * s['mean_coverage']:.1f}%" if s.get("mean_coverage") is not None else "-"
     return (f"{s['predicted']} predicted (bird coverage {coverage}, {s['empty']} empty), "
