@@ -47,6 +47,16 @@ def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="fraction of images (and their Waterbirds copies) saved as grayscale (L) JPEGs")
     add(g, "--cmyk_fraction", type=float, default=0.0, range="[0, 1]",
         help="fraction of images (and their Waterbirds copies) saved as CMYK JPEGs")
+    w = parser.add_argument_group("standard Waterbirds protocol (off by default; see bgmask/data/synthetic_waterbirds.py)")
+    add(w, "--waterbirds_splits", action="store_true",
+        help="write a complete waterbird_complete95_forest2water2: every image on a new background, binary y "
+             "(waterbird), place of the background, metadata.csv splits 0 = train (correlated), 1 = val, 2 = test "
+             "(val and test balanced between places within each class); default: the test images only, split 2")
+    add(w, "--waterbirds_val_fraction", type=float, default=None, range="(0, 1)",
+        help="with --waterbirds_splits: fraction of each species' train images in split 1 (val); default 0.2")
+    add(w, "--waterbirds_correlation", type=float, default=None, range="[0, 1]",
+        help="with --waterbirds_splits: P(place == y) in split 0 (train), exact per species; default 0.95 "
+             "(0.5: a control folder without the shortcut)")
     return parser
 
 
