@@ -84,6 +84,7 @@ class Method:
     is applied to a trained checkpoint and has no training loss; `flags`: the settings it reads."""
 
     name = "base"
+    label = "base"  # the name in tables, plots and --help (the registry key names it on the command line)
     needs_groups = False
     post_hoc = False
     flags: tuple[Flag, ...] = ()
@@ -135,6 +136,8 @@ class Method:
 class ERM(Method):
     """Empirical risk minimisation: the plain criterion (`bgmask.optim.build_loss`: cross-entropy, with
     label smoothing, or the soft-target loss under mixup); groups are not read."""
+
+    label = "ERM"
 
     def __init__(self, criterion=None):
         self.criterion = criterion if criterion is not None else torch.nn.CrossEntropyLoss()

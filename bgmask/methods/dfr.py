@@ -177,6 +177,7 @@ class DFR(Method):
     """Post-hoc last-layer retraining on group-balanced validation embeddings (`dfr_fit`); it has no
     training loss: train the base model with ERM, then apply DFR to its checkpoint."""
 
+    label = "DFR"
     needs_groups = True
     post_hoc = True
     flags = (

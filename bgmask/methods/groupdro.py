@@ -101,6 +101,7 @@ class GroupBalancedSampler(Sampler[int]):
 class GroupDRO(Method):
     """Online group DRO; see the module docstring for the update and its distributed form."""
 
+    label = "GroupDRO"
     needs_groups = True
     flags = (
         Flag("gdro_eta", "eta", float, 0.01, "GroupDRO: step size of the exponentiated-gradient update of "
