@@ -251,6 +251,18 @@ def load_mask(path: Path, size: tuple[int, int], threshold: int = 0,
     return (arr > threshold).astype(np.uint8)
 
 
+def item_record(ds, index: int, img_id: int, label: int, place: int, group: int) -> dict:
+    """The record every dataset yields: image, label, index, img_id, place, group (-1: unknown) and, when
+    `ds.masks` is set, mask; read from `ds.image_path` / `ds.mask_path` through `ds.transform`."""
+    masks = ds.masks
+    image, mask = load_item(ds.image_path(img_id), ds.mask_path(img_id) if masks is not None else None,
+                            masks.threshold if masks is not None else 0, ds.transform)
+    record = {"image": image, "label": label, "index": index, "img_id": img_id, "place": place, "group": group}
+    if mask is not None:
+        record["mask"] = mask
+    return record
+
+
 def load_item(image_path: Path, mask_path: Path | None, threshold: int, transform: Callable | None) -> tuple:
     """(image, mask or None) of one record: decoded (reduced when the transform asks for it, the mask
     alike) and passed through `transform`."""
@@ -259,6 +271,21 @@ def load_item(image_path: Path, mask_path: Path | None, threshold: int, transfor
     if transform is not None:
         image, mask = transform(image, mask)
     return image, mask
+
+
+def check_item_files(ds, listed: str) -> None:
+    """Every image (and mask, when `ds.masks` is set) of a dataset's split exists, masks of their image's
+    size: one line naming the first missing file and how many are missing (`listed`: where the item is
+    listed, e.g. "listed in ROOT/images.txt")."""
+    for what, path_of in (("image", ds.image_path), ("mask", ds.mask_path)):
+        if what == "mask" and ds.masks is None:
+            continue
+        missing = [path_of(i) for i in ds.ids if not path_of(i).is_file()]
+        if missing:
+            raise UserError(f"{what} {listed} not found: {missing[0]} "
+                            f"({len(missing)} of {len(ds.ids)} {ds.split} {what}s missing)")
+    if ds.masks is not None:
+        check_mask_sizes([(ds.image_path(i), ds.mask_path(i)) for i in ds.ids], ds.split)
 
 
 def check_mask_sizes(pairs: list[tuple[Path, Path]], what: str, shown: int = 3) -> None:
@@ -334,20 +361,7 @@ class CUBDataset(Dataset):
             if self.split == "test":
                 check_waterbirds_split(meta_csv, self.groups, [self.meta.relpaths[i] for i in self.ids])
         if self.check_files:
-            self._check_files()
-
-    def _check_files(self) -> None:
-        for what, path_of in (("image", self.image_path), ("mask", self.mask_path)):
-            if what == "mask" and self.masks is None:
-                continue
-            missing = [path_of(i) for i in self.ids if not path_of(i).is_file()]
-            if missing:
-                raise UserError(
-                    f"{what} listed in {self.root / 'images.txt'} not found: {missing[0]} "
-                    f"({len(missing)} of {len(self.ids)} {self.split} {what}s missing)"
-                )
-        if self.masks is not None:
-            check_mask_sizes([(self.image_path(i), self.mask_path(i)) for i in self.ids], self.split)
+            check_item_files(self, f"listed in {self.root / 'images.txt'}")
 
     @property
     def num_classes(self) -> int:
@@ -371,17 +385,5 @@ class CUBDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         img_id = self.ids[index]
-        image, mask = load_item(self.image_path(img_id), self.mask_path(img_id) if self.masks is not None else None,
-                                self.masks.threshold if self.masks is not None else 0, self.transform)
         y, place, _ = self.groups.get(self.meta.relpaths[img_id], (-1, -1, -1))
-        record = {
-            "image": image,
-            "label": self.meta.labels[img_id],
-            "index": index,
-            "img_id": img_id,
-            "place": place,
-            "group": y * 2 + place if place >= 0 else -1,
-        }
-        if mask is not None:
-            record["mask"] = mask
-        return record
+        return item_record(self, index, img_id, self.meta.labels[img_id], place, y * 2 + place if place >= 0 else -1)

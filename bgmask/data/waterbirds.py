@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from bgmask.data.cub import (WATERBIRDS_SUBDIR, MaskSource, WaterbirdsRow, check_mask_sizes, load_item,
+from bgmask.data.cub import (WATERBIRDS_SUBDIR, MaskSource, WaterbirdsRow, check_item_files, item_record,
                              read_waterbirds_rows)
 from bgmask.errors import UserError, require_dir
 
@@ -99,18 +99,7 @@ class WaterbirdsDataset(Dataset):
                                 "ROOT/segmentations/<rel>.png: expected the CUB root as root, got None")
             self.masks.check(self.root, self.image_subdir)
         if self.check_files:
-            self._check_files()
-
-    def _check_files(self) -> None:
-        for what, path_of in (("image", self.image_path), ("mask", self.mask_path)):
-            if what == "mask" and self.masks is None:
-                continue
-            missing = [path_of(i) for i in self.ids if not path_of(i).is_file()]
-            if missing:
-                raise UserError(f"{what} of a row of {self.metadata_csv} not found: {missing[0]} "
-                                f"({len(missing)} of {len(self.ids)} {self.split} {what}s missing)")
-        if self.masks is not None:
-            check_mask_sizes([(self.image_path(i), self.mask_path(i)) for i in self.ids], self.split)
+            check_item_files(self, f"of a row of {self.metadata_csv}")
 
     @property
     def num_classes(self) -> int:
@@ -138,16 +127,4 @@ class WaterbirdsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         img_id = self.ids[index]
-        image, mask = load_item(self.image_path(img_id), self.mask_path(img_id) if self.masks is not None else None,
-                                self.masks.threshold if self.masks is not None else 0, self.transform)
-        record = {
-            "image": image,
-            "label": self._y[img_id],
-            "index": index,
-            "img_id": img_id,
-            "place": self._place[img_id],
-            "group": int(self.group_of[index]),
-        }
-        if mask is not None:
-            record["mask"] = mask
-        return record
+        return item_record(self, index, img_id, self._y[img_id], self._place[img_id], int(self.group_of[index]))

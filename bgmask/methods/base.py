@@ -27,11 +27,16 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(name: str):
-    """Class decorator: `@register_method("erm")` adds a Method subclass to METHODS under `name`."""
+    """Class decorator: `@register_method("erm")` adds a Method subclass to METHODS under `name`. A
+    method names itself in tables (`label`), and a training method has its own loss."""
 
     def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered")
+        problem = ("is already registered" if name in METHODS
+                   else "has no label" if cls.label == Method.label
+                   else "trains (post_hoc is False) but defines no loss" if not cls.post_hoc and cls.loss is Method.loss
+                   else None)
+        if problem:
+            raise ValueError(f"method {name!r} {problem}")
         cls.name = name
         METHODS[name] = cls
         return cls
