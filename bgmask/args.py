@@ -47,6 +47,16 @@ def make_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="fraction of images (and their Waterbirds copies) saved as grayscale (L) JPEGs")
     add(g, "--cmyk_fraction", type=float, default=0.0, range="[0, 1]",
         help="fraction of images (and their Waterbirds copies) saved as CMYK JPEGs")
+    w = parser.add_argument_group("standard Waterbirds protocol (off by default; see bgmask/data/synthetic_waterbirds.py)")
+    add(w, "--waterbirds_splits", action="store_true",
+        help="write a complete waterbird_complete95_forest2water2: every image on a new background, binary y "
+             "(waterbird), place of the background, metadata.csv splits 0 = train (correlated), 1 = val, 2 = test "
+             "(val and test balanced between places within each class); default: the test images only, split 2")
+    add(w, "--waterbirds_val_fraction", type=float, default=None, range="(0, 1)",
+        help="with --waterbirds_splits: fraction of each species' train images in split 1 (val); default 0.2")
+    add(w, "--waterbirds_correlation", type=float, default=None, range="[0, 1]",
+        help="with --waterbirds_splits: P(place == y) in split 0 (train), exact per species; default 0.95 "
+             "(0.5: a control folder without the shortcut)")
     return parser
 
 
@@ -284,8 +294,32 @@ def train_parser(description: str, strategies=None, default: str | None = None) 
     return ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[data_args(), model_args(), masking_args(strategies=strategies, default=default), optim_args(),
-                 run_args(), eval_args(ArgumentParser(add_help=False))],
+                 method_args(), run_args(), eval_args(ArgumentParser(add_help=False))],
     )
+
+
+PROTOCOLS = ("cub", "waterbirds")
+
+
+def method_args(add_help: bool = False, post_hoc: bool = False) -> argparse.ArgumentParser:
+    """--protocol, and --method with the flags of each registered method (`bgmask.methods.METHODS`): the
+    training methods, or with `post_hoc` those applied to a trained checkpoint."""
+    from bgmask.methods import METHODS
+
+    p = ArgumentParser(add_help=add_help)
+    g = p.add_argument_group("protocol and method")
+    add(g, "--protocol", default="cub", choices=list(PROTOCOLS),
+        help="cub (the paper's): train on CUB's species, test the same species on Waterbirds; waterbirds (Sagawa et "
+             "al. 2020): binary waterbird/landbird on the Waterbirds folder's splits 0/1/2 (--image_sub_path_test), "
+             "best.pt chosen on val worst-group accuracy, per-group / mean / worst-group accuracy reported")
+    names = [n for n, m in METHODS.items() if m.post_hoc == post_hoc]
+    if not post_hoc:
+        add(g, "--method", default="erm", choices=names,
+            help="training method: " + "; ".join(f"{n}: {METHODS[n].label}" for n in names))
+    for name in names:
+        for flag in METHODS[name].flags:
+            add(g, f"--{flag.dest}", **flag.kwargs())
+    return p
 
 
 def eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

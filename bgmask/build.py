@@ -9,13 +9,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DistributedSampler
 
-from bgmask.data import CUBDataset, MaskSource, build_transform
+from bgmask.data import CUBDataset, MaskSource, WaterbirdsDataset, build_transform
 from bgmask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgmask.data.cub import WATERBIRDS_SUBDIR
+from bgmask.data.waterbirds import CLASS_NAMES as WATERBIRDS_CLASSES
 from bgmask.distributed import DistInfo
 from bgmask.errors import UserError, require_dir
 from bgmask.masking.strategies import STRATEGIES, Strategy, create_strategy
+from bgmask.methods import build_method
 from bgmask.optim import EpochScheduler, build_loss, build_mixup, build_optimizer
 
 # ------------------------------------------------------------------------------------------ model
@@ -109,18 +112,21 @@ def full_decode(cfg: Namespace, transform):
     return transform
 
 
-def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_masks: bool = True) -> dict[str, CUBDataset]:
-    """train (when `train`), val (when train_split < 1), test and waterbirds (when that folder exists).
-    Masks are read from disk when the strategy needs them and no online segmenter supplies them."""
+def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_masks: bool = True) -> dict:
+    """train (when `train`), val (when train_split < 1), test and waterbirds (when that folder exists); under
+    --protocol waterbirds the Waterbirds folder's own train / val / test splits. Masks are read from disk
+    when the strategy needs them and no online segmenter supplies them."""
     root = require_dir(cfg.data_path, "--data_path")
     mean, std = data_cfg["mean"], data_cfg["std"]
     needs_mask = create_strategy(cfg.strategy).needs_mask and with_masks
     masks = MaskSource(cfg.mask_source, cfg.mask_threshold) if needs_mask else None
     eval_tf = full_decode(cfg, build_transform(False, cfg.image_size, mean=mean, std=std, crop_pct=cfg.crop_pct))
+    train_tf = train_transform(cfg, mean, std) if train else None
+    if cfg.protocol == "waterbirds":
+        return waterbirds_splits(cfg, root, masks, train_tf, eval_tf)
     common = dict(root=root, train_split=cfg.train_split, split_seed=cfg.split_seed)
     out = {}
     if train:
-        train_tf = train_transform(cfg, mean, std)
         out["train"] = CUBDataset(split="train", image_subdir=cfg.image_sub_path_train, masks=masks,
                                   transform=train_tf, **common)
     if train and cfg.eval_mode == "train":  # the training images with the evaluation transform
@@ -135,6 +141,26 @@ def build_datasets(cfg: Namespace, data_cfg: dict, train: bool = True, with_mask
     if waterbirds is not None:
         out["waterbirds"] = CUBDataset(split="test", image_subdir=waterbirds, masks=masks, transform=eval_tf, **common)
     return out
+
+
+def waterbirds_splits(cfg: Namespace, root: Path, masks, train_tf, eval_tf) -> dict:
+    """--protocol waterbirds: the folder's split 0 (train, with `train_tf`; None: not built), 1 (val) and 2
+    (test); the training images with the evaluation transform for --eval_mode train."""
+    def split(name, transform):
+        return WaterbirdsDataset(root, name, image_subdir=cfg.image_sub_path_test, masks=masks, transform=transform)
+
+    out = {"train": split("train", train_tf)} if train_tf is not None else {}
+    if train_tf is not None and cfg.eval_mode == "train":
+        out["train_eval"] = split("train", eval_tf)
+    return {**out, "val": split("val", eval_tf), "test": split("test", eval_tf)}
+
+
+def classes_of(cfg: Namespace) -> tuple[int, list]:
+    """(number of classes, their names) of the run's task: CUB's species, or waterbird / landbird."""
+    if cfg.protocol == "waterbirds":
+        return len(WATERBIRDS_CLASSES), list(WATERBIRDS_CLASSES)
+    probe = CUBDataset(cfg.data_path, "test", check_files=False)
+    return probe.num_classes, probe.class_names
 
 
 def waterbirds_folder(cfg: Namespace, root: Path) -> str | None:
@@ -159,13 +185,17 @@ def waterbirds_folder(cfg: Namespace, root: Path) -> str | None:
     return WATERBIRDS_SUBDIR if plain else None
 
 
-def diagnostics_base(cfg: Namespace, data_cfg: dict) -> CUBDataset | None:
-    """The in-distribution test split with GT masks (diagnostics need the true bird)."""
+def diagnostics_base(cfg: Namespace, data_cfg: dict):
+    """The in-distribution test split with GT masks (diagnostics need the true bird); under --protocol
+    waterbirds its test split."""
     root = Path(cfg.data_path)
     if not (root / "segmentations").is_dir():
         return None
     eval_tf = build_transform(False, cfg.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
                               crop_pct=cfg.crop_pct)
+    if cfg.protocol == "waterbirds":
+        return WaterbirdsDataset(root, "test", image_subdir=cfg.image_sub_path_test,
+                                 masks=MaskSource("gt", cfg.mask_threshold), transform=eval_tf)
     return CUBDataset(root, "test", image_subdir=cfg.image_sub_path_train, masks=MaskSource("gt", cfg.mask_threshold),
                       transform=eval_tf, train_split=cfg.train_split, split_seed=cfg.split_seed)
 
@@ -197,7 +227,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: EpochScheduler
     scaler: object
-    loss_fn: torch.nn.Module
+    method: object  # a registered bgmask.methods method: owns the loss
     mixup: object
     meta: dict
 
@@ -205,8 +235,8 @@ class Parts:
 def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
     """The model (built right after seeding: its initial weights depend on the seed only), the data,
     the strategy and the optimisation."""
-    probe = CUBDataset(cfg.data_path, "test", check_files=False)
-    kwargs = model_kwargs(vars(cfg), probe.num_classes)
+    num_classes, class_names = classes_of(cfg)
+    kwargs = model_kwargs(vars(cfg), num_classes)
     model = build_model(kwargs)  # "auto" stages and memory formats are resolved already (bgmask.settings)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -217,12 +247,41 @@ def build_parts(cfg: Namespace, dist: DistInfo, mask_fn=None) -> Parts:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
-    mixup = build_mixup(cfg, probe.num_classes)
+    mixup = build_mixup(cfg, num_classes)
     if mixup is not None and cfg.batch_size % 2:
         raise UserError(f"mixup/cutmix needs an even --batch_size, got {cfg.batch_size}")
     return Parts(model, kwargs, data_cfg, datasets, strategy_of(cfg, data_cfg), mask_fn, optimizer,
                  EpochScheduler(optimizer, cfg),
                  torch.amp.GradScaler("cuda") if cfg.use_amp and cfg.amp_dtype == "fp16" else None,
-                 build_loss(cfg, cfg.turn_on_mixup_or_cutmix), mixup,
-                 {"num_classes": probe.num_classes, "class_names": probe.class_names, "data_config": data_cfg})
+                 build_method(cfg, criterion=build_loss(cfg, cfg.turn_on_mixup_or_cutmix),
+                              group_counts=group_counts_of(datasets["train"])), mixup,
+                 {"num_classes": num_classes, "class_names": class_names, "data_config": data_cfg})
 
+
+def train_group_counts(cfg: Namespace):
+    """Samples per group of the Waterbirds folder's train split under --protocol waterbirds, else None."""
+    if cfg.protocol != "waterbirds":
+        return None
+    return WaterbirdsDataset(cfg.data_path, "train", image_subdir=cfg.image_sub_path_test,
+                             check_files=False).group_counts().tolist()
+
+
+def group_counts_of(dataset):
+    """The training split's samples per group under --protocol waterbirds (GroupDRO's adjustment), else None."""
+    return dataset.group_counts() if isinstance(dataset, WaterbirdsDataset) else None
+
+
+def train_sampler(parts: Parts, cfg: Namespace, dist: DistInfo):
+    """The training order: the method's own sampler (GroupDRO's group-balanced draw), else a
+    DistributedSampler seeded with --seed (each epoch reshuffled by `set_epoch`)."""
+    train = parts.datasets["train"]
+    groups = train.group_of if parts.method.needs_groups and isinstance(train, WaterbirdsDataset) else None
+    sampler = parts.method.train_sampler(groups, dist.world_size, dist.rank, cfg.seed)
+    if sampler is None:
+        sampler = DistributedSampler(train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
+    return sampler
+
+
+def selection_metric(cfg: Namespace) -> str:
+    """What best.pt is chosen on: val accuracy, or under --protocol waterbirds val worst-group accuracy."""
+    return "val/worst_group_acc" if cfg.protocol == "waterbirds" else "val/acc"

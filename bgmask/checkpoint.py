@@ -123,7 +123,7 @@ def checkpoint_settings(ckpt: Path, cfg: dict, arch_given: bool) -> dict:
         return {}
     state = as_checkpoint(raw, ckpt)
     saved = saved_config(state, ckpt)
-    out = {key: saved[key] for key in ("strategy", "mask_fill", "image_size") if key in saved}
+    out = {key: saved[key] for key in ("strategy", "mask_fill", "image_size", "protocol") if key in saved}
     if "crop_pct" in state["data_config"]:
         out.update(checked_settings({"crop_pct": state["data_config"]["crop_pct"]}, f"checkpoint {ckpt}"))
     saved_arch = saved_model_kwargs(state, ckpt)["model_arch"]
@@ -170,8 +170,8 @@ def set_rng_state(state: dict) -> None:
 
 
 # What a resumed run must share with the run it continues, besides its model (`model_kwargs`).
-SAME_RUN_KEYS = ("strategy", "data_path", "train_split", "split_seed", "seed", "optimizer_type", "scheduler_type",
-                 "epochs", "batch_size", "lr")
+SAME_RUN_KEYS = ("strategy", "protocol", "method", "data_path", "train_split", "split_seed", "seed", "optimizer_type",
+                 "scheduler_type", "epochs", "batch_size", "lr")
 WEIGHT_SOURCES = ("pretrained", "pretrained_file")  # overwritten by the checkpoint's weights anyway
 PATH_KEYS = ("data_path",)  # compared resolved: data/cub, data/cub/ and ./data/cub are one folder
 
@@ -208,6 +208,7 @@ def training_state(parts, progress: Progress, cfg: Namespace, meta: dict) -> dic
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
+        "method": parts.method.state_dict(),
         "epoch": progress.epoch,
         "best_val_acc": progress.best,
         "best_epoch": progress.best_epoch,
@@ -257,6 +258,7 @@ def resume(parts, cfg: Namespace, world_size: int, is_main: bool) -> Progress:
     parts.scheduler.load_state_dict(state["scheduler"])
     if parts.scaler is not None and state["scaler"]:
         parts.scaler.load_state_dict(state["scaler"])
+    parts.method.load_state_dict(state.get("method", {"method": "erm"}))  # before methods were saved: ERM's
     set_rng_state(state["rng"])
     if is_main:
         complete_checkpoints(folder, state, cfg)

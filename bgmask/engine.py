@@ -20,7 +20,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bgmask import build
@@ -29,8 +29,8 @@ from bgmask.checkpoint import Progress, load_checkpoint, resume, save_epoch, sav
 from bgmask.data import CUBDataset
 from bgmask.distributed import DistInfo, all_reduce_sum, allow_tf32, barrier, cleanup, init_distributed
 from bgmask.errors import UserError
-from bgmask.eval import DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict, split_metrics
-from bgmask.eval import prepare_batch, to_memory_format
+from bgmask.eval import (DIAGNOSTICS, BackgroundDiagnostic, autocast_context, diagnostic_metrics, predict,
+                         prepare_batch, split_metrics, to_memory_format, weighted_accuracy)
 from bgmask.optim import accumulation_groups, mix_batch, optimizer_step, sync_context
 from bgmask.processes import epoch_seed, loader_iter, seed_everything, worker_init
 from bgmask.runfolder import EVAL_SPLIT, RunFolder, checkpoint_of, folder_lock
@@ -53,11 +53,11 @@ def train_step(model, batch, strategy, dist: DistInfo, cfg: Namespace, mixup=Non
     return logits, targets
 
 
-def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo, cfg: Namespace, epoch: int,
+def train_one_epoch(model, loader, strategy, optimizer, method, dist: DistInfo, cfg: Namespace, epoch: int,
                     mixup=None, scaler=None, mask_fn=None) -> dict:
     """One epoch of micro-batches; the optimiser steps once per `--grad_accum_steps` of them, on the
     mean loss of the group (each micro-batch's loss divided by the group's size), which is the update of
-    one batch that many times larger."""
+    one batch that many times larger. The loss is the method's (`bgmask.methods`: ERM, GroupDRO ...)."""
     model.train()
     # The loss sum stays on the device and is checked every `check_every` steps: a per-step `.item()`
     # would make the host wait for the GPU at every step.
@@ -78,7 +78,8 @@ def train_one_epoch(model, loader, strategy, optimizer, loss_fn, dist: DistInfo,
         group, in_group = group_of[steps], in_group + 1
         with sync_context(model, in_group == group):
             logits, targets = train_step(model, batch, strategy, dist, cfg, mixup, mask_fn)
-            loss = loss_fn(logits.float(), targets)
+            groups = batch["group"].to(dist.device, non_blocking=True) if method.needs_groups else None
+            loss = method.loss(logits.float(), targets, groups)
             if steps % check_every == 0 and not torch.isfinite(loss):  # the epoch's sum, checked below, covers the rest
                 raise UserError(f"loss is {loss.item()} at epoch {epoch + 1}, step {steps}: lower --lr or use "
                                 "--grad_norm_clip")
@@ -128,9 +129,11 @@ def evaluate_splits(model, datasets: dict, strategy, dist: DistInfo, cfg: Namesp
 
 
 def final_splits(model, datasets: dict, strategy, dist, cfg, mask_fn, data_config, splits) -> dict:
-    """The splits of a final report plus the Waterbirds drop and the background diagnostics."""
-    return evaluate_splits(model, datasets, strategy, dist, cfg, splits, mask_fn,
-                           build.diagnostics_base(cfg, data_config), data_config)
+    """The splits of a final report plus the Waterbirds drop (or, under --protocol waterbirds, the test
+    accuracy weighted by the train split's groups) and the background diagnostics."""
+    metrics = evaluate_splits(model, datasets, strategy, dist, cfg, splits, mask_fn,
+                              build.diagnostics_base(cfg, data_config), data_config)
+    return {**metrics, **weighted_accuracy(metrics, "test", build.train_group_counts(cfg))}
 
 
 # ------------------------------------------------------------------------------------------- fit
@@ -173,9 +176,10 @@ def end_epoch(parts: build.Parts, progress: Progress, stats: dict, folder: RunFo
     metrics = evaluate_splits(parts.model, parts.datasets, parts.strategy, dist, cfg, [eval_split],
                               parts.mask_fn) if eval_split else {}
     epoch = progress.epoch + 1
-    improved = progress.update(epoch, metrics.get("val/acc") if eval_split == "val" else None)
+    improved = progress.update(epoch, metrics.get(build.selection_metric(cfg)) if eval_split == "val" else None)
     if dist.is_main:
-        folder.log({"epoch": epoch, "split": eval_split or "train", **stats, **metrics}, step=epoch)
+        folder.log({"epoch": epoch, "split": eval_split or "train", **stats, **parts.method.summary(), **metrics},
+                   step=epoch)
         acc = f" {eval_split}/acc {metrics[f'{eval_split}/acc']:.4f}" if eval_split else ""
         print(f"epoch {epoch}/{cfg.epochs} loss {stats['train/loss']:.4f}{acc} "
               f"({stats['train/images_per_s']:.0f} img/s)", flush=True)
@@ -219,12 +223,11 @@ def fit(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
         folder.prepare_resume(progress.epoch)
     folder.write_config(cfg)
     model = build.training_model(parts.model, cfg, dist)
-    sampler = DistributedSampler(parts.datasets["train"], num_replicas=dist.world_size, rank=dist.rank,
-                                 shuffle=True, seed=cfg.seed)
+    sampler = build.train_sampler(parts, cfg, dist)
     folder.start_wandb(cfg)
     for epoch in range(progress.epoch, cfg.epochs):
         loader = epoch_loader(parts.datasets["train"], sampler, cfg, dist, epoch)
-        stats = train_one_epoch(model, loader, parts.strategy, parts.optimizer, parts.loss_fn, dist, cfg, epoch,
+        stats = train_one_epoch(model, loader, parts.strategy, parts.optimizer, parts.method, dist, cfg, epoch,
                                 parts.mixup, parts.scaler, parts.mask_fn)
         parts.scheduler.step(epoch + 1)
         end_epoch(parts, progress, stats, folder, cfg, dist)
@@ -238,8 +241,7 @@ def evaluate(cfg: Namespace, dist: DistInfo, mask_fn=None) -> dict:
     any), test, Waterbirds, the diagnostics and where it looks (`bgmask.attribution`); the data may be pointed
     elsewhere. The record is appended to the results.jsonl beside the checkpoint, tagged `split: "eval"`."""
     ckpt = cfg.checkpoint if cfg.checkpoint is not None else checkpoint_of(cfg)  # as given: the record keeps it
-    probe = CUBDataset(cfg.data_path, "test", check_files=False)
-    model, data_cfg, epoch = saved_classifier(Path(ckpt), cfg, probe.num_classes)
+    model, data_cfg, epoch = saved_classifier(Path(ckpt), cfg, build.classes_of(cfg)[0])
     seed_everything(cfg.seed)
     model.to(dist.device)
     if cfg.channels_last:

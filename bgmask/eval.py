@@ -199,18 +199,40 @@ METRIC_ROWS = [
     ("test/attr_bg_fraction", "attribution on the background, CUB test (share)"),
     ("waterbirds/attr_bg_fraction", "attribution on the background, Waterbirds (share)"),
 ]
+# --protocol waterbirds: the test split is the Waterbirds folder's split 2, with groups
+PROTOCOL_ROWS = [
+    ("test/acc", "Waterbirds test accuracy (split 2, every image counted once)"),
+    ("test/weighted_acc", "Waterbirds test accuracy weighted by the train split's groups (the published 'average')"),
+    ("test/mean_group_acc", "Waterbirds test mean group accuracy"),
+    ("test/worst_group_acc", "Waterbirds test worst-group accuracy"),
+    *METRIC_ROWS[5:10],
+    ("test/attr_bg_fraction", "attribution on the background, Waterbirds test (share)"),
+]
 
 
 def metrics_markdown(record: dict, title: str) -> str:
+    protocol = "test/worst_group_acc" in record  # only the Waterbirds protocol's test split has groups
     lines = [f"### {title}", "", "| metric | value |", "|---|---|"]
-    for key, name in METRIC_ROWS:
+    for key, name in PROTOCOL_ROWS if protocol else METRIC_ROWS:
         if key in record:
             lines.append(f"| {name} | {record[key]:.4f} |")
-    groups = sorted(k for k in record if k.startswith("waterbirds/group_"))
-    for k in groups:
+    split = "test" if protocol else "waterbirds"
+    for k in sorted(k for k in record if k.startswith(f"{split}/group_")):
         g = int(k.split("_")[1])
         lines.append(f"| Waterbirds group {g} (y={g // 2}, place={g % 2}) | {record[k]:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def weighted_accuracy(metrics: dict, prefix: str, counts) -> dict:
+    """`prefix/weighted_acc`: the per-group accuracies weighted by `counts` (the train split's samples per
+    group), the "average accuracy" that Sagawa et al. (2020) and the papers after them report for
+    Waterbirds; {} when a group's accuracy is missing."""
+    if counts is None or not sum(counts):
+        return {}
+    accs = [metrics.get(f"{prefix}/group_{g}_acc") for g in range(len(counts))]
+    if any(a is None for a in accs):
+        return {}
+    return {f"{prefix}/weighted_acc": float(sum(c * a for c, a in zip(counts, accs)) / sum(counts))}
 
 
 def output_paths(out: str | None, checkpoint: str) -> tuple[Path, Path]:

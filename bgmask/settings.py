@@ -209,6 +209,7 @@ def check_combinations(cfg: dict) -> None:
     require_dir(cfg["data_path"], "--data_path")  # before the run folder is made
     check_masking(cfg)
     check_training(cfg)
+    check_protocol(cfg)
 
 
 def check_masking(cfg: dict) -> None:
@@ -253,6 +254,30 @@ def check_training(cfg: dict) -> None:
         from bgmask.optim import LRSchedule
 
         LRSchedule.from_config(argparse.Namespace(**cfg))  # a UserError for values that make no schedule
+
+
+# Flags of the CUB protocol with no meaning under the Waterbirds one (its folder has its own splits, and
+# early masking there masks on the fly: masked copies on disk follow CUB's layout).
+CUB_ONLY = {"train_split": "the Waterbirds folder's split 1 is the val split",
+            "split_seed": "the Waterbirds folder's splits are fixed",
+            "image_sub_path_train": "--strategy early masks the Waterbirds images on the fly"}
+
+
+def check_protocol(cfg: dict) -> None:
+    """--protocol waterbirds without the CUB protocol's flags; a method that reads groups needs it."""
+    from bgmask.methods import METHODS
+
+    method = METHODS[cfg["method"]]
+    if cfg["protocol"] == "waterbirds":
+        defaults = {a.dest: a.default for a in A.train_parser("t")._actions}
+        for key, why in CUB_ONLY.items():
+            if cfg[key] != defaults[key]:
+                raise UserError(f"--{key} {cfg[key]} has no meaning with --protocol waterbirds ({why})")
+    elif method.needs_groups and not cfg["eval_only"]:
+        raise UserError(f"--method {cfg['method']} reads each image's group (waterbird/landbird x water/land): it "
+                        "needs --protocol waterbirds")
+    if not cfg["eval_only"]:
+        method.check(argparse.Namespace(**cfg))
 
 
 def checkpoint_contribution(cfg: dict, given: set) -> dict:

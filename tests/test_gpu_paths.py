@@ -409,3 +409,25 @@ def test_tf32_allowed_on_cuda_unless_no_tf32(capsys):
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_groupdro_reduces_its_group_statistics_on_the_group_device(tmp_path, monkeypatch):
+    """GroupDRO's weights are the same on every rank: each step all-reduces its per-group loss sums and
+    counts, on DistInfo.device like every other collective."""
+    from bgmask.data.synthetic import generate_synthetic
+    from bgmask.data.synthetic_waterbirds import WaterbirdsSplits
+
+    root = tmp_path / "cub"
+    generate_synthetic(root, num_classes=3, image_size=32, train_per_class=8, test_per_class=2, progress=False,
+                       waterbirds=WaterbirdsSplits())
+    fake = RecordingDist()
+    monkeypatch.setattr(D, "dist", fake)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    run = tmp_path / "run"
+    assert train_late(argv(root, run, "--epochs", "1", "--protocol", "waterbirds", "--method", "groupdro",
+                           "--strategy", "baseline", "--attribution_images", "0")) == 0
+    steps = read_jsonl(run / "results.jsonl")[0]["train/images"] // 8
+    reduces = [c for c in fake.calls if c[0] == "all_reduce"]
+    assert len(reduces) == steps + 1  # one per step (GroupDRO), one for the epoch's loss statistics
+    assert all(c[1] == torch.device("cpu") for c in reduces)

@@ -5,7 +5,24 @@ from __future__ import annotations
 import argparse
 
 from bgmask import args as A
-from bgmask.errors import ArgumentParser, run_cli
+from bgmask.errors import ArgumentParser, UserError, run_cli
+
+
+def waterbirds_splits_of(ns: argparse.Namespace):
+    """The --waterbirds_* flags as a WaterbirdsSplits (None without --waterbirds_splits); a value for one
+    of them without --waterbirds_splits is refused rather than ignored."""
+    from bgmask.data.synthetic_waterbirds import WaterbirdsSplits
+
+    given = [f"--{k}" for k in ("waterbirds_val_fraction", "waterbirds_correlation") if getattr(ns, k) is not None]
+    if not ns.waterbirds_splits:
+        if given:
+            raise UserError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} used only with "
+                            "--waterbirds_splits (expected that flag too, or none of them)")
+        return None
+    defaults = WaterbirdsSplits()
+    return WaterbirdsSplits(
+        defaults.val_fraction if ns.waterbirds_val_fraction is None else ns.waterbirds_val_fraction,
+        defaults.correlation if ns.waterbirds_correlation is None else ns.waterbirds_correlation)
 
 
 def cmd_make_synthetic(ns: argparse.Namespace) -> int:
@@ -14,7 +31,7 @@ def cmd_make_synthetic(ns: argparse.Namespace) -> int:
     summary = generate_synthetic(
         ns.out, num_classes=ns.num_classes, image_size=ns.image_size, train_per_class=ns.train_per_class,
         test_per_class=ns.test_per_class, correlation=ns.correlation, seed=ns.seed, overwrite=ns.overwrite,
-        quirks=Quirks(ns.varied_sizes, ns.grayscale_fraction, ns.cmyk_fraction),
+        quirks=Quirks(ns.varied_sizes, ns.grayscale_fraction, ns.cmyk_fraction), waterbirds=waterbirds_splits_of(ns),
     )
     print(summary.to_text())
     return 0

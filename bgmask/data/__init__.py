@@ -7,7 +7,7 @@ numpy + PIL) imports without it.
 _EXPORTS = {
     "WATERBIRDS_SUBDIR": "bgmask.data.cub", "CUBDataset": "bgmask.data.cub", "CUBMetadata": "bgmask.data.cub",
     "MaskSource": "bgmask.data.cub", "read_cub_metadata": "bgmask.data.cub", "split_ids": "bgmask.data.cub",
-    "build_transform": "bgmask.data.transforms",
+    "build_transform": "bgmask.data.transforms", "WaterbirdsDataset": "bgmask.data.waterbirds",
 }
 __all__ = list(_EXPORTS)
 

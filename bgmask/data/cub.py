@@ -22,7 +22,7 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -149,13 +149,24 @@ WATERBIRDS_COLUMNS = {"img_id": None, "y": range(2), "split": range(3), "place":
 WATERBIRDS_TEST_SPLIT = 2  # metadata.csv's split column: 0 = train, 1 = val, 2 = test
 
 
-def read_waterbirds_metadata(path: Path) -> dict[str, tuple[int, int, int]]:
-    """Map img_filename -> (y, place, split) from a Waterbirds metadata.csv; a repeated file or id, or
-    a value that is not an integer of its column's range, is one line naming file:line."""
+class WaterbirdsRow(NamedTuple):
+    """One row of a Waterbirds metadata.csv (`line`: its line number in the file)."""
+
+    line: int
+    img_id: int
+    img_filename: str
+    y: int
+    place: int
+    split: int
+
+
+def read_waterbirds_rows(path: Path) -> list[WaterbirdsRow]:
+    """The rows of a Waterbirds metadata.csv, in file order; a repeated file or id, or a value that is not
+    an integer of its column's range, is one line naming file:line."""
     reader = csv.DictReader(io.StringIO(read_text(path, "Waterbirds metadata.csv"), newline=""))
     if reader.fieldnames is None or not {"img_filename", *WATERBIRDS_COLUMNS} <= set(reader.fieldnames):
         raise UserError(f"{path}: expected columns img_id,img_filename,y,split,place,place_filename")
-    out, first_line = {}, {}
+    out, first_line = [], {}
     for row in reader:
         where = f"{path}:{reader.line_num}"
         values = {col: _csv_int(row[col], allowed, f"{where}: {col}") for col, allowed in WATERBIRDS_COLUMNS.items()}
@@ -163,8 +174,14 @@ def read_waterbirds_metadata(path: Path) -> dict[str, tuple[int, int, int]]:
             if key in first_line:
                 raise UserError(f"{where}: {key!r} is already on line {first_line[key]} (expected each image once)")
             first_line[key] = reader.line_num
-        out[row["img_filename"]] = (values["y"], values["place"], values["split"])
+        out.append(WaterbirdsRow(reader.line_num, values["img_id"], row["img_filename"], values["y"],
+                                 values["place"], values["split"]))
     return out
+
+
+def read_waterbirds_metadata(path: Path) -> dict[str, tuple[int, int, int]]:
+    """Map img_filename -> (y, place, split) from a Waterbirds metadata.csv (`read_waterbirds_rows`)."""
+    return {r.img_filename: (r.y, r.place, r.split) for r in read_waterbirds_rows(path)}
 
 
 def _csv_int(value: str | None, allowed: range | None, what: str) -> int:
@@ -234,6 +251,63 @@ def load_mask(path: Path, size: tuple[int, int], threshold: int = 0,
     return (arr > threshold).astype(np.uint8)
 
 
+def item_record(ds, index: int, img_id: int, label: int, place: int, group: int) -> dict:
+    """The record every dataset yields: image, label, index, img_id, place, group (-1: unknown) and, when
+    `ds.masks` is set, mask; read from `ds.image_path` / `ds.mask_path` through `ds.transform`."""
+    masks = ds.masks
+    image, mask = load_item(ds.image_path(img_id), ds.mask_path(img_id) if masks is not None else None,
+                            masks.threshold if masks is not None else 0, ds.transform)
+    record = {"image": image, "label": label, "index": index, "img_id": img_id, "place": place, "group": group}
+    if mask is not None:
+        record["mask"] = mask
+    return record
+
+
+def load_item(image_path: Path, mask_path: Path | None, threshold: int, transform: Callable | None) -> tuple:
+    """(image, mask or None) of one record: decoded (reduced when the transform asks for it, the mask
+    alike) and passed through `transform`."""
+    image, full = load_rgb_reduced(image_path, getattr(transform, "decode_min_side", None))
+    mask = None if mask_path is None else load_mask(mask_path, full, threshold, image.size)
+    if transform is not None:
+        image, mask = transform(image, mask)
+    return image, mask
+
+
+def check_item_files(ds, listed: str) -> None:
+    """Every image (and mask, when `ds.masks` is set) of a dataset's split exists, masks of their image's
+    size: one line naming the first missing file and how many are missing (`listed`: where the item is
+    listed, e.g. "listed in ROOT/images.txt")."""
+    for what, path_of in (("image", ds.image_path), ("mask", ds.mask_path)):
+        if what == "mask" and ds.masks is None:
+            continue
+        missing = [path_of(i) for i in ds.ids if not path_of(i).is_file()]
+        if missing:
+            raise UserError(f"{what} {listed} not found: {missing[0]} "
+                            f"({len(missing)} of {len(ds.ids)} {ds.split} {what}s missing)")
+    if ds.masks is not None:
+        check_mask_sizes([(ds.image_path(i), ds.mask_path(i)) for i in ds.ids], ds.split)
+
+
+def check_mask_sizes(pairs: list[tuple[Path, Path]], what: str, shown: int = 3) -> None:
+    """Every mask has its (upright) image's size, read from the file headers only: a mismatch is found
+    before training starts, not when the first epoch reaches it. `pairs`: (image, mask) paths; `what`
+    names them in the message, e.g. "train"."""
+    from bgmask.data.images import upright_size
+
+    bad = []
+    for image, mask in pairs:
+        try:
+            sizes = upright_size(image), upright_size(mask)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise UserError(f"cannot read the header of {image} or {mask}: corrupt or not an image "
+                            f"({e.__class__.__name__})") from None
+        if sizes[0] != sizes[1]:
+            bad.append(f"{mask} is {sizes[1][0]}x{sizes[1][1]}, its image {sizes[0][0]}x{sizes[0][1]}")
+    if bad:
+        raise UserError(f"{len(bad)} of {len(pairs)} {what} masks do not have their image's size: "
+                        + "; ".join(bad[:shown]) + ("; ..." if len(bad) > shown else ""))
+
+
 @dataclass
 class MaskSource:
     """Where masks come from: 'gt' = ROOT/segmentations/<rel>.png (the same bird for the Waterbirds
@@ -287,39 +361,7 @@ class CUBDataset(Dataset):
             if self.split == "test":
                 check_waterbirds_split(meta_csv, self.groups, [self.meta.relpaths[i] for i in self.ids])
         if self.check_files:
-            self._check_files()
-
-    def _check_files(self) -> None:
-        for what, path_of in (("image", self.image_path), ("mask", self.mask_path)):
-            if what == "mask" and self.masks is None:
-                continue
-            missing = [path_of(i) for i in self.ids if not path_of(i).is_file()]
-            if missing:
-                raise UserError(
-                    f"{what} listed in {self.root / 'images.txt'} not found: {missing[0]} "
-                    f"({len(missing)} of {len(self.ids)} {self.split} {what}s missing)"
-                )
-        if self.masks is not None:
-            self._check_mask_sizes()
-
-    def _check_mask_sizes(self, shown: int = 3) -> None:
-        """Every mask has its (upright) image's size, read from the file headers only: a mismatch is found
-        before training starts, not when the first epoch reaches it."""
-        from bgmask.data.images import upright_size
-
-        bad = []
-        for i in self.ids:
-            image, mask = self.image_path(i), self.mask_path(i)
-            try:
-                sizes = upright_size(image), upright_size(mask)
-            except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                raise UserError(f"cannot read the header of {image} or {mask}: corrupt or not an image "
-                                f"({e.__class__.__name__})") from None
-            if sizes[0] != sizes[1]:
-                bad.append(f"{mask} is {sizes[1][0]}x{sizes[1][1]}, its image {sizes[0][0]}x{sizes[0][1]}")
-        if bad:
-            raise UserError(f"{len(bad)} of {len(self.ids)} {self.split} masks do not have their image's size: "
-                            + "; ".join(bad[:shown]) + ("; ..." if len(bad) > shown else ""))
+            check_item_files(self, f"listed in {self.root / 'images.txt'}")
 
     @property
     def num_classes(self) -> int:
@@ -343,21 +385,5 @@ class CUBDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         img_id = self.ids[index]
-        image, full = load_rgb_reduced(self.image_path(img_id), getattr(self.transform, "decode_min_side", None))
-        mask = None
-        if self.masks is not None:
-            mask = load_mask(self.mask_path(img_id), full, self.masks.threshold, image.size)
-        if self.transform is not None:
-            image, mask = self.transform(image, mask)
         y, place, _ = self.groups.get(self.meta.relpaths[img_id], (-1, -1, -1))
-        record = {
-            "image": image,
-            "label": self.meta.labels[img_id],
-            "index": index,
-            "img_id": img_id,
-            "place": place,
-            "group": y * 2 + place if place >= 0 else -1,
-        }
-        if mask is not None:
-            record["mask"] = mask
-        return record
+        return item_record(self, index, img_id, self.meta.labels[img_id], place, y * 2 + place if place >= 0 else -1)

@@ -1,5 +1,7 @@
 """Synthetic birds-on-habitats benchmark, written in the exact CUB_200_2011 layout, plus a
-Waterbirds-style test folder (the same test birds on a habitat that is not their home).
+Waterbirds-style test folder (the same test birds on a habitat that is not their home) or, with
+`WaterbirdsSplits` (`make-synthetic --waterbirds_splits`), a complete Waterbirds folder with the
+standard protocol's splits 0/1/2 (see `bgmask.data.synthetic_waterbirds`).
 
 Each species has a home habitat (species k -> habitat k % num_habitats). A train or in-distribution
 test image sits on its home habitat with probability `correlation`, otherwise on a uniformly random
@@ -20,7 +22,8 @@ Files written into `out_dir` (ids are 1-based, ordered by class then image, like
     images/<NNN.Name>/<Name>_<NNNN>_<id>.jpg          RGB, image_size x image_size, JPEG q95
     segmentations/<NNN.Name>/<Name>_<NNNN>_<id>.png   8-bit grey: 0 = background, 255 = bird,
                                                       soft anti-aliased values in between
-    waterbird_complete95_forest2water2/<same relpath>.jpg, metadata.csv   (test images only)
+    waterbird_complete95_forest2water2/<same relpath>.jpg, metadata.csv   (test images only, split 2;
+        with WaterbirdsSplits every image: train images in split 0 or 1, test images in split 2)
     sample_grid.png
     habitats.txt (<habitat_id> <name> <place>), image_habitats.txt (<id> <habitat_id>)
     images.txt, classes.txt, image_class_labels.txt, train_test_split.txt, bounding_boxes.txt
@@ -53,6 +56,7 @@ from tqdm import tqdm
 
 from bgmask.data.habitats import HABITATS, PLACE_OF_HABITAT, pick_habitat, render_habitat
 from bgmask.data.render import MARKING_POSITIONS, Species, composite, render_bird
+from bgmask.data.synthetic_waterbirds import WaterbirdsSplits, habitat_in_place
 from bgmask.errors import UserError
 from bgmask.io import atomic_save_image, atomic_write_text, is_empty_folder
 from bgmask.io import Marker
@@ -60,6 +64,7 @@ from bgmask.io import Marker
 __all__ = [
     "WATERBIRDS_DIRNAME",
     "SyntheticSummary",
+    "WaterbirdsSplits",
     "generate_synthetic",
     "make_species",
 ]
@@ -197,13 +202,19 @@ class SyntheticSummary:
     images_per_s: float  # images rendered per second (train + test + Waterbirds), this call
     num_waterbirds: int = 0
     num_resumed: int = 0  # images found complete on disk and skipped (resume)
+    waterbirds_splits: WaterbirdsSplits | None = None
+    waterbirds_split_sizes: tuple[int, int, int] | None = None  # images in splits 0, 1, 2 (complete folder)
 
     def to_text(self) -> str:
         lines = [
             f"synthetic birds: {self.num_classes} species, {self.num_habitats} habitats, "
             f"correlation {self.correlation:g}, seed {self.seed}",
             f"  {self.num_train} train + {self.num_test} test images (CUB_200_2011 layout) in {self.out_dir}",
-            f"  {self.num_waterbirds} Waterbirds-style test images in {self.out_dir / WATERBIRDS_DIRNAME}",
+            f"  {self.num_waterbirds} Waterbirds-style test images in {self.out_dir / WATERBIRDS_DIRNAME}"
+            if self.waterbirds_split_sizes is None else
+            f"  {self.num_waterbirds} Waterbirds images in {self.out_dir / WATERBIRDS_DIRNAME}: splits 0/1/2 = "
+            f"{'/'.join(map(str, self.waterbirds_split_sizes))} (train/val/test), P(place == y) in train "
+            f"{self.waterbirds_splits.correlation:g}",
             f"  sample grid: {self.sample_grid}",
             f"  {self.seconds:.1f} s, {self.images_per_s:.0f} images/s"
             + (f" ({self.num_resumed} images already on disk, resumed)" if self.num_resumed else ""),
@@ -255,10 +266,13 @@ def _save_pair(img_path: Path, mask_path: Path, rgb_u8: np.ndarray, mask_u8: np.
 
 def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_class=400, test_per_class=100,
                        correlation=0.95, seed=0, overwrite=False, progress=True,
-                       quirks: Quirks = Quirks()) -> SyntheticSummary:
-    """Write the synthetic benchmark into `out_dir` (see the module docstring); resumable."""
+                       quirks: Quirks = Quirks(), waterbirds: WaterbirdsSplits | None = None) -> SyntheticSummary:
+    """Write the synthetic benchmark into `out_dir` (see the module docstring); resumable. `waterbirds`
+    makes the Waterbirds folder the complete protocol folder (None: the test-only folder)."""
     _validate(num_classes, image_size, train_per_class, test_per_class, correlation, seed)
     quirks.validate()
+    if waterbirds is not None:
+        waterbirds.validate(train_per_class)
     t0 = time.perf_counter()
     out = Path(out_dir)
     config = {
@@ -266,18 +280,21 @@ def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_clas
         "num_classes": int(num_classes), "image_size": int(image_size),
         "train_per_class": int(train_per_class), "test_per_class": int(test_per_class),
         "correlation": float(correlation), "seed": int(seed), **quirks.config(),
+        **(waterbirds.config() if waterbirds is not None else {}),
     }
     _claim_out_dir(out, config, overwrite)
 
     species = make_species(num_classes, seed)
+    plan = None if waterbirds is None else \
+        waterbirds.plan([sp.home_habitat for sp in species], train_per_class, test_per_class, seed)
     per_class = train_per_class + test_per_class
-    rows = []  # (id, relpath, class index, is_train, habitat, bbox, waterbirds habitat or None)
+    rows = []  # (id, relpath, class index, is_train, habitat, bbox, Waterbirds habitat and split or None)
     rendered = resumed = 0
     bar = tqdm(total=num_classes * per_class, desc="synthetic", unit="img", disable=not progress)
     for sp in species:
         for j in range(per_class):
             row, n_rendered = _make_image(out, sp, j, per_class, train_per_class, image_size, float(correlation), seed,
-                                          quirks)
+                                          quirks, plan)
             rows.append(row)
             rendered += n_rendered
             resumed += n_rendered == 0
@@ -290,20 +307,23 @@ def generate_synthetic(out_dir, *, num_classes=10, image_size=64, train_per_clas
     _write_metadata(out, species, rows)
     seconds = time.perf_counter() - t0
     num_train = sum(1 for r in rows if r[3])
+    wb_splits = [r[7] for r in rows if r[7] is not None]
     return SyntheticSummary(
         out_dir=out, num_classes=num_classes, num_habitats=len(HABITATS), num_train=num_train,
         num_test=len(rows) - num_train, correlation=float(correlation), seed=int(seed),
         sample_grid=grid_path, seconds=seconds,
         images_per_s=rendered / seconds_images if seconds_images > 0 else 0.0,
-        num_waterbirds=len(rows) - num_train, num_resumed=resumed,
+        num_waterbirds=len(wb_splits), num_resumed=resumed, waterbirds_splits=waterbirds,
+        waterbirds_split_sizes=None if waterbirds is None else tuple(wb_splits.count(s) for s in range(3)),
     )
 
 
 def _make_image(out: Path, sp: Species, j: int, per_class: int, train_per_class: int, image_size: int,
-                correlation: float, seed: int, quirks: Quirks = Quirks()) -> tuple[tuple, int]:
-    """Image j of species `sp` with its mask (and, for a test image, its Waterbirds version): rendered,
-    or its mask read back when a previous run finished it. Returns (metadata row, images rendered;
-    0 = resumed)."""
+                correlation: float, seed: int, quirks: Quirks = Quirks(),
+                plan: dict | None = None) -> tuple[tuple, int]:
+    """Image j of species `sp` with its mask (and, for a test image or any image of a `plan`, its
+    Waterbirds version): rendered, or its mask read back when a previous run finished it. Returns
+    (metadata row, images rendered; 0 = resumed)."""
     img_id = sp.index * per_class + j + 1
     is_train = j < train_per_class
     split, idx = ("train", j) if is_train else ("test", j - train_per_class)
@@ -313,11 +333,15 @@ def _make_image(out: Path, sp: Species, j: int, per_class: int, train_per_class:
         return np.random.default_rng([seed, _SPLIT_CODE[split], sp.index, idx, stream])
 
     habitat = pick_habitat(rng(_HAB_CHOICE), sp.home_habitat, correlation)
-    wb_habitat = None if is_train else pick_habitat(rng(_WB_CHOICE), sp.home_habitat, 0.0)
+    if plan is not None:  # the complete protocol folder: split and place planned per species
+        wb_split, place = plan[sp.index, j]
+        wb_habitat = habitat_in_place(rng(_WB_CHOICE), place)
+    else:
+        wb_split, wb_habitat = (None, None) if is_train else (2, pick_habitat(rng(_WB_CHOICE), sp.home_habitat, 0.0))
     img_path, mask_path = out / "images" / rel, out / "segmentations" / (rel[:-4] + ".png")
     wb_path = out / WATERBIRDS_DIRNAME / rel
     rendered = 0
-    if img_path.is_file() and mask_path.is_file() and (is_train or wb_path.is_file()):
+    if img_path.is_file() and mask_path.is_file() and (wb_habitat is None or wb_path.is_file()):
         with Image.open(mask_path) as m:
             mask_u8 = np.asarray(m)
     else:
@@ -329,11 +353,11 @@ def _make_image(out: Path, sp: Species, j: int, per_class: int, train_per_class:
         bg = render_habitat(habitat, rng(_HAB_RENDER), size)[box]
         _save_pair(img_path, mask_path, composite(bird, mask_u8, bg), mask_u8, mode)
         rendered = 1
-        if not is_train:
+        if wb_habitat is not None:
             wb_bg = render_habitat(wb_habitat, rng(_WB_RENDER), size)[box]
             _save_jpeg(wb_path, composite(bird, mask_u8, wb_bg), mode)
             rendered = 2
-    return (img_id, rel, sp.index, is_train, habitat, _bbox(mask_u8), wb_habitat), rendered
+    return (img_id, rel, sp.index, is_train, habitat, _bbox(mask_u8), wb_habitat, wb_split), rendered
 
 
 def _write_metadata(out: Path, species: list[Species], rows) -> None:
@@ -349,10 +373,10 @@ def _write_metadata(out: Path, species: list[Species], rows) -> None:
     atomic_write_text(out / "bounding_boxes.txt",
                       lines(f"{r[0]} {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}" for r in rows for b in [r[5]]))
     meta = ["img_id,img_filename,y,split,place,place_filename"]
-    for img_id, rel, c, is_train, _, _, wb in rows:
-        if not is_train:
+    for img_id, rel, c, _, _, _, wb, wb_split in rows:
+        if wb is not None:
             y = PLACE_OF_HABITAT[species[c].home_habitat]
-            meta.append(f"{img_id},{rel},{y},2,{PLACE_OF_HABITAT[wb]},/{HABITATS[wb]}/{img_id}.jpg")
+            meta.append(f"{img_id},{rel},{y},{wb_split},{PLACE_OF_HABITAT[wb]},/{HABITATS[wb]}/{img_id}.jpg")
     atomic_write_text(out / WATERBIRDS_DIRNAME / "metadata.csv", lines(meta))
     atomic_write_text(out / "images.txt", lines(f"{r[0]} {r[1]}" for r in rows))
 
@@ -380,7 +404,7 @@ def _sample_grid(out: Path, species: list[Species], rows, max_rows=6, per_row=2,
                   fill=(60, 60, 60), font=font)
         draw.text((4, y0 + cell // 2 + 14), f"marking: {sp.marking_pos}", fill=(60, 60, 60), font=font)
         for s, r in enumerate(test_rows[c]):
-            img_id, rel, _, _, hab, _, wb = r
+            img_id, rel, _, _, hab, _, wb, _ = r
             paths = [out / "images" / rel, out / "segmentations" / (rel[:-4] + ".png"), out / WATERBIRDS_DIRNAME / rel]
             for t, p in enumerate(paths):
                 with Image.open(p) as im:
