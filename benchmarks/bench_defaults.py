@@ -33,6 +33,7 @@ from bgmask.engine import train_one_epoch
 from bgmask.eval import predict
 from bgmask.masking.strategies import create_strategy
 from bgmask.models import create_classifier
+from bgmask.methods import ERM
 from bgmask.optim import build_loss, build_optimizer
 
 VARIANTS = ("default", "plain")
@@ -117,11 +118,11 @@ class Models:
     def engine_epoch(self, variant):
         a, model = self.a, self.models[variant]
         cfg = self.run_cfg(variant, a.epoch_steps)
-        opt, loss_fn, strategy = build_optimizer(model, cfg), build_loss(cfg, False), create_strategy("early")
+        opt, method, strategy = build_optimizer(model, cfg), ERM(build_loss(cfg, False)), create_strategy("early")
         ds = dataset(a, "train", True, a.image_size, "timm", variant)
 
         def fn():
-            stats = train_one_epoch(model, loader(ds, a, shuffle=True), strategy, opt, loss_fn, DistInfo(), cfg, 0)
+            stats = train_one_epoch(model, loader(ds, a, shuffle=True), strategy, opt, method, DistInfo(), cfg, 0)
             return stats["train/images"], stats["train/seconds"]
 
         return fn

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from bgmask.distributed import DistInfo
 from bgmask.build import compile_model
 from bgmask.engine import train_one_epoch
+from bgmask.methods import ERM
 from bgmask.optim import build_loss, build_optimizer
 from bgmask.eval import autocast_context, predict
 from bgmask.masking import STRATEGIES, create_strategy
@@ -187,12 +188,12 @@ class Bench:
         run, opt = self.built(("engine train", arch, strategy_name, mask_fn is not None), build)
         strategy = create_strategy(strategy_name)
         dist = DistInfo(device=self.device)
-        loss_fn = build_loss(run_cfg, False)
+        method = ERM(build_loss(run_cfg, False))  # the loop's loss: plain cross-entropy
         loader_factory = loader_factory or (lambda: DataLoader(self.ds, batch_size=self.cfg.batch_size))
-        train_one_epoch(run, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0, mask_fn=mask_fn)  # warm-up
+        train_one_epoch(run, loader_factory(), strategy, opt, method, dist, run_cfg, 0, mask_fn=mask_fn)  # warm-up
         run_cfg.max_steps_per_epoch = steps
         sync(self.device)
-        stats = train_one_epoch(run, loader_factory(), strategy, opt, loss_fn, dist, run_cfg, 0, mask_fn=mask_fn)
+        stats = train_one_epoch(run, loader_factory(), strategy, opt, method, dist, run_cfg, 0, mask_fn=mask_fn)
         sync(self.device)
         return stats["train/images"], stats["train/seconds"]
 

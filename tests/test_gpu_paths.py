@@ -21,6 +21,7 @@ import bgmask.distributed as D
 from bgmask import engine
 from bgmask.errors import UserError
 from bgmask.masking import create_strategy
+from bgmask.methods import ERM
 from bgmask.models import create_classifier
 from bgmask.optim import accumulation_groups
 from bgmask.apps.scripts import eval_late, train_late
@@ -200,7 +201,7 @@ def run_epoch(batches, accum, optimizer_cls, **cfg_more):
     model = TinyNet().double()
     opt = optimizer_cls(model.parameters())
     loader = torch.utils.data.DataLoader(batches, batch_size=None)  # the batches as they are
-    stats = engine.train_one_epoch(model, loader, create_strategy("baseline"), opt, nn.CrossEntropyLoss(),
+    stats = engine.train_one_epoch(model, loader, create_strategy("baseline"), opt, ERM(nn.CrossEntropyLoss()),
                                    D.DistInfo(), loop_cfg(accum, **cfg_more), 0)
     return model, stats
 
@@ -256,7 +257,7 @@ def test_grad_accum_groups_and_ddp_sync_once_per_group():
     model = DDPLike().double()
     engine.train_one_epoch(model, torch.utils.data.DataLoader(make_batches(5, 2), batch_size=None),
                            create_strategy("baseline"),
-                           torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), D.DistInfo(),
+                           torch.optim.SGD(model.parameters(), lr=0.1), ERM(nn.CrossEntropyLoss()), D.DistInfo(),
                            loop_cfg(2), 0)
     assert DDPLike.entered == 2  # micro-batches 1 and 3 skip the all-reduce; 2, 4 and 5 end their groups
 

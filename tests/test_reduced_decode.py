@@ -147,7 +147,7 @@ def test_decode_full_flag_turns_it_off(tmp_path):
                 crop_pct=1.0, train_split=1.0, split_seed=0, image_sub_path_train="images", eval_mode="test",
                 image_sub_path_test="waterbird_complete95_forest2water2", augmentations_to_use="flip",
                 imagenet_default_mean_and_std=True, aa=None, train_interpolation="bicubic", color_jitter=0.0,
-                reprob=0.0, remode="pixel", recount=1)
+                reprob=0.0, remode="pixel", recount=1, protocol="cub")
     data_cfg = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
     for decode_full, expected in ((False, 32), (True, None)):
         cfg = argparse.Namespace(**base, decode_full=decode_full)
