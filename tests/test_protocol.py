@@ -162,3 +162,13 @@ def test_protocol_choices_and_errors_are_one_line(tmp_path):
         from bgmask.methods import create_method
 
         create_method("nope")
+
+
+@pytest.mark.parametrize("head", ["--class_token_only", "--patch_tokens_only", None])
+def test_a_vit_with_each_head_under_the_protocol(wb_root, tmp_path, head):
+    run = tmp_path / "run"
+    extra = [head] if head else []
+    assert train_late(argv(wb_root, run, "--model_arch", "bgmask_vit_tiny", "--strategy", "late", "--epochs", "1",
+                           *extra)) == 0
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["num_classes"] == 2 and "test/worst_group_acc" in final
