@@ -3,9 +3,10 @@ cache, `bgmask.io.Marker`: one implementation for every resumable step of bgmask
 stages of one output folder and prints one line for each.
 
 The shared stages (the demo, the mask sweep and the zoo build on them): the synthetic benchmark
-(`make_data`), the demo's training recipe on it (`Preset`, `classifier_settings`) and a classifier run
-from its settings, read back when finished and resumed when interrupted (`train_run`); DFR applied to a
-checkpoint as a run folder of its own (`dfr_run`: the `bgmask dfr` command).
+(`make_data`), the demo's training recipe on it (`Preset`, `classifier_settings`; under the Waterbirds
+protocol `protocol_settings`) and a classifier run from its settings, read back when finished and resumed
+when interrupted (`train_run`); DFR applied to a checkpoint as a run folder of its own (`dfr_run`: the
+`bgmask dfr` command and the protocol demo).
 
 A marker is a JSON object in a file. It is written only after the work it describes is whole (`run`),
 or, for a folder filled file by file, before the first file (`claim`), so a rerun with the same inputs
@@ -159,19 +160,37 @@ def train_run(overrides: dict, run_dir: Path) -> dict:
         return run(settings)
 
 
-def make_data(stages: Stages, out: Path, data_args: dict) -> Path:
-    """Stage 1: the synthetic benchmark (its summary in DATA/summary.txt)."""
-    data = out / "data" / "synthetic_cub"
+def make_data(stages: Stages, out: Path, data_args: dict, name: str = "data", folder: str = "synthetic_cub",
+              waterbirds: dict | None = None) -> Path:
+    """Stage `name`: the synthetic benchmark in OUT/data/FOLDER (its summary in DATA/summary.txt);
+    `waterbirds` ({val_fraction, correlation}) makes its Waterbirds folder the complete protocol folder."""
+    data = out / "data" / folder
 
     def make():
-        from bgmask.data.synthetic import generate_synthetic
+        from bgmask.data.synthetic import WaterbirdsSplits, generate_synthetic
 
-        s = generate_synthetic(data, overwrite=True, progress=False, **data_args)
+        splits = WaterbirdsSplits(**waterbirds) if waterbirds is not None else None
+        s = generate_synthetic(data, overwrite=True, progress=False, waterbirds=splits, **data_args)
         atomic_write_text(data / "summary.txt", s.to_text() + "\n")
         return {"sample_grid": str(s.sample_grid)}
 
-    stages.run("data", data_args, make, lambda r: f"{data} (summary.txt, {Path(r['sample_grid']).name})")
+    inputs = data_args if waterbirds is None else {**data_args, "waterbirds": waterbirds}
+    stages.run(name, inputs, make, lambda r: f"{data} (summary.txt, {Path(r['sample_grid']).name})")
     return data
+
+
+# ------------------------------------------------------------------- the Waterbirds protocol (Sagawa et al.)
+
+def protocol_settings(row, seed, p: Preset, data: Path, run_dir: Path, threads) -> dict:
+    """The train.py settings of one Waterbirds-protocol row (method, strategy) as keyword overrides: the
+    demo's fine-tuned CNN recipe (`classifier_settings`, the zoo backbone) on the protocol's splits, GT
+    masks for a masking strategy, best.pt chosen on val worst-group accuracy (evaluated each epoch). The
+    attribution maps are left out: the protocol's tables do not report them."""
+    method, strategy = row
+    masks = "GT" if STRATEGIES[strategy].needs_mask else "-"
+    out = classifier_settings(("cnn", strategy, masks, "finetuned"), seed, p, data, None, run_dir, threads)
+    out.update(protocol="waterbirds", method=method, eval_mode="val", attribution_images=0)
+    return out
 
 
 # ------------------------------------------------------------------- DFR on a checkpoint, as a run folder
