@@ -227,10 +227,10 @@ def weighted_accuracy(metrics: dict, prefix: str, counts) -> dict:
     """`prefix/weighted_acc`: the per-group accuracies weighted by `counts` (the train split's samples per
     group), the "average accuracy" that Sagawa et al. (2020) and the papers after them report for
     Waterbirds; {} when a group's accuracy is missing."""
-    if counts is None or not sum(counts):
+    if counts is None:  # not the Waterbirds protocol: a CUB test split may have groups, but no train groups
         return {}
     accs = [metrics.get(f"{prefix}/group_{g}_acc") for g in range(len(counts))]
-    if any(a is None for a in accs):
+    if any(a is None for a in accs) or not sum(counts):
         return {}
     return {f"{prefix}/weighted_acc": float(sum(c * a for c, a in zip(counts, accs)) / sum(counts))}
 

@@ -3,8 +3,10 @@ cache, `bgmask.io.Marker`: one implementation for every resumable step of bgmask
 stages of one output folder and prints one line for each.
 
 The shared stages (the demo, the mask sweep and the zoo build on them): the synthetic benchmark
-(`make_data`), the demo's training recipe on it (`Preset`, `classifier_settings`) and a classifier run
-from its settings, read back when finished and resumed when interrupted (`train_run`).
+(`make_data`), the demo's training recipe on it (`Preset`, `classifier_settings`; under the Waterbirds
+protocol `protocol_settings`) and a classifier run from its settings, read back when finished and resumed
+when interrupted (`train_run`); DFR applied to a checkpoint as a run folder of its own (`dfr_run`: the
+`bgmask dfr` command and the protocol demo).
 
 A marker is a JSON object in a file. It is written only after the work it describes is whole (`run`),
 or, for a folder filled file by file, before the first file (`claim`), so a rerun with the same inputs
@@ -14,13 +16,16 @@ missing, unreadable or not a JSON object counts as "other inputs": the work runs
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bgmask.io import Marker, atomic_write_text, read_json
+from bgmask.errors import UserError
+from bgmask.io import LOCK_NAME, Marker, atomic_write_text, file_sha256, is_empty_folder, read_json
 from bgmask.masking.strategies import STRATEGIES
+from bgmask.runfolder import RunFolder
 
 
 def say(prefix: str, name: str, seconds: float | None, what: str = "") -> None:
@@ -155,16 +160,103 @@ def train_run(overrides: dict, run_dir: Path) -> dict:
         return run(settings)
 
 
-def make_data(stages: Stages, out: Path, data_args: dict) -> Path:
-    """Stage 1: the synthetic benchmark (its summary in DATA/summary.txt)."""
-    data = out / "data" / "synthetic_cub"
+def make_data(stages: Stages, out: Path, data_args: dict, name: str = "data", folder: str = "synthetic_cub",
+              waterbirds: dict | None = None) -> Path:
+    """Stage `name`: the synthetic benchmark in OUT/data/FOLDER (its summary in DATA/summary.txt);
+    `waterbirds` ({val_fraction, correlation}) makes its Waterbirds folder the complete protocol folder."""
+    data = out / "data" / folder
 
     def make():
-        from bgmask.data.synthetic import generate_synthetic
+        from bgmask.data.synthetic import WaterbirdsSplits, generate_synthetic
 
-        s = generate_synthetic(data, overwrite=True, progress=False, **data_args)
+        splits = WaterbirdsSplits(**waterbirds) if waterbirds is not None else None
+        s = generate_synthetic(data, overwrite=True, progress=False, waterbirds=splits, **data_args)
         atomic_write_text(data / "summary.txt", s.to_text() + "\n")
         return {"sample_grid": str(s.sample_grid)}
 
-    stages.run("data", data_args, make, lambda r: f"{data} (summary.txt, {Path(r['sample_grid']).name})")
+    inputs = data_args if waterbirds is None else {**data_args, "waterbirds": waterbirds}
+    stages.run(name, inputs, make, lambda r: f"{data} (summary.txt, {Path(r['sample_grid']).name})")
     return data
+
+
+# ------------------------------------------------------------------- the Waterbirds protocol (Sagawa et al.)
+
+def protocol_settings(row, seed, p: Preset, data: Path, run_dir: Path, threads) -> dict:
+    """The train.py settings of one Waterbirds-protocol row (method, strategy) as keyword overrides: the
+    demo's fine-tuned CNN recipe (`classifier_settings`, the zoo backbone) on the protocol's splits, GT
+    masks for a masking strategy, best.pt chosen on val worst-group accuracy (evaluated each epoch). The
+    attribution maps are left out: the protocol's tables do not report them."""
+    method, strategy = row
+    masks = "GT" if STRATEGIES[strategy].needs_mask else "-"
+    out = classifier_settings(("cnn", strategy, masks, "finetuned"), seed, p, data, None, run_dir, threads)
+    out.update(protocol="waterbirds", method=method, eval_mode="val", attribution_images=0)
+    return out
+
+
+# ------------------------------------------------------------------- DFR on a checkpoint, as a run folder
+
+DFR_MARKER = "dfr_run.json"  # a DFR run folder's marker: its inputs, written before its first file
+
+
+def dfr_flags(values: dict) -> dict:
+    """The DFR method's settings ({dest: value} for each of `DFR.flags`, defaults filled in, lists as lists)."""
+    from bgmask.methods import DFR
+
+    out = {f.dest: values.get(f.dest, f.default) for f in DFR.flags}
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in out.items()}
+
+
+def dfr_command(overrides: dict, dfr: dict, run_dir: Path) -> list[str]:
+    """`bgmask dfr ...` with these evaluation settings and DFR flags (each given one as a flag)."""
+    argv = ["bgmask", "dfr"]
+    for key, value in {**overrides, **dfr, "out": str(run_dir)}.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", *(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))]
+    return argv
+
+
+def dfr_run(overrides: dict, dfr: dict, run_dir: Path, command: list[str] | None = None,
+            fresh: bool = False) -> dict:
+    """DFR (`bgmask.methods.posthoc.apply_dfr`) on the checkpoint of the evaluation settings `overrides`
+    (checkpoint, data_path, masks, workers ...; eval_only and protocol waterbirds are added) with the DFR
+    flags `dfr` ({dest: value} of `DFR.flags`), written to RUN_DIR as a training run's folder is:
+    config.yaml (the base run's flags with method dfr, the DFR flags and the evaluation's settings),
+    results.jsonl, final_metrics.json, done, command.txt (`command`, default `dfr_command`). A folder that
+    holds the same DFR of the same checkpoint file (its SHA-256) is read back unless `fresh`; one holding
+    another DFR run is replaced; a non-empty folder without a DFR run's marker is refused."""
+    from bgmask.methods import DFR
+    from bgmask.methods.posthoc import apply_dfr, base_model
+    from bgmask.settings import Settings, run_settings
+
+    dfr = dfr_flags(dfr)
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
+    settings = run_settings({**overrides, "eval_only": True, "protocol": "waterbirds"}, f"DFR run {run_dir}")
+    method = DFR(**DFR.flag_values(argparse.Namespace(**dfr)))
+    base = base_model(settings)  # every refusal before the folder is touched
+    inputs = {"settings": overrides, "dfr": dfr, "checkpoint_sha256": file_sha256(base.path)}
+    marker = Marker(run_dir / DFR_MARKER)
+    if not is_empty_folder(run_dir) and not marker.path.is_file():
+        raise UserError(f"{run_dir} holds files but no DFR run ({DFR_MARKER}): give DFR an empty or new folder "
+                        "(default: the checkpoint's folder/dfr)")
+    final = read_json(run_dir / "final_metrics.json")
+    if not fresh and marker.holds(inputs) and (run_dir / "done").is_file() and isinstance(final, dict):
+        return final
+    record = apply_dfr(settings, method, base=base)  # the folder is untouched until DFR has its result
+    clear_folder(run_dir)
+    marker.write(inputs)  # before the first file: a folder of a killed DFR run is this function's to replace
+    config = {**base.config, **{k: getattr(settings, k) for k in overrides}, **dfr, "method": DFR.name,
+              "snapshot_dir": str(run_dir)}
+    folder = RunFolder(run_dir, flag="--out")
+    folder.write_config(Settings(config, command=command or dfr_command(overrides, dfr, run_dir)))
+    folder.finish(record)
+    return record
+
+
+def clear_folder(folder: Path) -> None:
+    """Everything in `folder` but its lock file (the holder keeps it); the folder itself made if missing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if path.name != LOCK_NAME:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -302,3 +302,13 @@ def test_bad_inputs_are_one_line(big, tmp_path, case, match):
     with pytest.raises(UserError, match=match) as e:
         WaterbirdsDataset(None, split, image_dir=folder, masks=masks)
     assert "\n" not in str(e.value)
+
+
+def test_weighted_accuracy_needs_train_groups():
+    """A CUB-protocol test split may carry groups; without train group counts there is no weighted accuracy
+    (it was a TypeError at the end of such a training run)."""
+    from bgmask.eval import weighted_accuracy
+
+    metrics = {f"test/group_{g}_acc": 0.5 + g / 10 for g in range(4)}
+    assert weighted_accuracy(metrics, "test", None) == {}
+    assert weighted_accuracy(metrics, "test", [3, 1, 0, 0]) == {"test/weighted_acc": pytest.approx(0.525)}

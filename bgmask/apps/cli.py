@@ -57,8 +57,10 @@ def cmd_make_masked(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     from bgmask.apps.report import write_report
+    from bgmask.apps.report_waterbirds import write_waterbirds_report
 
-    paths = write_report(ns.run_dirs, ns.out, ns.title)
+    write = write_waterbirds_report if ns.protocol == "waterbirds" else write_report
+    paths = write(ns.run_dirs, ns.out, ns.title)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -68,6 +70,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from bgmask.apps.demo import main_demo
 
     return main_demo(ns)
+
+
+def cmd_dfr(ns: argparse.Namespace) -> int:
+    from bgmask.apps.dfr import main_dfr
+
+    return main_dfr(ns)
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
@@ -95,11 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", help="run folders written by train.py or the demo")
     A.add(p, "--out", default="report", output="folder")
     A.add(p, "--title", default="Results")
+    A.add(p, "--protocol", default="cub", choices=list(A.PROTOCOLS),
+          help="cub: the paper's tables (CUB test, Waterbirds); waterbirds: runs of --protocol waterbirds, one row "
+               "per model x method x strategy x masks x data, worst-group / mean-group / test / weighted accuracy")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the paper's comparison on the synthetic benchmark (make demo)")
     from bgmask.apps.demo import demo_args
 
     demo_args(p).set_defaults(func=cmd_demo)
+    p = sub.add_parser("dfr", help="Deep Feature Reweighting on a checkpoint trained under --protocol waterbirds")
+    from bgmask.apps.dfr import dfr_args
+
+    dfr_args(p).set_defaults(func=cmd_dfr)
     p = sub.add_parser("pretrain", help="make a stand-in pretrained backbone of the model zoo (bgmask/zoo/)")
     from bgmask.apps.zoo import pretrain_args
 

@@ -65,6 +65,17 @@ def describe_run(cfg: dict) -> dict[str, str]:
     return {"model": model, "strategy": strategy, "masks": masks, "init": init}
 
 
+def with_method(key: dict, cfg: dict) -> dict:
+    """The row key with a method other than ERM named after the strategy (`baseline + GroupDRO`), so that
+    runs of different methods are never averaged into one row."""
+    from bgmask.methods import ERM, METHODS
+
+    method = str(cfg.get("method", ERM.name))
+    if method == ERM.name:
+        return key
+    return {**key, "strategy": f"{key['strategy']} + {METHODS[method].label if method in METHODS else method}"}
+
+
 @dataclass
 class Row:
     key: dict
@@ -119,7 +130,7 @@ def read_run(d: Path) -> tuple[dict, dict]:
     cfg = read_mapping(cfg_file)
     metrics = {**read_mapping(metrics_file), **latest_evaluation(d)}  # a later evaluation wins
     try:
-        key = describe_run(cfg)
+        key = with_method(describe_run(cfg), cfg)
     except (TypeError, ValueError) as e:  # e.g. a list where the file should name a model
         raise Unreadable(f"{cfg_file} holds a value of the wrong type ({e})") from None
     for metric, _ in COLUMNS + OPTIONAL_COLUMNS + [("num_classes", "")]:
