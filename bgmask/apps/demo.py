@@ -82,24 +82,24 @@ def run_name(row, seed) -> str:
 
 # --------------------------------------------------------------------------------------- main
 
-def main_demo(ns: argparse.Namespace, mask_sweep=None) -> int:
-    """The demo's stages; `mask_sweep(out, ns, data, pred_masks) -> png` runs --mask_sweep (bgmask.apps.sweep builds
-    on this module, so the CLI hands it in)."""
+def main_demo(ns: argparse.Namespace) -> int:
+    """The demo of --protocol cub (the paper's grid) or waterbirds (`bgmask.apps.demo_waterbirds`): with
+    --preset paper its real-data commands, else its stages in the --out folder, held by this process."""
     if getattr(ns, "protocol", "cub") == "waterbirds":
-        from bgmask.apps.demo_waterbirds import main_waterbirds
-
-        return main_waterbirds(ns)
+        from bgmask.apps import demo_waterbirds as chosen
+        commands, preset_of, stages_of = chosen.paper_commands, chosen.resolve_protocol_preset, chosen.protocol_stages
+    else:
+        commands, preset_of, stages_of = paper_commands, resolve_preset, demo_stages
     if ns.preset == "paper":
-        print(paper_commands(ns.data_path or "/path/to/CUB_200_2011"))
+        print(commands(ns.data_path or "/path/to/CUB_200_2011"))
         return 0
     import torch
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    p = resolve_preset(ns)
-    out = Path(ns.out)
-    with hold_folder(out, "--out"):  # one demo per folder: its stages and runs are this process's alone
-        return demo_stages(ns, p, out)
+    p = preset_of(ns)
+    with hold_folder(Path(ns.out), "--out"):  # one demo per folder: its stages and runs are this process's alone
+        return stages_of(ns, p, Path(ns.out))
 
 
 def demo_stages(ns: argparse.Namespace, p: Preset, out: Path) -> int:

@@ -26,7 +26,6 @@ from pathlib import Path
 from bgmask.errors import UserError
 from bgmask.masking.strategies import STRATEGIES
 from bgmask.methods import DFR, ERM, METHODS
-from bgmask.runfolder import hold_folder
 from bgmask.stages import Preset, Stages, dfr_run, make_data, protocol_settings, train_run
 
 RUNNERS = {DFR.name: dfr_run}  # post-hoc method -> the stage that applies it to a checkpoint
@@ -84,20 +83,6 @@ def resolve_protocol_preset(ns: argparse.Namespace) -> ProtocolPreset:
     if ns.epochs:
         p.recipe.epochs = {"finetuned": {"cnn": ns.epochs}}
     return p
-
-
-def main_waterbirds(ns: argparse.Namespace) -> int:
-    if ns.preset == "paper":
-        print(paper_commands(ns.data_path or "/path/to/CUB_200_2011"))
-        return 0
-    import torch
-
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
-    p = resolve_protocol_preset(ns)
-    out = Path(ns.out)
-    with hold_folder(out, "--out"):  # one demo per folder
-        return protocol_stages(ns, p, out)
 
 
 def protocol_stages(ns: argparse.Namespace, p: ProtocolPreset, out: Path) -> int:
