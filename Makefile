@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_output
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo demo-waterbirds bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,11 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bgmask demo --out $(DEMO_OUT)
 
+demo-waterbirds: $(STAMP)
+	$(VENV)/bin/bgmask demo --protocol waterbirds --out $(DEMO_OUT)_waterbirds
+
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)_waterbirds .pytest_cache
