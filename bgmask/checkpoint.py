@@ -118,7 +118,8 @@ def checkpoint_settings(ckpt: Path, cfg: dict, arch_given: bool) -> dict:
     from bgmask.args import checked_settings
     from bgmask.models.paper import is_paper_snapshot
 
-    raw = read_torch_file(ckpt, "checkpoint", cfg["trust_checkpoint"])
+    # Only the settings are read here; the evaluation loads the weights after resolution (`saved_classifier`).
+    raw = read_torch_file(ckpt, "checkpoint", cfg["trust_checkpoint"], mmap=True)
     if is_paper_snapshot(raw):
         return {}
     state = as_checkpoint(raw, ckpt)

@@ -151,14 +151,18 @@ def atomic_save_image(path: str | Path, img: Image.Image, **kwargs) -> None:
         tmp.write_bytes(data)
 
 
-def load_weights_only(path: str | Path, map_location="cpu"):
+def load_weights_only(path: str | Path, map_location="cpu", mmap: bool = False):
     """torch.load(weights_only=True), without torch's warning about the pickle protocol of a file that
-    torch.save did not write (the caller turns the refusal into one line; the warning would be a second)."""
+    torch.save did not write (the caller turns the refusal into one line; the warning would be a second).
+    `mmap`: tensors stay in the file until touched (zip-format files only; others load whole)."""
+    import zipfile
+
     import torch
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(path))
 
 
 def first_plain_value(f):
@@ -191,14 +195,16 @@ def is_torch_pickle(path: str | Path) -> bool:
 
 
 def read_torch_file(path: str | Path, what: str, trust: bool = False, map_location="cpu", *,
-                    trust_flag: str = "--trust_checkpoint", unsafe: str | None = None, explain: bool = False):
+                    trust_flag: str = "--trust_checkpoint", unsafe: str | None = None, explain: bool = False,
+                    mmap: bool = False):
     """torch.load with weights_only=True; `trust` allows arbitrary unpickling of a real torch file (never
     of junk). A missing, truncated, junk or unsafe file is one UserError naming `path` (`what`: how to
     call it, e.g. "checkpoint"); only a real torch pickle that needs more than weights suggests trust:
     the line `unsafe` when given, else one naming `trust_flag`. With `explain`, a file that torch cannot
     open (RuntimeError, EOFError, OSError: a truncated archive) is reported with torch's own reason; else
-    every failure reads as junk, naming the exception's class. One implementation for the classifier's
-    files and the segmenter's (`bgmask.seg.checkpoint.load_checkpoint_file`)."""
+    every failure reads as junk, naming the exception's class. With `mmap`, a caller that reads only the
+    file's small entries (a checkpoint's saved settings) leaves its tensors on disk. One implementation
+    for the classifier's files and the segmenter's (`bgmask.seg.checkpoint.load_checkpoint_file`)."""
     import pickle
 
     path = Path(path)
@@ -206,7 +212,7 @@ def read_torch_file(path: str | Path, what: str, trust: bool = False, map_locati
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        return load_weights_only(path, map_location)
+        return load_weights_only(path, map_location, mmap)
     except pickle.UnpicklingError:
         if not is_torch_pickle(path):
             raise UserError(f"{junk})") from None

@@ -151,3 +151,19 @@ def test_an_application_run_records_its_command(tmp_path, tiny_cub):
     again = vars(A.parse_with_config(A.train_parser("t"), command[2:]))
     assert {k: again[k] for k in overrides} == {k: saved[k] for k in overrides}
     assert saved["late_mask_stage"] == "second_last"  # resolved before the run, recorded as what ran
+
+
+def test_resolution_reads_the_checkpoints_settings_without_its_tensors(tmp_path, tiny_cub, monkeypatch):
+    """The evaluation's resolution reads only the checkpoint's small entries: memory-mapped, its tensors
+    stay on disk; the evaluation then loads the weights once, whole."""
+    import torch
+
+    run = tmp_path / "run"
+    assert train_late(small(tiny_cub, run, "--attribution_images", "0")) == 0
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("mmap")) or real_load(*a, **kw))
+    s = resolve(A.parse_with_config(A.train_parser("t"), ["--data_path", str(tiny_cub), "--checkpoint",
+                                                          str(run / "last.pt"), "--eval_only"]))
+    assert calls == [True] and s.strategy == "late"
+    engine.evaluate(s, engine.init_distributed("cpu"))
+    assert calls == [True, False]
