@@ -374,7 +374,9 @@ def read_config(path) -> dict:
 
 
 @functools.lru_cache(maxsize=1)
-def _train_flags() -> argparse.ArgumentParser:
+def train_flags() -> argparse.ArgumentParser:
+    """train.py's parser with every strategy, built once: for reading settings (their checks, defaults and
+    flags), never for parsing a command line (parse_with_config changes a parser's defaults)."""
     return train_parser("saved settings")  # every strategy: a checkpoint may come from either script
 
 
@@ -386,7 +388,7 @@ def checked_settings(values, source: str) -> dict:
 
     if not isinstance(values, dict):
         raise UserError(f"{source}: its saved settings are not a mapping of flag names to values")
-    return settings_from_mapping(_train_flags(), values, source, unknown="keep")
+    return settings_from_mapping(train_flags(), values, source, unknown="keep")
 
 
 def make_masked_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

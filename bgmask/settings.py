@@ -87,7 +87,7 @@ def run_settings(overrides: dict, source: str = "run settings") -> Settings:
     """train.py's defaults plus `overrides` ({setting: value}, each through the command line's check,
     `bgmask.errors.flag_value`), resolved. The recorded command is the train.py command line that gives
     the same settings (`command_line`)."""
-    parser = A.train_parser("bgmask run")
+    parser = A.train_flags()
     values = {a.dest: a.default for a in parser._actions if a.dest != argparse.SUPPRESS and a.dest != "help"}
     checked = settings_from_mapping(parser, overrides, source)
     ns = argparse.Namespace(**{**values, **checked})
@@ -105,7 +105,7 @@ def train_script(strategy: str) -> str:
 def command_line(overrides: dict, parser: argparse.ArgumentParser | None = None, script: str | None = None) -> list[str]:
     """`python SCRIPT --flag value ...` giving `overrides` on top of the defaults: each flag once, in the
     parser's order, a value equal to its default left out."""
-    parser = parser or A.train_parser("bgmask run")
+    parser = parser or A.train_flags()
     script = script or train_script(overrides.get("strategy", parser.get_default("strategy")))
     argv = ["python", script]
     for action in parser._actions:
@@ -269,7 +269,7 @@ def check_protocol(cfg: dict) -> None:
 
     method = METHODS[cfg["method"]]
     if cfg["protocol"] == "waterbirds":
-        defaults = {a.dest: a.default for a in A.train_parser("t")._actions}
+        defaults = {a.dest: a.default for a in A.train_flags()._actions}
         for key, why in CUB_ONLY.items():
             if cfg[key] != defaults[key]:
                 raise UserError(f"--{key} {cfg[key]} has no meaning with --protocol waterbirds ({why})")
