@@ -102,12 +102,15 @@ def train_script(strategy: str) -> str:
     return "late_masking/train.py" if feature_level else "early_masking_and_baseline/train.py"
 
 
-def command_line(overrides: dict, parser: argparse.ArgumentParser | None = None, script: str | None = None) -> list[str]:
-    """`python SCRIPT --flag value ...` giving `overrides` on top of the defaults: each flag once, in the
-    parser's order, a value equal to its default left out."""
+def command_line(overrides: dict, parser: argparse.ArgumentParser | None = None, script: str | None = None,
+                 program: list[str] | None = None) -> list[str]:
+    """`python SCRIPT --flag value ...` (or `PROGRAM --flag value ...`) giving `overrides` on top of the
+    parser's defaults (default: train.py's): each flag once, in the parser's order, a value equal to its
+    default left out."""
     parser = parser or A.train_flags()
-    script = script or train_script(overrides.get("strategy", parser.get_default("strategy")))
-    argv = ["python", script]
+    if program is None:
+        program = ["python", script or train_script(overrides.get("strategy", parser.get_default("strategy")))]
+    argv = list(program)
     for action in parser._actions:
         if action.dest in overrides and action.option_strings:
             argv += flag_argv(parser, action, overrides[action.dest])

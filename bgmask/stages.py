@@ -207,14 +207,14 @@ def dfr_flags(values: dict) -> dict:
 
 
 def dfr_command(overrides: dict, dfr: dict, run_dir: Path) -> list[str]:
-    """`bgmask dfr ...` with these evaluation settings and DFR flags (each given one as a flag)."""
-    argv = ["bgmask", "dfr"]
-    for key, value in {**overrides, **dfr, "out": str(run_dir)}.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:
-            argv += [f"--{key}", *(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))]
-    return argv
+    """`bgmask dfr ...` giving these evaluation settings and DFR flags (`settings.command_line` with the
+    command's own flags: each once, defaults left out)."""
+    from bgmask.errors import ArgumentParser
+    from bgmask.methods.posthoc import dfr_args
+    from bgmask.settings import command_line
+
+    return command_line({**overrides, **dfr, "out": str(run_dir)}, dfr_args(ArgumentParser(add_help=False)),
+                        program=["bgmask", "dfr"])
 
 
 def dfr_run(overrides: dict, dfr: dict, run_dir: Path, command: list[str] | None = None,

@@ -24,36 +24,12 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from bgmask import args as A
+from bgmask.methods.posthoc import dfr_args
 from bgmask.errors import UserError
 
 # the evaluation settings the command passes on (`bgmask.settings.run_settings` checks each one)
 EVAL_KEYS = ("checkpoint", "data_path", "mask_source", "eval_batch_size", "num_workers", "device", "threads",
              "no_progress", "trust_checkpoint")
-
-
-def dfr_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from bgmask.methods import DFR
-
-    A.add(parser, "--checkpoint", required=True,
-          help="best.pt / last.pt of a run trained with --protocol waterbirds (any --method, any strategy)")
-    A.add(parser, "--data_path", required=True,
-          help="the CUB root holding the Waterbirds folder with its splits 0/1/2 (waterbird_complete95_forest2water2)")
-    A.add(parser, "--out", default=None, output="folder", help="run folder (default: the checkpoint's folder/dfr)")
-    g = parser.add_argument_group("DFR (bgmask.methods.dfr)")
-    for flag in DFR.flags:
-        A.add(g, f"--{flag.dest}", **flag.kwargs())
-    e = parser.add_argument_group("embedding the val and test splits")
-    A.add(e, "--mask_source", default="gt",
-          help="masks of an early / late checkpoint: 'gt' (ROOT/segmentations) or a predicted-mask folder")
-    A.add(e, "--eval_batch_size", type=int, default=None, range="[1, inf)", help="default: 2 x the run's batch size")
-    A.add(e, "--num_workers", type=int, default=2, range="[0, inf)")
-    A.add(e, "--device", default="auto", choices=["auto", "cpu", "cuda"])
-    A.add(e, "--threads", type=int, default=None, range="[1, inf)", help="torch CPU threads")
-    A.add(e, "--no_progress", action="store_true", help="no tqdm bars")
-    A.add(e, "--trust_checkpoint", action="store_true",
-          help="allow a checkpoint that needs arbitrary unpickling (only for files you trust)")
-    return parser
 
 
 def main_dfr(ns: argparse.Namespace) -> int:

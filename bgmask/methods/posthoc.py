@@ -17,12 +17,14 @@ not imported by `bgmask.methods` itself (no import loop), only by those who appl
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bgmask import build
+from bgmask.args import add
 from bgmask.checkpoint import as_checkpoint, model_from_checkpoint, saved_config
 from bgmask.distributed import DistInfo, resolve_device
 from bgmask.errors import UserError
@@ -92,3 +94,25 @@ def apply_dfr(settings, method: DFR, dist: DistInfo | None = None, base: BaseMod
             "base_checkpoint": str(base.path), "num_classes": int(len(fitted.classes)), **metrics,
             "dfr/C": fitted.C, "dfr/tuning": fitted.tuning, "dfr/embedding_dim": int(val_x.shape[1]),
             "dfr/val_samples": int(len(val_y))}
+
+
+def dfr_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add(parser, "--checkpoint", required=True,
+          help="best.pt / last.pt of a run trained with --protocol waterbirds (any --method, any strategy)")
+    add(parser, "--data_path", required=True,
+          help="the CUB root holding the Waterbirds folder with its splits 0/1/2 (waterbird_complete95_forest2water2)")
+    add(parser, "--out", default=None, output="folder", help="run folder (default: the checkpoint's folder/dfr)")
+    g = parser.add_argument_group("DFR (bgmask.methods.dfr)")
+    for flag in DFR.flags:
+        add(g, f"--{flag.dest}", **flag.kwargs())
+    e = parser.add_argument_group("embedding the val and test splits")
+    add(e, "--mask_source", default="gt",
+          help="masks of an early / late checkpoint: 'gt' (ROOT/segmentations) or a predicted-mask folder")
+    add(e, "--eval_batch_size", type=int, default=None, range="[1, inf)", help="default: 2 x the run's batch size")
+    add(e, "--num_workers", type=int, default=2, range="[0, inf)")
+    add(e, "--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add(e, "--threads", type=int, default=None, range="[1, inf)", help="torch CPU threads")
+    add(e, "--no_progress", action="store_true", help="no tqdm bars")
+    add(e, "--trust_checkpoint", action="store_true",
+          help="allow a checkpoint that needs arbitrary unpickling (only for files you trust)")
+    return parser
