@@ -379,3 +379,42 @@ def test_segmenter_train_and_test_into_a_held_work_dir_are_refused(trained, tmp_
         assert rc == 2 and f"process {h.pid}" in err and sorted(p.name for p in work.iterdir()) == [LOCK_NAME]
     finally:
         h.kill()
+
+
+def test_each_run_in_one_process_writes_only_its_own_folder(trained, tmp_path, capsys):
+    """mmengine keeps its visualizer and logger as process-wide instances found by name, and the configs
+    name the visualizer 'visualizer': a second training in the same process (the demo, the sweep, a
+    notebook) wrote its config and scalars into the first run's folder, and failed once that was gone."""
+    import shutil
+
+    from bgmask.seg.cli import test_main
+
+    def train(work):
+        return train_main([str(SMALL), "--data-root", str(trained["data"]), "--work-dir", str(work),
+                           "--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=2",
+                           "default_hooks.checkpoint.interval=2", *NO_WORKERS])
+
+    from mmengine.logging import MMLogger
+    from mmengine.visualization import Visualizer
+
+    def names():
+        return MMLogger.get_current_instance().instance_name, Visualizer.get_current_instance().instance_name
+
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert train(first) == 0
+    names_first = names()
+    before = sorted(str(p.relative_to(first)) for p in first.rglob("*"))
+    assert train(second) == 0
+    assert all(a != b for a, b in zip(names_first, names()))  # even within one second
+    assert sorted(str(p.relative_to(first)) for p in first.rglob("*")) == before  # nothing added to the first
+    configs = list(second.glob("*/vis_data/config.py"))
+    assert len(configs) == 1 and str(second) in configs[0].read_text()  # its own config, in its own folder
+    logs = list(second.glob("*/*.log"))
+    assert len(logs) == 1 and "Saving checkpoint at 2 iterations" in logs[0].read_text()
+    shutil.rmtree(first)
+    shutil.rmtree(second)  # the earlier runs' folders are gone: a later run must not need them
+    assert train(third) == 0 and len(list(third.glob("*/vis_data/config.py"))) == 1
+    rc = test_main([str(SMALL), str(trained["slim"]), "--data-root", str(trained["data"]), "--work-dir",
+                    str(tmp_path / "t"), "--cfg-options", *NO_WORKERS])
+    assert rc == 0 and len(list((tmp_path / "t").glob("*/vis_data/config.py"))) == 1
+    capsys.readouterr()

@@ -209,11 +209,10 @@ def train_main(argv=None) -> int:
 
 
 def _train(cfg) -> int:
-    from mmengine.runner import Runner
-
     from bgmask.seg.checkpoint import save_slim, trusted_full_checkpoints
+    from bgmask.seg.compat import build_runner
 
-    runner = Runner.from_cfg(cfg)
+    runner = build_runner(cfg)
     _run_folder(cfg.work_dir, "train")
     t0 = time.perf_counter()
     trusted = trusted_full_checkpoints(cfg.work_dir) if cfg.resume else contextlib.nullcontext()
@@ -277,11 +276,10 @@ def test_main(argv=None) -> int:
 
 
 def _test(ns: argparse.Namespace, cfg, state_dict: dict, splits: list[str], where: str) -> int:
-    from mmengine.runner import Runner
-
+    from bgmask.seg.compat import build_runner
     from bgmask.seg.segmenter import _load_weights
 
-    runner = Runner.from_cfg(cfg)
+    runner = build_runner(cfg)
     _load_weights(_unwrap(runner.model), state_dict, where)
     record = {"config": str(ns.config), "checkpoint": str(ns.checkpoint), "data_root": cfg.get("data_root")}
     for split in splits:

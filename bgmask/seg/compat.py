@@ -12,7 +12,8 @@ every bgmask.seg entry point and by `bgmask.seg.dataset`, which configs import) 
 path. Both are idempotent and do nothing when the real compiled `mmcv._ext` (full mmcv) is present.
 
 `use_test_split` is the one place where bgmask sets private state of an mmengine object (mmengine has no
-public way to point a runner's test loop at another dataloader).
+public way to point a runner's test loop at another dataloader). `build_runner` gives every run its own
+process-wide visualizer and logger.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import sys
+import time
 import types
+import uuid
 from pathlib import Path
 
 from bgmask.errors import UserError
@@ -96,6 +99,26 @@ def install() -> bool:
     msda.IS_CUDA_AVAILABLE = False
     msda.IS_MLU_AVAILABLE = False
     return True
+
+
+def build_runner(cfg):
+    """`Runner.from_cfg(cfg)` with this run's own visualizer and logger.
+
+    mmengine keeps both as process-wide instances found by name, and `get_instance` hands back an
+    existing one unchanged: the configs name the visualizer 'visualizer', and the logger is named
+    `<config>_<timestamp>` (to the second). A second run in the same process (the demo, the sweep, a
+    notebook) would write its config, scalars or log into the first run's folder. A per-run tag in both
+    names (a name a config sets itself is kept, tagged) gives each run its own."""
+    from mmengine.runner import Runner
+
+    tag = uuid.uuid4().hex[:8]
+    if not cfg.get("experiment_name"):  # mmengine's own form, tagged
+        stem = Path(cfg.filename).stem if cfg.filename else "config"
+        cfg.experiment_name = f"{stem}_{time.strftime('%Y%m%d_%H%M%S')}_{tag}"
+    visualizer = cfg.get("visualizer")
+    if isinstance(visualizer, dict):
+        visualizer["name"] = f"{visualizer.get('name') or 'visualizer'}_{tag}"
+    return Runner.from_cfg(cfg)
 
 
 def use_test_split(runner, dataloader, evaluator, loop) -> None:
