@@ -7,7 +7,9 @@
 #      linear probe, fp32/TF32), then fine-tuned with bf16 autocast at the largest batch a probe finds,
 #      then the same with --grad_checkpointing at twice that batch; each ends with the final evaluation
 #      and its attribution (--attribution_batch_size);
-#   3. smoke runs: fp16 autocast + grad scaler, bf16 + channels_last late masking, torch.compile;
+#   3. smoke runs: fp16 autocast + grad scaler, bf16 + channels_last late masking, torch.compile; the
+#      Waterbirds protocol: GroupDRO with late masking, then DFR on its checkpoint (`bgmask dfr`), whose
+#      embeddings run on the device;
 #   4. Mask2Former Swin-T (untrained; speed does not depend on weights) through mmcv-lite's PyTorch
 #      deformable attention: forward and predict_masks speed, then online late masking with it (ViT-B/14
 #      at 518 px, frozen, as the paper's late-masking command);
@@ -56,6 +58,7 @@ if [ "$DEVICE" = cuda ]; then  # the paper's sizes
   VIT_SIZE=518 VIT_STEPS=4 FROZEN_BATCH=64 FT_BATCHES="64 48 40 32 24 16 12 8 4 2 1" WORKERS=8 ATTR_BATCH=8
   VIT_DATA=(--num_classes 4 --train_per_class 64 --test_per_class 8) SEG_BATCH=8 SEG_STEPS=10
   SMALL_DATA=(--num_classes 4 --train_per_class 24 --test_per_class 6) SMALL_CAP=()
+  WB_DATA=(--num_classes 4 --train_per_class 40 --test_per_class 8)
   NCCL=(--nccl)  # a torchrun step without NCCL's initialisation in its log fails
   FT_AMP=(--use_amp) PROBE_AMP=bf16 LIMIT_SCALE=1
 else  # dry run: the same steps at tiny sizes. ViT-L fine-tunes in fp32 here, because bf16 kernels are slow on
@@ -63,6 +66,7 @@ else  # dry run: the same steps at tiny sizes. ViT-L fine-tunes in fp32 here, be
   VIT_SIZE=28 VIT_STEPS=1 FROZEN_BATCH=4 FT_BATCHES="2 1" WORKERS=1 ATTR_BATCH=2
   VIT_DATA=(--num_classes 2 --train_per_class 4 --test_per_class 2) SEG_BATCH=2 SEG_STEPS=1
   SMALL_DATA=(--num_classes 2 --train_per_class 8 --test_per_class 2) SMALL_CAP=(--max_steps_per_epoch 1)
+  WB_DATA=(--num_classes 4 --train_per_class 20 --test_per_class 4)  # DFR needs every group in val
   NCCL=(--note "gloo on the CPU")
   FT_AMP=() PROBE_AMP=none LIMIT_SCALE=3
 fi
@@ -123,7 +127,7 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| cuda
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(), "| cudnn", torch.backends.cudnn.version(),
           "| nccl", ".".join(map(str, torch.cuda.nccl.version())))
-mods = ["torchvision", "timm", "numpy", "PIL", "captum", "mmengine", "mmcv", "mmseg", "mmdet", "wandb"]
+mods = ["torchvision", "timm", "numpy", "PIL", "sklearn", "captum", "mmengine", "mmcv", "mmseg", "mmdet", "wandb"]
 found = []
 for m in mods:
     try:
@@ -137,8 +141,11 @@ cat "$OUT/versions.txt"
 command -v nvidia-smi > /dev/null && nvidia-smi > "$LOGS/nvidia-smi.log" 2>&1
 DATA=$WORK/data_small
 VDATA=$WORK/data_vit
+WBDATA=$WORK/data_wb
 "$PY" -m bgmask make-synthetic --out "$DATA" "${SMALL_DATA[@]}" --overwrite > "$LOGS/data.log" 2>&1 \
   && "$PY" -m bgmask make-synthetic --out "$VDATA" "${VIT_DATA[@]}" --overwrite >> "$LOGS/data.log" 2>&1 \
+  && "$PY" -m bgmask make-synthetic --out "$WBDATA" "${WB_DATA[@]}" --image_size 64 --waterbirds_splits \
+     --overwrite >> "$LOGS/data.log" 2>&1 \
   || { echo "FAIL data: $(tail -1 "$LOGS/data.log")" | tee -a "$OUT/summary.txt"; exit 1; }
 echo "== set-up $((SECONDS - t0)) s; device $DEVICE; budget $BUDGET_S s"
 
@@ -200,6 +207,17 @@ step bf16_late_cl 120 --run "$WORK/bf16_late_cl" --record "$WORK/bf16_late_cl.js
 step vit_late_compile 150 --run "$WORK/vit_late_compile" --record "$WORK/vit_late_compile.json" -- \
   "${REC[@]}" "$WORK/vit_late_compile.json" -- late_masking/train.py "${small[@]}" --model_arch bgmask_vit_tiny \
   --patch_tokens_only --torchcompile --snapshot_dir "$WORK/vit_late_compile"
+
+step wb_groupdro 120 --run "$WORK/wb_groupdro" --record "$WORK/wb_groupdro.json" -- \
+  "${REC[@]}" "$WORK/wb_groupdro.json" -- late_masking/train.py "${small[@]}" --data_path "$WBDATA" \
+  --protocol waterbirds --method groupdro --model_arch bgmask_resnet_tiny --snapshot_dir "$WORK/wb_groupdro"
+if [ -f "$WORK/wb_groupdro/last.pt" ]; then
+  step wb_dfr 90 --run "$WORK/wb_groupdro/dfr" --record "$WORK/wb_dfr.json" -- \
+    "${REC[@]}" "$WORK/wb_dfr.json" -- -m bgmask dfr --checkpoint "$WORK/wb_groupdro/last.pt" --data_path "$WBDATA" \
+    --device "$DEVICE" --num_workers 2 --no_progress
+else
+  skip wb_dfr "no checkpoint: see wb_groupdro"
+fi
 
 # ------------------------------------------------------------------ 4. Mask2Former Swin-T through mmcv-lite
 echo "== 4. Mask2Former Swin-T"

@@ -1,7 +1,7 @@
 """The Python half of `benchmarks/gpu_check.sh`: run one step, probe a batch size, print one result line.
 
-    python benchmarks/gpu_check_step.py run --record R.json -- SCRIPT [ARGS...]
-        runs SCRIPT as __main__ in this process (also as torchrun's worker) and writes R.json: exit status,
+    python benchmarks/gpu_check_step.py run --record R.json -- SCRIPT [ARGS...]   (or -- -m MODULE [ARGS...])
+        runs SCRIPT (MODULE) as __main__ in this process (also as torchrun's worker) and writes R.json: exit status,
         seconds, and the process's peak CUDA memory (allocator peak over the whole run, the final
         evaluation and attribution included; the epoch figure `train/peak_mem_mib` covers training only).
     python benchmarks/gpu_check_step.py probe --model NAME --image_size S --batches 48 32 ... --record R.json
@@ -39,12 +39,20 @@ def cmd_run(a) -> int:
     if not a.script:
         print("error: run needs a script after --", file=sys.stderr)
         return 2
-    script, argv = a.script[0], a.script[1:]
+    module = a.script[0] == "-m"
+    if module and len(a.script) < 2:
+        print("error: run -m needs a module name", file=sys.stderr)
+        return 2
+    script, argv = (a.script[1], a.script[2:]) if module else (a.script[0], a.script[1:])
     t0, rc, oom = time.perf_counter(), 0, False
     sys.argv = [script, *argv]
-    sys.path.insert(0, str(Path(script).resolve().parent))
+    if not module:  # as `python SCRIPT`: its folder first on the path (a package's folder must not be)
+        sys.path.insert(0, str(Path(script).resolve().parent))
     try:
-        runpy.run_path(script, run_name="__main__")
+        if module:
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
@@ -136,8 +144,12 @@ def run_figures(run: Path) -> list[str]:
         if peaks:
             out.append(f"train peak {max(peaks):.0f} MiB")
     if final is not None:
+        if "dfr/C" in final:
+            out.append(f"DFR C={final['dfr/C']:g}")
         if "test/acc" in final:
             out.append(f"test/acc {final['test/acc']:.3f}")
+        if "test/worst_group_acc" in final:  # the Waterbirds protocol
+            out.append(f"worst group {final['test/worst_group_acc']:.3f}")
         n = [final.get(f"{s}/attr_images") for s in ("test", "waterbirds") if final.get(f"{s}/attr_images") is not None]
         out.append(f"attribution {'+'.join(str(int(v)) for v in n)} images" if n else "attribution off")
     else:
@@ -212,7 +224,8 @@ def cmd_line(a) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run a script as __main__ and record its exit status, time and CUDA peak")
+    r = sub.add_parser("run", help="run a script (or -m a module) as __main__ and record its exit status, time and "
+                                   "CUDA peak")
     r.add_argument("--record", required=True)
     r.add_argument("script", nargs=argparse.REMAINDER)
     q = sub.add_parser("probe", help="the largest batch of a list whose fine-tuning step fits")

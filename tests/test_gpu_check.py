@@ -94,6 +94,39 @@ def test_recorder_keeps_exit_status_and_tracebacks(tmp_path):
     assert "ValueError: boom" not in p.stderr and "error: one line" in p.stderr
 
 
+def test_recorder_runs_a_module_as_python_m_does(tmp_path):
+    """`run -- -m MODULE ARGS` (the DFR step runs `-m bgmask dfr`): the package's __main__ runs with
+    sys.argv[1:] = ARGS, its exit status recorded; a package's folder is not put first on the path (bgmask
+    has an io.py that would shadow the standard library's)."""
+    pkg = tmp_path / "probepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "io.py").write_text("raise SystemExit('the package folder was put on the path')\n")
+    (pkg / "__main__.py").write_text("import sys, io\nprint('argv', sys.argv[1:])\nraise SystemExit(int(sys.argv[2]))\n")
+    env = {**ENV, "PYTHONPATH": f"{REPO}:{tmp_path}"}
+    for code in (0, 3):
+        record = tmp_path / "r.json"
+        p = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check_step.py"), "run", "--record", str(record),
+                            "--", "-m", "probepkg", "sub", str(code)], capture_output=True, text=True, env=env,
+                           timeout=120, cwd=tmp_path)
+        assert p.returncode == code and f"argv ['sub', '{code}']" in p.stdout, p.stdout + p.stderr
+        assert json.loads(record.read_text())["rc"] == code
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check_step.py"), "run", "--record",
+                        str(tmp_path / "x.json"), "--", "-m"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == "error: run -m needs a module name"
+
+
+def test_result_line_of_a_protocol_run_and_its_dfr(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    final = {"epoch": 1, "split": "final", "method": "dfr", "dfr/C": 0.7, "test/acc": 0.9,
+             "test/worst_group_acc": 0.8125}
+    (run / "results.jsonl").write_text(json.dumps(final) + "\n")
+    (tmp_path / "s.log").write_text("done\n")
+    out = line(capsys, "wb_dfr", "--rc", "0", "--seconds", "4", "--log", str(tmp_path / "s.log"), "--run", str(run))
+    assert out.startswith("ok   wb_dfr") and "DFR C=0.7; test/acc 0.900; worst group 0.812; attribution off" in out
+
+
 def test_probe_takes_the_first_batch_that_runs_on_cpu(tmp_path, capsys):
     record = tmp_path / "probe.json"
     assert gpu_check_step.main(["probe", "--model", "bgmask_vit_tiny", "--image_size", "32", "--batches", "3", "2",
