@@ -8,6 +8,7 @@ One small segmenter is trained once per module (about 20 s on one CPU thread) an
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -384,15 +385,18 @@ def test_segmenter_train_and_test_into_a_held_work_dir_are_refused(trained, tmp_
 def test_each_run_in_one_process_writes_only_its_own_folder(trained, tmp_path, capsys):
     """mmengine keeps its visualizer and logger as process-wide instances found by name, and the configs
     name the visualizer 'visualizer': a second training in the same process (the demo, the sweep, a
-    notebook) wrote its config and scalars into the first run's folder, and failed once that was gone."""
+    notebook) wrote its config and scalars into the first run's folder, and failed once that was gone. A
+    main called with an argv recorded this process's command line (the demo's) as the run's command."""
     import shutil
 
     from bgmask.seg.cli import test_main
 
+    def argv(work):
+        return [str(SMALL), "--data-root", str(trained["data"]), "--work-dir", str(work), "--cfg-options",
+                "train_cfg.max_iters=2", "train_cfg.val_interval=2", "default_hooks.checkpoint.interval=2", *NO_WORKERS]
+
     def train(work):
-        return train_main([str(SMALL), "--data-root", str(trained["data"]), "--work-dir", str(work),
-                           "--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=2",
-                           "default_hooks.checkpoint.interval=2", *NO_WORKERS])
+        return train_main(argv(work))
 
     from mmengine.logging import MMLogger
     from mmengine.visualization import Visualizer
@@ -406,6 +410,10 @@ def test_each_run_in_one_process_writes_only_its_own_folder(trained, tmp_path, c
     before = sorted(str(p.relative_to(first)) for p in first.rglob("*"))
     assert train(second) == 0
     assert all(a != b for a, b in zip(names_first, names()))  # even within one second
+    # each records its own command (not this process's), runnable from the repository root
+    recorded = shlex.split((second / "train_command.txt").read_text())
+    assert recorded == [sys.executable, "mmsegmentation/train.py", *argv(second)]
+    assert (REPO / recorded[1]).is_file()
     assert sorted(str(p.relative_to(first)) for p in first.rglob("*")) == before  # nothing added to the first
     configs = list(second.glob("*/vis_data/config.py"))
     assert len(configs) == 1 and str(second) in configs[0].read_text()  # its own config, in its own folder
@@ -414,7 +422,10 @@ def test_each_run_in_one_process_writes_only_its_own_folder(trained, tmp_path, c
     shutil.rmtree(first)
     shutil.rmtree(second)  # the earlier runs' folders are gone: a later run must not need them
     assert train(third) == 0 and len(list(third.glob("*/vis_data/config.py"))) == 1
-    rc = test_main([str(SMALL), str(trained["slim"]), "--data-root", str(trained["data"]), "--work-dir",
-                    str(tmp_path / "t"), "--cfg-options", *NO_WORKERS])
-    assert rc == 0 and len(list((tmp_path / "t").glob("*/vis_data/config.py"))) == 1
+    test_argv = [str(SMALL), str(trained["slim"]), "--data-root", str(trained["data"]), "--work-dir",
+                 str(tmp_path / "t"), "--cfg-options", *NO_WORKERS]
+    assert test_main(test_argv) == 0 and len(list((tmp_path / "t").glob("*/vis_data/config.py"))) == 1
+    command = [sys.executable, "mmsegmentation/test.py", *test_argv]
+    assert shlex.split((tmp_path / "t" / "test_command.txt").read_text()) == command
+    assert json.loads((tmp_path / "t" / "test_metrics.json").read_text())["command"] == shlex.join(command)
     capsys.readouterr()

@@ -172,11 +172,19 @@ def _is_main() -> bool:
     return is_main_process()
 
 
-def _run_folder(work_dir: str | Path, name: str) -> RunFolder:
+def _run_folder(work_dir: str | Path, name: str, command: list[str]) -> RunFolder:
     """The work dir as a run folder (written by rank 0 only), with NAME_command.txt and git_revision.txt."""
     folder = RunFolder(work_dir, enabled=_is_main(), flag="--work-dir")
-    folder.write_provenance(name)
+    folder.write_provenance(name, command)
     return folder
+
+
+def _command(script: str, argv: list[str] | None) -> list[str]:
+    """The command line to record: this process's, or, for a main called with an argv (the demo trains its
+    segmenter in-process), the equivalent `python mmsegmentation/SCRIPT ARGV` from the repository root."""
+    if argv is None:
+        return [sys.executable, *sys.argv]
+    return [sys.executable, f"mmsegmentation/{script}", *map(str, argv)]
 
 
 # -------------------------------------------------------------------------------------- train
@@ -205,15 +213,15 @@ def train_main(argv=None) -> int:
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     cfg.resume = ns.resume
     with hold_folder(cfg.work_dir, "--work-dir", enabled=_is_main()):  # one process writes a work dir at a time
-        return _train(cfg)
+        return _train(cfg, _command("train.py", argv))
 
 
-def _train(cfg) -> int:
+def _train(cfg, command: list[str]) -> int:
     from bgmask.seg.checkpoint import save_slim, trusted_full_checkpoints
     from bgmask.seg.compat import build_runner
 
     runner = build_runner(cfg)
-    _run_folder(cfg.work_dir, "train")
+    _run_folder(cfg.work_dir, "train", command)
     t0 = time.perf_counter()
     trusted = trusted_full_checkpoints(cfg.work_dir) if cfg.resume else contextlib.nullcontext()
     with trusted:
@@ -272,10 +280,10 @@ def test_main(argv=None) -> int:
     cfg.resume = False
     cfg.test_dataloader = cfg[f"{splits[0]}_dataloader"]
     with hold_folder(cfg.work_dir, "--work-dir", enabled=_is_main()):  # its log, metrics and results line
-        return _test(ns, cfg, state_dict, splits, where)
+        return _test(ns, cfg, state_dict, splits, where, _command("test.py", argv))
 
 
-def _test(ns: argparse.Namespace, cfg, state_dict: dict, splits: list[str], where: str) -> int:
+def _test(ns: argparse.Namespace, cfg, state_dict: dict, splits: list[str], where: str, command: list[str]) -> int:
     from bgmask.seg.compat import build_runner
     from bgmask.seg.segmenter import _load_weights
 
@@ -292,7 +300,7 @@ def _test(ns: argparse.Namespace, cfg, state_dict: dict, splits: list[str], wher
             if k in metrics:
                 record[f"{p}/{k}"] = round(float(metrics[k]) / 100.0, 6)  # MMSeg reports percent
     if _is_main():
-        _write_test_results(ns, cfg, record, splits)
+        _write_test_results(ns, cfg, record, splits, command)
     return 0
 
 
@@ -312,11 +320,11 @@ def _present_splits(cfg, names: list[str], where: str) -> list[str]:
     return splits
 
 
-def _write_test_results(ns: argparse.Namespace, cfg, record: dict, splits: list[str]) -> None:
+def _write_test_results(ns: argparse.Namespace, cfg, record: dict, splits: list[str], command: list[str]) -> None:
     """test_command.txt + git_revision.txt, the metrics JSON (--out) and a `split: "eval"` line of
     WORK_DIR/results.jsonl; then the Markdown table. Rank 0 only."""
-    folder = _run_folder(cfg.work_dir, "test")
-    record["command"] = shlex.join([sys.executable, *sys.argv])
+    folder = _run_folder(cfg.work_dir, "test", command)
+    record["command"] = shlex.join(command)
     record["git_revision"] = git_revision()
     out = Path(ns.out) if ns.out else Path(cfg.work_dir) / "test_metrics.json"
     atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
