@@ -4,6 +4,9 @@ synthetic generator) so that tests can also break them on purpose."""
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,27 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+SUITE_PEAK_BYTES = 500 * 2**20  # the suite's temporary files at their peak (README: "Tested with")
+
+
+def low_disk_warning(folder: str, free: int) -> str | None:
+    """One line when the temp folder has less than twice the suite's peak free: tests then fail deep
+    inside with 'No space left on device', so say it before they start."""
+    if free >= 2 * SUITE_PEAK_BYTES:
+        return None
+    return (f"warning: only {free / 2**20:.0f} MB free in {folder}; the test suite writes about "
+            f"{SUITE_PEAK_BYTES / 2**20:.0f} MB of temporary files at its peak (TMPDIR=... or --basetemp moves them)")
+
+
+def pytest_sessionstart(session):
+    folder = str(session.config.option.basetemp or tempfile.gettempdir())
+    probe = folder
+    while not os.path.exists(probe):  # --basetemp may not exist yet
+        probe = os.path.dirname(probe) or "."
+    line = low_disk_warning(folder, shutil.disk_usage(probe).free)
+    if line:
+        print(line, file=sys.stderr)
 
 
 def write_tiny_cub(root: Path, num_classes=3, per_class=(4, 2), size=(40, 32), waterbirds=True, seed=0):

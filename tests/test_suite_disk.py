@@ -31,3 +31,13 @@ def test_a_passing_tests_folder_is_removed_and_a_failing_ones_kept(tmp_path):
     assert "1 failed, 1 passed" in p.stdout, p.stdout + p.stderr
     left = sorted(f.parent.name for f in base.rglob("big.bin"))
     assert left == ["test_fails0"], left
+
+
+def test_a_short_temp_folder_is_named_before_the_tests_start():
+    from conftest import SUITE_PEAK_BYTES, low_disk_warning
+
+    assert low_disk_warning("/tmp", 40 * 2**30) is None
+    assert low_disk_warning("/tmp", 2 * SUITE_PEAK_BYTES) is None
+    line = low_disk_warning("/tmp", 287 * 2**20)
+    assert line == ("warning: only 287 MB free in /tmp; the test suite writes about 500 MB of temporary files at "
+                    "its peak (TMPDIR=... or --basetemp moves them)")
