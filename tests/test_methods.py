@@ -298,6 +298,14 @@ def test_dfr_bad_inputs_are_one_line(monkeypatch):
         dfr_fit(x, np.arange(len(y)) % 3, g)
     with pytest.raises(UserError, match="finite"):
         dfr_fit(np.full_like(x, np.nan), y, g)
+    line = "DFR needs a non-empty --dfr_c_grid of values > 0, --dfr_retrains >= 1 and --dfr_seed >= 0; got "
+    for kwargs, got in ((dict(c_grid=()), "[], 10, 0"), (dict(c_grid=(1.0, 0.0)), "[1.0, 0.0], 10, 0"),
+                        (dict(n_retrains=0), "[1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01], 0, 0"),
+                        (dict(seed=-1), "[1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01], 10, -1")):
+        for fit in (lambda: dfr_fit(x, y, g, **kwargs), lambda: METHODS["dfr"](**kwargs)):
+            with pytest.raises(UserError) as e:  # the function and the method refuse alike, before any fit
+                fit()
+            assert str(e.value) == line + got
     monkeypatch.setattr("bgmask.errors.has_package", lambda name: False)
     with pytest.raises(UserError, match=r"bgmask\[dfr\]"):
         dfr_fit(x, y, g)

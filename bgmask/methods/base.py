@@ -44,21 +44,24 @@ def register_method(name: str):
     return deco
 
 
-def create_method(name: str, **kwargs) -> Method:
-    """An instance of the registered method `name` built from its constructor's keyword arguments."""
+def method_class(name: str) -> type[Method]:
+    """The registered method `name`; an unknown name is one UserError listing the registered ones."""
     if name not in METHODS:
         raise UserError(f"unknown --method {name!r} (expected one of {', '.join(sorted(METHODS))})")
-    return METHODS[name](**kwargs)
+    return METHODS[name]
+
+
+def create_method(name: str, **kwargs) -> Method:
+    """An instance of the registered method `name` built from its constructor's keyword arguments."""
+    return method_class(name)(**kwargs)
 
 
 def build_method(cfg: Namespace, *, criterion=None, group_counts=None) -> Method:
     """The method `cfg.method` names, built from the settings it reads (`Method.from_config`):
     `criterion` is what `bgmask.optim.build_loss` returns (ERM uses it), `group_counts` the training
     split's samples per group (GroupDRO's generalisation adjustment uses them)."""
-    name = getattr(cfg, "method", "erm")
-    if name not in METHODS:
-        raise UserError(f"unknown --method {name!r} (expected one of {', '.join(sorted(METHODS))})")
-    return METHODS[name].from_config(cfg, criterion=criterion, group_counts=group_counts)
+    return method_class(getattr(cfg, "method", "erm")).from_config(cfg, criterion=criterion,
+                                                                   group_counts=group_counts)
 
 
 @dataclass(frozen=True)

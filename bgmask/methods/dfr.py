@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bgmask.errors import UserError, require_package
-from bgmask.eval import split_metrics
+from bgmask.eval import group_accuracies, split_metrics
 from bgmask.methods.base import Flag, Method, register_method
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)  # the reference's C_OPTIONS
@@ -109,16 +109,19 @@ def tuning_halves(g: np.ndarray, seed: int, n_groups: int) -> tuple[np.ndarray, 
     return np.concatenate(fit), np.concatenate(score)
 
 
+def check_options(c_grid, n_retrains: int, seed: int) -> None:
+    """DFR's settings: a non-empty grid of C > 0, n_retrains >= 1 and seed >= 0, else one UserError."""
+    if not c_grid or any(not (c > 0 and np.isfinite(c)) for c in c_grid) or n_retrains < 1 or seed < 0:
+        raise UserError(f"DFR needs a non-empty --dfr_c_grid of values > 0, --dfr_retrains >= 1 and --dfr_seed "
+                        f">= 0; got {list(c_grid)}, {n_retrains}, {seed}")
+
+
 def logistic_regression(C: float, seed: int):
     """The reference's classifier: L1-regularised logistic regression, liblinear."""
     require_package("sklearn", "DFR (--method dfr)", "dfr")
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(l1_ratio=1.0, C=C, solver="liblinear", random_state=seed)
-
-
-def worst_group_accuracy(pred, y, g) -> float:
-    return min(float(np.mean(pred[g == k] == y[g == k])) for k in np.unique(g))
 
 
 def tune_c(z, y, g, c_grid, seed: int, n_groups: int) -> tuple[float, list[dict]]:
@@ -129,7 +132,7 @@ def tune_c(z, y, g, c_grid, seed: int, n_groups: int) -> tuple[float, list[dict]
     table = []
     for C in c_grid:
         pred = logistic_regression(C, seed).fit(z[sub], y[sub]).predict(z[score])
-        table.append({"C": float(C), "worst_group_acc": worst_group_accuracy(pred, y[score], g[score]),
+        table.append({"C": float(C), "worst_group_acc": min(group_accuracies(pred, y[score], g[score]).values()),
                       "acc": float(np.mean(pred == y[score]))})
     best = int(np.argmax([row["worst_group_acc"] for row in table]))
     return float(c_grid[best]), table
@@ -141,8 +144,7 @@ def dfr_fit(val_x, val_y, val_g, *, c_grid=C_GRID, n_retrains: int = 10, seed: i
     require_package("sklearn", "DFR (--method dfr)", "dfr")
     from sklearn.preprocessing import StandardScaler
 
-    if not c_grid or any(not (c > 0 and np.isfinite(c)) for c in c_grid) or n_retrains < 1:
-        raise UserError(f"DFR needs a non-empty grid of C > 0 and n_retrains >= 1, got {list(c_grid)} and {n_retrains}")
+    check_options(c_grid, n_retrains, seed)
     x, y, g = check_split(val_x, val_y, val_g, n_groups, "the DFR validation set")
     if len(np.unique(y)) != 2:
         raise UserError(f"DFR fits binary labels (liblinear, as the reference); the validation set has "
@@ -190,9 +192,7 @@ class DFR(Method):
     )
 
     def __init__(self, c_grid=C_GRID, n_retrains: int = 10, seed: int = 0, n_groups: int = 4):
-        if not c_grid or any(not (c > 0 and np.isfinite(c)) for c in c_grid) or n_retrains < 1 or seed < 0:
-            raise UserError(f"DFR needs a non-empty --dfr_c_grid of values > 0, --dfr_retrains >= 1 and --dfr_seed "
-                            f">= 0; got {list(c_grid)}, {n_retrains}, {seed}")
+        check_options(c_grid, n_retrains, seed)
         self.c_grid, self.n_retrains, self.seed, self.n_groups = tuple(c_grid), n_retrains, seed, n_groups
 
     @classmethod
