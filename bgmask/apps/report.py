@@ -122,13 +122,19 @@ def read_mapping(path: Path) -> dict:
     return value
 
 
-def read_run(d: Path) -> tuple[dict, dict]:
-    """(row key, metrics) of one finished run folder, or Unreadable naming the file at fault."""
+def read_finished(d: Path) -> tuple[dict, dict]:
+    """(config.yaml, final_metrics.json) of a finished run folder, or Unreadable naming what is missing."""
     cfg_file, metrics_file = d / "config.yaml", d / "final_metrics.json"
     if not cfg_file.is_file() or not metrics_file.is_file():
         raise Unreadable(f"{d} is not a finished run folder (expected config.yaml and final_metrics.json)")
-    cfg = read_mapping(cfg_file)
-    metrics = {**read_mapping(metrics_file), **latest_evaluation(d)}  # a later evaluation wins
+    return read_mapping(cfg_file), read_mapping(metrics_file)
+
+
+def read_run(d: Path) -> tuple[dict, dict]:
+    """(row key, metrics) of one finished run folder, or Unreadable naming the file at fault."""
+    cfg_file, metrics_file = d / "config.yaml", d / "final_metrics.json"
+    cfg, final = read_finished(d)
+    metrics = {**final, **latest_evaluation(d)}  # a later evaluation wins
     try:
         key = with_method(describe_run(cfg), cfg)
     except (TypeError, ValueError) as e:  # e.g. a list where the file should name a model
@@ -342,32 +348,41 @@ def paper_bars(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def report_skipped(skipped: list[tuple[str, str]]) -> str:
+    """A note on stderr for each run folder left out, and the report's "Skipped" section ("" if none)."""
+    for run, reason in skipped:
+        print(f"note: skipped {run}: {reason}", file=sys.stderr)
+    if not skipped:
+        return ""
+    return "\n## Skipped\n\n" + "".join(f"- `{run}`: {reason}\n" for run, reason in skipped)
+
+
+def write_records(records: list[dict], csv_path: Path, json_path: Path) -> None:
+    """The report's rows as CSV (a row's run folders joined by ';') and as JSON."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0].keys()))
+    writer.writeheader()
+    for rec in records:
+        writer.writerow({**rec, "runs": ";".join(rec["runs"])})
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(json_path, json.dumps(records, indent=2))
+
+
 def write_report(run_dirs, out_dir: str | Path, title: str = "Results") -> dict[str, Path]:
     """The report of the readable run folders; one that cannot be read is listed under "Skipped" with
     its reason (and a note on stderr), none readable is one UserError."""
     out_dir = Path(out_dir)
     skipped: list[tuple[str, str]] = []
     rows = load_runs(run_dirs, skipped)  # before anything is written: no readable run leaves no empty report
-    for run, reason in skipped:
-        print(f"note: skipped {run}: {reason}", file=sys.stderr)
+    skipped_md = report_skipped(skipped)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows.sort(key=lambda r: tuple(r.key[k] for k in KEY_FIELDS))
     md = (f"# {title}\n\n## As the paper's tables\n\n" + paper_table(rows) + "\n![paper layout](paper_bars.png)\n\n"
-          "## Every row\n\n" + markdown_table(rows) + "\n![accuracy](accuracy_bars.png)\n")
-    if skipped:
-        md += "\n## Skipped\n\n" + "".join(f"- `{run}`: {reason}\n" for run, reason in skipped)
-    records = rows_as_records(rows)
-    buf = io.StringIO()
-    fields = list(records[0].keys())
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    for rec in records:
-        writer.writerow({**rec, "runs": ";".join(rec["runs"])})
+          "## Every row\n\n" + markdown_table(rows) + "\n![accuracy](accuracy_bars.png)\n" + skipped_md)
     paths = {"md": out_dir / "results.md", "csv": out_dir / "results.csv", "json": out_dir / "results.json",
              "bars": out_dir / "accuracy_bars.png", "paper_bars": out_dir / "paper_bars.png"}
     atomic_write_text(paths["md"], md)
-    atomic_write_text(paths["csv"], buf.getvalue())
-    atomic_write_text(paths["json"], json.dumps(records, indent=2))
+    write_records(rows_as_records(rows), paths["csv"], paths["json"])
     bar_chart(rows, paths["bars"])
     paper_bars(rows, paths["paper_bars"])
     return paths

@@ -11,15 +11,12 @@ Writes STEM.md, STEM.csv, STEM.json and STEM.png (worst- and mean-group accuracy
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from bgmask.apps.report import Row, Unreadable, describe_run, read_mapping
+from bgmask.apps.report import Row, Unreadable, describe_run, read_finished, report_skipped, write_records
+from bgmask.data.cub import WATERBIRDS_SUBDIR
 from bgmask.errors import UserError
 from bgmask.io import atomic_write_text
 
@@ -33,7 +30,7 @@ def train_correlation(cfg: dict, cache: dict) -> str:
     """The train split's share of images on the place of their label, from the Waterbirds folder's metadata."""
     from bgmask.data import WaterbirdsDataset
 
-    where = (str(cfg.get("data_path")), str(cfg.get("image_sub_path_test", "waterbird_complete95_forest2water2")))
+    where = (str(cfg.get("data_path")), str(cfg.get("image_sub_path_test", WATERBIRDS_SUBDIR)))
     if where not in cache:
         try:
             counts = WaterbirdsDataset(where[0], "train", image_subdir=where[1], check_files=False).group_counts()
@@ -62,9 +59,7 @@ def load_protocol_runs(run_dirs, skipped: list) -> list[Row]:
     cache: dict = {}
     for d in map(Path, run_dirs):
         try:
-            if not (d / "config.yaml").is_file() or not (d / "final_metrics.json").is_file():
-                raise Unreadable(f"{d} is not a finished run folder (expected config.yaml and final_metrics.json)")
-            cfg, metrics = read_mapping(d / "config.yaml"), read_mapping(d / "final_metrics.json")
+            cfg, metrics = read_finished(d)
             key = protocol_key({**cfg, "snapshot_dir": str(d)}, cache)
         except Unreadable as e:
             skipped.append((str(d), str(e)))
@@ -142,21 +137,11 @@ def write_waterbirds_report(run_dirs, out_dir: str | Path, title: str = "Waterbi
     out_dir = Path(out_dir)
     skipped: list[tuple[str, str]] = []
     rows = load_protocol_runs(run_dirs, skipped)
-    for run, reason in skipped:
-        print(f"note: skipped {run}: {reason}", file=sys.stderr)
+    skipped_md = report_skipped(skipped)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json", "png")}
-    md = f"# {title}\n\n" + protocol_table(rows) + f"\n![worst and mean group]({paths['png'].name})\n"
-    if skipped:
-        md += "\n## Skipped\n\n" + "".join(f"- `{run}`: {reason}\n" for run, reason in skipped)
-    recs = records(rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(recs[0]))
-    writer.writeheader()
-    for rec in recs:
-        writer.writerow({**rec, "runs": ";".join(rec["runs"])})
+    md = f"# {title}\n\n" + protocol_table(rows) + f"\n![worst and mean group]({paths['png'].name})\n" + skipped_md
     atomic_write_text(paths["md"], md)
-    atomic_write_text(paths["csv"], buf.getvalue())
-    atomic_write_text(paths["json"], json.dumps(recs, indent=2))
+    write_records(records(rows), paths["csv"], paths["json"])
     protocol_bars(rows, paths["png"])
     return paths
