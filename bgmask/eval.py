@@ -205,7 +205,7 @@ PROTOCOL_ROWS = [
     ("test/weighted_acc", "Waterbirds test accuracy weighted by the train split's groups (the published 'average')"),
     ("test/mean_group_acc", "Waterbirds test mean group accuracy"),
     ("test/worst_group_acc", "Waterbirds test worst-group accuracy"),
-    *METRIC_ROWS[5:10],
+    *[(key, name) for key, name in METRIC_ROWS if key.startswith("diag/")],
     ("test/attr_bg_fraction", "attribution on the background, Waterbirds test (share)"),
 ]
 

@@ -272,9 +272,8 @@ def check_protocol(cfg: dict) -> None:
 
     method = METHODS[cfg["method"]]
     if cfg["protocol"] == "waterbirds":
-        defaults = {a.dest: a.default for a in A.train_flags()._actions}
         for key, why in CUB_ONLY.items():
-            if cfg[key] != defaults[key]:
+            if cfg[key] != A.train_flags().get_default(key):
                 raise UserError(f"--{key} {cfg[key]} has no meaning with --protocol waterbirds ({why})")
     elif method.needs_groups and not cfg["eval_only"]:
         raise UserError(f"--method {cfg['method']} reads each image's group (waterbird/landbird x water/land): it "

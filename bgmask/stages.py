@@ -7,11 +7,6 @@ The shared stages (the demo, the mask sweep and the zoo build on them): the synt
 protocol `protocol_settings`) and a classifier run from its settings, read back when finished and resumed
 when interrupted (`train_run`); DFR applied to a checkpoint as a run folder of its own (`dfr_run`: the
 `bgmask dfr` command and the protocol demo).
-
-A marker is a JSON object in a file. It is written only after the work it describes is whole (`run`),
-or, for a folder filled file by file, before the first file (`claim`), so a rerun with the same inputs
-resumes the folder and a rerun with other inputs never mixes two kinds of files. A marker that is
-missing, unreadable or not a JSON object counts as "other inputs": the work runs again.
 """
 
 from __future__ import annotations

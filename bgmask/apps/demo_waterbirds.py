@@ -162,11 +162,10 @@ def real_row(row, root: str) -> str:
     from bgmask.settings import train_script
 
     method, strategy, data = row
+    masks = " --mask_source gt" if STRATEGIES[strategy].needs_mask else ""
     if METHODS[method].post_hoc:
         base = f"runs/wb/{run_name(ERM.name, strategy, data, '$SEED')}"
-        return (f"bgmask {method} --checkpoint {base}/last.pt --data_path {root} --dfr_seed $SEED --num_workers 8"
-                + (" --mask_source gt" if STRATEGIES[strategy].needs_mask else ""))
-    masks = " --mask_source gt" if STRATEGIES[strategy].needs_mask else ""
+        return f"bgmask {method} --checkpoint {base}/last.pt --data_path {root} --dfr_seed $SEED --num_workers 8{masks}"
     control = f" --image_sub_path_test {CONTROL_FOLDER}" if data == "control" else ""
     return (f"python {train_script(strategy)} --data_path {root} {REAL_COMMON} --method {method} --strategy {strategy}"
             f"{masks}{control} {REAL_METHOD.get(method, REAL_METHOD[ERM.name])} --seed $SEED "

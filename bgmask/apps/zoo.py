@@ -52,11 +52,10 @@ from pathlib import Path
 
 from bgmask import args as A
 from bgmask.errors import UserError
-from bgmask.io import atomic_write_bytes, atomic_write_text, file_sha256, read_json_object
+from bgmask.io import Marker, atomic_write_bytes, atomic_write_text, file_sha256, read_json_object
 from bgmask.models.weights import ZOO_DIR, ZOO_INDEX, read_zoo_index
 from bgmask.runfolder import hold_folder
 from bgmask.settings import command_line
-from bgmask.io import Marker
 
 FP16_TOLERANCE = 0.005  # --dtype auto keeps fp16 when its val accuracy is at most this much lower
 INDEX_FORMAT = "bgmask-zoo"

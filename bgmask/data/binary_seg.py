@@ -25,9 +25,8 @@ from PIL import Image
 from bgmask.data.cub import WATERBIRDS_SUBDIR, load_mask, load_rgb, mask_relpath, read_cub_metadata, split_ids
 from bgmask.data.images import write_upright
 from bgmask.errors import UserError
-from bgmask.io import atomic_save_image
+from bgmask.io import Marker, atomic_save_image
 from bgmask.processes import run_each
-from bgmask.io import Marker
 
 
 @dataclass

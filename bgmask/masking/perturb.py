@@ -44,9 +44,8 @@ from PIL import Image
 
 from bgmask.data.cub import WATERBIRDS_SUBDIR, MaskSource, mask_relpath, read_cub_metadata
 from bgmask.errors import Interval, UserError
-from bgmask.io import atomic_save_image
+from bgmask.io import Marker, atomic_save_image
 from bgmask.processes import run_each
-from bgmask.io import Marker
 
 
 @dataclass(frozen=True)
