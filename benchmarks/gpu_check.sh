@@ -144,7 +144,7 @@ VDATA=$WORK/data_vit
 WBDATA=$WORK/data_wb
 "$PY" -m bgmask make-synthetic --out "$DATA" "${SMALL_DATA[@]}" --overwrite > "$LOGS/data.log" 2>&1 \
   && "$PY" -m bgmask make-synthetic --out "$VDATA" "${VIT_DATA[@]}" --overwrite >> "$LOGS/data.log" 2>&1 \
-  && "$PY" -m bgmask make-synthetic --out "$WBDATA" "${WB_DATA[@]}" --image_size 64 --waterbirds_splits \
+  && "$PY" -m bgmask make-synthetic --out "$WBDATA" "${WB_DATA[@]}" --waterbirds_splits \
      --overwrite >> "$LOGS/data.log" 2>&1 \
   || { echo "FAIL data: $(tail -1 "$LOGS/data.log")" | tee -a "$OUT/summary.txt"; exit 1; }
 echo "== set-up $((SECONDS - t0)) s; device $DEVICE; budget $BUDGET_S s"
